@@ -1,0 +1,105 @@
+"""tpinfer generate: start the ranks, generate for each prompt, print rank 0's result."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from tpinfer.cli.common import add_engine_args, add_model_args, human_bytes, model_path, tp_plan
+
+EPILOG = """examples:
+  tpinfer generate --tensor-parallel-size 2 "The function returns"
+  tpinfer generate --model ./my-llama --tp 4 --dtype float32 --max-new-tokens 32 --temperature 0 \\
+      --ignore-eos --json "Hello" "Tensor parallelism is"
+
+With --json, stdout has exactly one JSON object per prompt:
+  {"prompt", "prompt_token_ids", "token_ids", "text", "logprobs"}
+Logs, progress and the layout summary go to stderr."""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "generate",
+        help="generate text from prompts across N rank processes",
+        description="Load a checkpoint sharded over --tensor-parallel-size processes (started here) and "
+        "generate a completion for each PROMPT.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_model_args(parser)
+    add_engine_args(parser)
+    parser.add_argument("--max-new-tokens", type=int, default=64, metavar="K", help="tokens to generate (default 64)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default 0)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1 = off)")
+    parser.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest (default 0 = off)")
+    parser.add_argument("--seed", type=int, default=None, help="seed for sampling (same tokens every run)")
+    parser.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
+    parser.add_argument("--json", action="store_true", help="one JSON object per prompt on stdout")
+    parser.add_argument("prompts", nargs="+", metavar="PROMPT")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tpinfer.api import LLM
+    from tpinfer.engine.sampling import SamplingParams
+
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        ignore_eos=args.ignore_eos,
+    )
+    llm = LLM(
+        model_path(args),
+        tensor_parallel_size=args.tensor_parallel_size,
+        dtype=args.dtype,
+        tp_plan=tp_plan(args.tp_plan),
+        max_model_len=args.max_model_len,
+        max_batch_size=max(8, len(args.prompts)),
+        all_reduce=args.all_reduce,
+        timeout_s=args.timeout,
+    )
+    try:
+        comm = llm.engine.ctx.comm
+        comm.stats.reset()
+        gen_stats = llm.engine.generator.stats
+        steps_before = gen_stats.decode_steps
+        start = time.perf_counter()
+        outputs = llm.generate(args.prompts, params)
+        elapsed = time.perf_counter() - start
+        forwards = 1 + gen_stats.decode_steps - steps_before
+        for out in outputs:
+            if args.json:
+                print(json.dumps(out.to_json()), flush=True)
+            else:
+                print(f"{out.prompt}{out.text}\n", flush=True)
+        generated = sum(len(o.token_ids) for o in outputs)
+        print_layout(llm, comm.stats.calls, forwards, generated, elapsed)
+    finally:
+        llm.close()
+    return 0
+
+
+def print_layout(llm, calls: dict[str, int], forwards: int, generated: int, elapsed: float) -> None:
+    """One short block on stderr: what tensor parallelism did."""
+    engine, config = llm.engine, llm.config
+    tp = engine.ctx.world_size
+    element = next(engine.model.parameters()).element_size()
+    whole_params = config.num_parameters
+    layers = config.num_hidden_layers
+    per_step = {kind: n / forwards for kind, n in calls.items()} if tp > 1 else {}
+    all_reduce = per_step.get("all_reduce", 0.0)
+    lines = [
+        f"--- tensor parallelism: tp={tp}, {config.model_type}, {layers} layers ---",
+        f"per rank : {engine.param_count:,} parameters, {human_bytes(engine.param_bytes)}"
+        f"  (whole model {whole_params:,}, {human_bytes(whole_params * element)};"
+        f" {100 * engine.param_count / whole_params:.0f}% per rank)",
+        f"per step : {all_reduce:.0f} all-reduces = 2 x {layers} layers + 1 embedding"
+        f", {per_step.get('all_gather', 0):.0f} logits all-gather" if tp > 1 else "per step : no collectives (tp=1)",
+        f"speed    : {generated} tokens in {elapsed:.2f}s = {generated / elapsed:.1f} tokens/s (prefill included)",
+    ]
+    print("\n".join(lines), file=sys.stderr, flush=True)

@@ -1,0 +1,109 @@
+"""Prefill then decode, on every rank in lockstep.
+
+Every rank calls ``generate`` with the same prompts and parameters (the launcher broadcasts them,
+or the user's torchrun script gives each rank the same inputs). Logits are gathered to every rank,
+so each rank can pick the same token; sampled tokens are broadcast from rank 0 so all ranks act on
+rank 0's choice even where floating point could differ across hosts.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from tpinfer.engine.kv_cache import Batch, KVCache
+from tpinfer.engine.sampling import SamplingParams, make_generator, sample, token_logprobs
+
+
+@dataclass
+class GenerationOutput:
+    prompt_token_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: str = "length"
+
+
+@dataclass
+class GenerationStats:
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    decode_steps: int = 0
+
+
+class Generator:
+    """Runs batches of prompts through one rank's model with a preallocated KV cache."""
+
+    def __init__(self, model, eos_token_ids: tuple[int, ...], max_batch_size: int = 8) -> None:
+        self.model = model
+        self.ctx = model.ctx
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.cache: KVCache = model.new_cache(max_batch_size)
+        self.stats = GenerationStats()
+        self.fault_step: int | None = None  # tests: raise at this decode step (see EngineSpec.fault)
+
+    def _ensure_cache(self, batch_size: int) -> None:
+        if batch_size > self.cache.max_seqs:
+            self.cache = self.model.new_cache(batch_size)
+
+    def _choose(self, local_logits: torch.Tensor, params: SamplingParams, generator) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model.gather_logits(local_logits)
+        tokens = sample(logits, params, generator)
+        if not params.greedy:
+            # Rank 0's draw is the one every rank uses.
+            self.ctx.comm.broadcast(tokens, src=0)
+        return tokens, token_logprobs(logits, tokens)
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[GenerationOutput]:
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        longest = max(len(p) for p in prompts) + params.max_new_tokens
+        if longest > self.model.max_seq_len:
+            raise ValueError(
+                f"prompt of {max(len(p) for p in prompts)} tokens + max_new_tokens {params.max_new_tokens} = "
+                f"{longest} exceeds the maximum sequence length {self.model.max_seq_len}"
+            )
+        self._ensure_cache(len(prompts))
+        device = self.ctx.device
+        generator = make_generator(params.seed, device)
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
+        outputs = [GenerationOutput(list(p)) for p in prompts]
+
+        start = time.perf_counter()
+        batch = Batch.build(prompts, [0] * len(prompts), list(range(len(prompts))), device)
+        tokens, logprobs = self._choose(self.model(batch, self.cache), params, generator)
+        self.stats.prefill_s += time.perf_counter() - start
+        self.stats.prompt_tokens += sum(len(p) for p in prompts)
+
+        active = list(range(len(prompts)))
+        start = time.perf_counter()
+        while True:
+            still = []
+            for row, b in enumerate(active):
+                token = int(tokens[row])
+                outputs[b].token_ids.append(token)
+                outputs[b].logprobs.append(float(logprobs[row]))
+                if token in stop_ids:
+                    outputs[b].finish_reason = "stop"
+                elif len(outputs[b].token_ids) < params.max_new_tokens:
+                    still.append(b)
+            self.stats.generated_tokens += len(active)
+            if not still:
+                break
+            active = still
+            batch = Batch.build(
+                [[outputs[b].token_ids[-1]] for b in active],
+                [len(outputs[b].prompt_token_ids) + len(outputs[b].token_ids) - 1 for b in active],
+                active,
+                device,
+            )
+            if self.fault_step is not None and self.stats.decode_steps >= self.fault_step:
+                raise RuntimeError(f"rank {self.ctx.rank}: injected fault at decode step {self.stats.decode_steps}")
+            tokens, logprobs = self._choose(self.model(batch, self.cache), params, generator)
+            self.stats.decode_steps += 1
+        self.stats.decode_s += time.perf_counter() - start
+        return outputs

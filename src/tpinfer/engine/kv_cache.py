@@ -1,0 +1,78 @@
+"""A KV cache preallocated per rank for its local KV heads.
+
+Layout per layer: (max_seqs, local_kv_heads, max_seq_len, head_dim). A sequence owns one slot;
+its token at position p lives at [slot, :, p]. A query at position p attends positions <= p of
+its slot, so stale entries past a sequence's length are never read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+class KVCache:
+    def __init__(
+        self,
+        num_layers: int,
+        max_seqs: int,
+        num_local_kv_heads: int,
+        max_seq_len: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        shape = (max_seqs, num_local_kv_heads, max_seq_len, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.max_seqs, self.max_seq_len = max_seqs, max_seq_len
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+
+@dataclass
+class Batch:
+    """What one forward step runs: every rank builds the same Batch from the same message.
+
+    ``slots`` are cache slots per row; ``positions`` (B, T) per token. ``kv_len`` is how many cache
+    positions the step attends (max position + 1). ``contiguous`` marks slots = first..first+B-1,
+    which lets attention read the cache as a view instead of gathering it.
+    """
+
+    input_ids: torch.Tensor  # (B, T)
+    positions: torch.Tensor  # (B, T)
+    slots: torch.Tensor  # (B,)
+    kv_len: int
+    contiguous: bool
+    logits_index: torch.Tensor | None = None  # (B,) token index per row whose logits are wanted
+
+    @classmethod
+    def build(
+        cls,
+        token_ids: list[list[int]],
+        start_positions: list[int],
+        slots: list[int],
+        device: torch.device,
+        pad_id: int = 0,
+    ) -> Batch:
+        """Rows of new tokens, right-padded; row b's tokens sit at start_positions[b], +1, ..."""
+        width = max(len(t) for t in token_ids)
+        ids = torch.full((len(token_ids), width), pad_id, dtype=torch.long)
+        for b, toks in enumerate(token_ids):
+            ids[b, : len(toks)] = torch.tensor(toks, dtype=torch.long)
+        starts = torch.tensor(start_positions, dtype=torch.long)
+        positions = starts[:, None] + torch.arange(width)[None, :]
+        last = torch.tensor([len(t) - 1 for t in token_ids], dtype=torch.long)
+        kv_len = int(positions.max()) + 1
+        contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
+        return cls(
+            ids.to(device),
+            positions.to(device),
+            torch.tensor(slots, dtype=torch.long, device=device),
+            kv_len,
+            contiguous,
+            last.to(device),
+        )

@@ -1,0 +1,133 @@
+"""One rank's engine: the loaded model, its generator, and the loop workers run.
+
+Rank 0 owns I/O. It sends each request to the other ranks as one JSON message (``broadcast_json``),
+then every rank runs the same ``Generator.generate``. Workers loop on messages until "stop".
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tpinfer.config import ModelConfig
+from tpinfer.engine.generator import GenerationOutput, Generator
+from tpinfer.engine.sampling import SamplingParams
+from tpinfer.loading.checkpoint import Checkpoint, load_weights, resolve_dtype
+from tpinfer.models import build_model
+from tpinfer.parallel.context import ParallelContext
+from tpinfer.parallel.plan import ResolvedPlan, resolve_plan
+from tpinfer.parallel.shard import parameter_shapes
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_MODEL_LEN = 2048
+
+
+@dataclass
+class EngineSpec:
+    """Everything a rank needs to build its share of the engine; JSON-able so it crosses processes."""
+
+    model: str
+    tensor_parallel_size: int = 1
+    dtype: str = "auto"
+    tp_plan: str | dict[str, str] = "auto"
+    max_model_len: int | None = None
+    max_batch_size: int = 8
+    all_reduce: str = "auto"
+    timeout_s: float = 120.0
+    # Internal, for tests of failure handling: {"rank": r, "step": s} makes rank r raise at decode step s.
+    fault: dict[str, int] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def check(self) -> tuple[ModelConfig, ResolvedPlan]:
+        """Validate config, plan and TP size without touching weights (fast, before any process starts)."""
+        config = ModelConfig.from_pretrained(self.model)
+        plan = resolve_plan(config, self.tensor_parallel_size, self.tp_plan)
+        Checkpoint(self.model)
+        resolve_dtype(self.dtype, config.torch_dtype)
+        return config, plan
+
+
+@dataclass
+class RankEngine:
+    spec: EngineSpec
+    ctx: ParallelContext
+    config: ModelConfig
+    model: torch.nn.Module
+    generator: Generator
+    load_s: float
+    load_stats: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def param_bytes(self) -> int:
+        seen: set[int] = set()
+        total = 0
+        for p in self.model.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel() * p.element_size()
+        return total
+
+    @property
+    def param_count(self) -> int:
+        return sum(p.numel() for p in {id(p): p for p in self.model.parameters()}.values())
+
+    def run(self, prompts: list[list[int]], params: SamplingParams) -> list[GenerationOutput]:
+        """Rank 0: send the request to every rank, then generate alongside them."""
+        self.ctx.comm.broadcast_json({"op": "generate", "prompts": prompts, "params": params.to_dict()})
+        return self.generator.generate(prompts, params)
+
+    def stop_workers(self) -> None:
+        self.ctx.comm.broadcast_json({"op": "stop"})
+
+    def serve_forever(self) -> None:
+        """Workers: run what rank 0 sends until it says stop."""
+        while True:
+            message = self.ctx.comm.broadcast_json(None)
+            op = message["op"]
+            if op == "stop":
+                return
+            if op == "generate":
+                self.generator.generate(message["prompts"], SamplingParams.from_dict(message["params"]))
+            else:
+                raise RuntimeError(f"rank {self.ctx.rank}: unknown message {op!r}")
+
+
+def load_engine(spec: EngineSpec, ctx: ParallelContext, progress: bool = False) -> RankEngine:
+    """Build this rank's model at its per-rank sizes and read its slices of the checkpoint."""
+    start = time.perf_counter()
+    config = ModelConfig.from_pretrained(spec.model)
+    plan = resolve_plan(config, ctx.world_size, spec.tp_plan)
+    dtype = resolve_dtype(spec.dtype, config.torch_dtype)
+    max_len = min(spec.max_model_len or DEFAULT_MAX_MODEL_LEN, config.max_position_embeddings)
+    checkpoint = Checkpoint(spec.model)
+    model = build_model(config, ctx, plan, dtype, max_len)
+    ignore = ("lm_head.weight",) if config.tie_word_embeddings else ()
+    stats = load_weights(model, checkpoint, parameter_shapes(config, 1, 0, padded=False), progress and ctx.is_first,
+                         ignore)
+    model.eval()
+    eos = config.eos_token_id or _tokenizer_eos(spec.model)
+    generator = Generator(model, eos, spec.max_batch_size)
+    if spec.fault and spec.fault.get("rank") == ctx.rank:
+        generator.fault_step = int(spec.fault.get("step", 0))
+    load_s = time.perf_counter() - start
+    if ctx.is_first:
+        log.info("loaded %s at tp=%d (%s) in %.2fs", Path(spec.model).name, ctx.world_size, str(dtype).removeprefix("torch."), load_s)
+    return RankEngine(spec, ctx, config, model, generator, load_s, stats)
+
+
+def _tokenizer_eos(path: str) -> tuple[int, ...]:
+    from tpinfer.tokenizer import Tokenizer, TokenizerError
+
+    try:
+        eos = Tokenizer.from_pretrained(path).eos_token_id
+    except TokenizerError:
+        return ()
+    return () if eos is None else (eos,)

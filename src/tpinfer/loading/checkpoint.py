@@ -1,0 +1,190 @@
+"""Reading each rank's slices straight from safetensors files.
+
+A checkpoint is ``model.safetensors`` or shards listed in ``model.safetensors.index.json``. The
+loader walks the model's parallel modules, asks each for the slice it holds (``shards``), and reads
+exactly that slice with safetensors' lazy slicing: no rank materialises a full tensor it does not
+keep. Every expected tensor is read exactly once; anything missing, extra or mis-shaped is an error
+naming the file and tensor. Only safetensors: nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from tpinfer.parallel.layers import ParallelModule, Shard
+
+log = logging.getLogger(__name__)
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+# Tensors some checkpoints carry that tpinfer recomputes or shares instead of loading.
+IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}  # fmt: skip
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory tpinfer cannot load, naming the file and tensor."""
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, checkpoint_dtype: str | None) -> torch.dtype:
+    """float32 / bfloat16 / float16 by name or torch.dtype; "auto" (or None) means the checkpoint's torch_dtype."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise CheckpointError(f"dtype {dtype} is not supported; use float32, bfloat16 or float16")
+        return dtype
+    if dtype in (None, "auto"):
+        return DTYPES.get(str(checkpoint_dtype), torch.float32)
+    if dtype not in DTYPES:
+        raise CheckpointError(f"dtype {dtype!r} is not supported; use auto, float32, bfloat16 or float16")
+    return DTYPES[dtype]
+
+
+class Checkpoint:
+    """The safetensors files of a checkpoint directory and where each tensor lives."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise CheckpointError(f"checkpoint directory {self.path} does not exist")
+        index, single = self.path / INDEX_FILE, self.path / SINGLE_FILE
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise CheckpointError(f"{index} is not a valid safetensors index: {exc}") from exc
+            self.files = {name: self.path / file for name, file in weight_map.items()}
+        elif single.is_file():
+            self.files = {}
+            with self._open(single) as f:
+                self.files = {name: single for name in f.keys()}
+        else:
+            pickles = sorted(p.name for p in self.path.glob("*.bin")) + sorted(p.name for p in self.path.glob("*.pt"))
+            hint = f" (found {', '.join(pickles)}: pickle checkpoints are not loaded; convert to safetensors)" if pickles else ""
+            raise CheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE} in {self.path}{hint}")
+        for file in sorted(set(self.files.values())):
+            if not file.is_file():
+                raise CheckpointError(f"{file.name} is listed in {INDEX_FILE} but missing from {self.path}")
+        self._handles: dict[Path, object] = {}
+
+    @staticmethod
+    def _open(file: Path):  # noqa: ANN205
+        try:
+            return safe_open(str(file), framework="pt", device="cpu")
+        except Exception as exc:  # safetensors raises its own error type for corrupt or truncated files
+            raise CheckpointError(f"{file}: not a readable safetensors file ({exc})") from exc
+
+    def handle(self, name: str):  # noqa: ANN201
+        file = self.files[name]
+        if file not in self._handles:
+            self._handles[file] = self._open(file).__enter__()
+        return self._handles[file]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.handle(name).get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> str:
+        return self.handle(name).get_slice(name).get_dtype()
+
+    def read(self, name: str, shard: Shard | None) -> torch.Tensor:
+        """The tensor, or only the rows/columns ``shard`` names, read lazily from disk."""
+        tensor_slice = self.handle(name).get_slice(name)
+        try:
+            if shard is None:
+                return tensor_slice[:]
+            index = slice(shard.start, shard.start + shard.valid)
+            return tensor_slice[index] if shard.dim == 0 else tensor_slice[:, index]
+        except Exception as exc:
+            raise CheckpointError(f"{self.files[name]}: cannot read tensor {name} ({exc})") from exc
+
+    def close(self) -> None:
+        for handle in self._handles.values():
+            handle.__exit__(None, None, None)
+        self._handles.clear()
+
+
+def expected_tensors(model: nn.Module) -> dict[str, tuple[nn.Parameter, Shard | None]]:
+    """Checkpoint name -> (parameter to fill, slice it holds) for every parameter the model loads."""
+    expected: dict[str, tuple[nn.Parameter, Shard | None]] = {}
+    for module_name, module in model.named_modules():
+        if not isinstance(module, ParallelModule):
+            continue
+        for param_name, shard in module.shards.items():
+            param = getattr(module, param_name, None)
+            if param is not None:
+                expected[f"{module_name}.{param_name}"] = (param, shard)
+    return expected
+
+
+def load_weights(
+    model: nn.Module,
+    checkpoint: Checkpoint,
+    full_shapes: dict[str, tuple[int, ...]],
+    progress: bool = False,
+    ignore: tuple[str, ...] = (),
+) -> dict[str, int]:
+    """Fill ``model``'s parameters with their slices; returns {"tensors": n, "bytes": read}.
+
+    ``full_shapes`` are the checkpoint shapes the config implies; ``ignore`` names tensors the
+    checkpoint may carry that the model does not load (e.g. lm_head.weight when embeddings are tied).
+    """
+    expected = expected_tensors(model)
+    available = set(checkpoint.files)
+    missing = sorted(set(expected) - available)
+    if missing:
+        file = checkpoint.path
+        raise CheckpointError(f"{file}: missing tensor{'s' if len(missing) > 1 else ''} {', '.join(missing[:5])}"
+                              + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+    extra = sorted(n for n in available - set(expected) if n not in ignore and not n.endswith(IGNORED_SUFFIXES))
+    if extra:
+        raise CheckpointError(
+            f"{checkpoint.files[extra[0]]}: unexpected tensor{'s' if len(extra) > 1 else ''} "
+            f"{', '.join(extra[:5])}" + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
+            + " (does config.json match these weights?)"
+        )
+    names = sorted(expected, key=lambda n: (str(checkpoint.files[n]), n))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(names), desc="loading weights", unit="tensor", leave=False)
+    start, nbytes = time.perf_counter(), 0
+    try:
+        for name in names:
+            param, shard = expected[name]
+            shape = checkpoint.shape(name)
+            if name in full_shapes and shape != full_shapes[name]:
+                raise CheckpointError(
+                    f"{checkpoint.files[name]}: tensor {name} has shape {list(shape)}, "
+                    f"config.json implies {list(full_shapes[name])}"
+                )
+            tensor = checkpoint.read(name, shard)
+            target = param.data if shard is None or shard.valid == shard.length else param.data.narrow(
+                shard.dim, 0, shard.valid)
+            if tuple(tensor.shape) != tuple(target.shape):
+                raise CheckpointError(
+                    f"{checkpoint.files[name]}: tensor {name} slice has shape {list(tensor.shape)}, "
+                    f"expected {list(target.shape)}"
+                )
+            target.copy_(tensor)
+            nbytes += tensor.numel() * tensor.element_size()
+            del tensor
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+        checkpoint.close()
+    log.debug("read %d tensors (%.1f MB) in %.2fs", len(names), nbytes / 1e6, time.perf_counter() - start)
+    return {"tensors": len(names), "bytes": nbytes}

@@ -1,0 +1,134 @@
+"""The few collectives tpinfer uses, each a no-op at world size 1, with accounting.
+
+Backends: NCCL for CUDA tensors, gloo for CPU tensors, and a shared-memory all-reduce for CPU ranks
+on one host (``tpinfer.parallel.shm``). Every call is counted by kind (calls and bytes) in
+``CommStats`` so tests and the benchmark can read what a forward step cost.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class CommStats:
+    """Collectives issued by this rank: calls, bytes and seconds by kind."""
+
+    calls: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    bytes: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    timed: bool = False
+
+    def record(self, kind: str, nbytes: int, seconds: float = 0.0) -> None:
+        self.calls[kind] += 1
+        self.bytes[kind] += nbytes
+        self.seconds[kind] += seconds
+
+    def reset(self) -> None:
+        self.calls.clear()
+        self.bytes.clear()
+        self.seconds.clear()
+
+    def snapshot(self) -> dict[str, dict[str, float]]:
+        return {k: {"calls": self.calls[k], "bytes": self.bytes[k], "seconds": self.seconds[k]} for k in self.calls}
+
+
+class Communicator:
+    """Collectives over one process group; ``world_size == 1`` makes every call free."""
+
+    def __init__(
+        self, group: Any, rank: int, world_size: int, device: torch.device, all_reduce_impl: Any = None
+    ) -> None:
+        self.group = group
+        self.device = device
+        self.rank = rank
+        self.world_size = world_size
+        self.stats = CommStats()
+        # An object with all_reduce_(tensor) (the shared-memory all-reduce) or None for the process group's.
+        self.all_reduce_impl = all_reduce_impl
+
+    def _timed(self, kind: str, nbytes: int, fn: Any, *args: Any) -> Any:
+        if not self.stats.timed:
+            self.stats.record(kind, nbytes)
+            return fn(*args)
+        start = time.perf_counter()
+        out = fn(*args)
+        self.stats.record(kind, nbytes, time.perf_counter() - start)
+        return out
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """In-place sum over ranks."""
+        if self.world_size == 1:
+            return tensor
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.all_reduce_impl is not None and tensor.device.type == "cpu":
+            return self._timed("all_reduce", nbytes, self.all_reduce_impl.all_reduce_, tensor)
+        self._timed("all_reduce", nbytes, dist.all_reduce, tensor, dist.ReduceOp.SUM, self.group)
+        return tensor
+
+    def all_gather(self, tensor: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """Concatenate every rank's ``tensor`` along ``dim`` in rank order."""
+        if self.world_size == 1:
+            return tensor
+        tensor = tensor.contiguous()
+        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        nbytes = tensor.numel() * tensor.element_size()
+        self._timed("all_gather", nbytes, dist.all_gather, parts, tensor, self.group)
+        return torch.cat(parts, dim=dim)
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        if self.world_size == 1:
+            return tensor
+        nbytes = tensor.numel() * tensor.element_size()
+        self._timed("broadcast", nbytes, dist.broadcast, tensor, self._global_rank(src), self.group)
+        return tensor
+
+    def broadcast_json(self, message: Any, src: int = 0) -> Any:
+        """Send a JSON-able control message from ``src`` to every rank.
+
+        JSON rather than pickle: a message may carry data from a request, and nothing from a request
+        is ever unpickled. Two broadcasts: the length, then the UTF-8 bytes.
+        """
+        if self.world_size == 1:
+            return message
+        device = self.device
+        if self.rank == src:
+            payload = torch.frombuffer(bytearray(json.dumps(message).encode()), dtype=torch.uint8).to(device)
+            length = torch.tensor([payload.numel()], dtype=torch.int64, device=device)
+        else:
+            length = torch.empty(1, dtype=torch.int64, device=device)
+        self.broadcast(length, src)
+        if self.rank != src:
+            payload = torch.empty(int(length.item()), dtype=torch.uint8, device=device)
+        self.broadcast(payload, src)
+        if self.rank == src:
+            return message
+        return json.loads(payload.cpu().numpy().tobytes().decode())
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        if self.world_size == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        self._timed("all_gather_object", 0, dist.all_gather_object, out, obj, self.group)
+        return out
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier(group=self.group)
+
+    def _global_rank(self, group_rank: int) -> int:
+        if self.group is None:
+            return group_rank
+        return dist.get_global_rank(self.group, group_rank)
+
+    def close(self) -> None:
+        if self.all_reduce_impl is not None:
+            self.all_reduce_impl.close()
+            self.all_reduce_impl = None

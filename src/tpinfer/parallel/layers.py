@@ -1,0 +1,215 @@
+"""Megatron-style parallel layers. Each holds only its rank's slice and knows where that slice
+lives in the full checkpoint tensor (``shards``), so the loader reads exactly that.
+
+Weights use nn.Linear's layout: (out_features, in_features), Y = X W^T.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tpinfer.parallel.context import ParallelContext
+from tpinfer.parallel.shard import shard_range, vocab_range
+
+
+@dataclass(frozen=True)
+class Shard:
+    """The slice of a full tensor a rank holds: ``length`` items from ``start`` along ``dim``.
+
+    ``valid`` (<= length) is how many of those exist in the checkpoint; the rest is padding
+    (only the last ranks of a padded vocabulary have any).
+    """
+
+    dim: int
+    start: int
+    length: int
+    valid: int
+
+
+def _full(size: int) -> Shard:
+    return Shard(0, 0, size, size)
+
+
+class ParallelModule(nn.Module):
+    """A module whose parameters are slices: ``shards[name]`` says which slice (None = whole tensor)."""
+
+    shards: dict[str, Shard | None]
+
+
+class ReplicatedLinear(ParallelModule):
+    """Y = X W^T + b with the whole W on every rank; no communication."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype, device=device), False)
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), False) if bias else None
+        self.shards = {"weight": None, "bias": None}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class ColumnParallelLinear(ParallelModule):
+    """Y_i = X W_i^T with W = [W_1 | ... | W_n] split by output features; output stays sharded.
+
+    ``out_shard`` (start, length) in output features defaults to an equal split; attention passes
+    head-aligned ranges (and a replicated KV head when TP exceeds the KV heads).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        ctx: ParallelContext,
+        bias: bool,
+        dtype: torch.dtype,
+        out_shard: tuple[int, int] | None = None,
+    ):
+        super().__init__()
+        start, length = out_shard or shard_range(out_features, ctx.rank, ctx.world_size)
+        self.in_features, self.out_features, self.local_out_features = in_features, out_features, length
+        self.weight = nn.Parameter(torch.empty(length, in_features, dtype=dtype, device=ctx.device), False)
+        self.bias = nn.Parameter(torch.empty(length, dtype=dtype, device=ctx.device), False) if bias else None
+        self.shards = {"weight": Shard(0, start, length, length), "bias": Shard(0, start, length, length)}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class RowParallelLinear(ParallelModule):
+    """Y = sum_i X_i W_i^T + b with W split by input features; one all-reduce, bias added once after it."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        ctx: ParallelContext,
+        bias: bool,
+        dtype: torch.dtype,
+        in_shard: tuple[int, int] | None = None,
+    ):
+        super().__init__()
+        start, length = in_shard or shard_range(in_features, ctx.rank, ctx.world_size)
+        self.in_features, self.out_features, self.local_in_features = in_features, out_features, length
+        self.comm = ctx.comm
+        self.weight = nn.Parameter(torch.empty(out_features, length, dtype=dtype, device=ctx.device), False)
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=ctx.device), False) if bias else None
+        self.shards = {"weight": Shard(1, start, length, length), "bias": None}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight)
+        # Sum the partial products X_i W_i^T of every rank: the layer's one collective.
+        self.comm.all_reduce(y)
+        return y if self.bias is None else y + self.bias
+
+
+class VocabParallelEmbedding(ParallelModule):
+    """Each rank holds rows [start, start + length) of the vocabulary padded to a multiple of TP.
+
+    A token outside the rank's rows looks up zeros; one all-reduce sums the rank that had it.
+    """
+
+    def __init__(self, vocab_size: int, hidden_size: int, ctx: ParallelContext, dtype: torch.dtype):
+        super().__init__()
+        start, length = vocab_range(vocab_size, ctx.rank, ctx.world_size)
+        self.vocab_size, self.start, self.length = vocab_size, start, length
+        self.comm = ctx.comm
+        self.weight = nn.Parameter(torch.zeros(length, hidden_size, dtype=dtype, device=ctx.device), False)
+        valid = max(0, min(vocab_size - start, length))
+        self.shards = {"weight": Shard(0, start, length, valid)}
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.comm.world_size == 1:
+            return F.embedding(input_ids, self.weight)
+        local = input_ids - self.start
+        outside = (local < 0) | (local >= self.length)
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out.masked_fill_(outside.unsqueeze(-1), 0.0)
+        # Exactly one rank contributed each token's row; the sum is the lookup.
+        self.comm.all_reduce(out)
+        return out
+
+
+class ParallelLMHead(ParallelModule):
+    """Logits over this rank's vocabulary rows: Y_i = X E_i^T. Padding rows stay zero and are cut by the sampler.
+
+    ``weight`` may be shared with the VocabParallelEmbedding (tied embeddings): same rows, same slice.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        hidden_size: int,
+        ctx: ParallelContext,
+        dtype: torch.dtype,
+        tied_to: VocabParallelEmbedding | None = None,
+    ):
+        super().__init__()
+        start, length = vocab_range(vocab_size, ctx.rank, ctx.world_size)
+        self.vocab_size, self.start, self.length = vocab_size, start, length
+        self.comm = ctx.comm
+        if tied_to is not None:
+            self.weight = tied_to.weight
+            self.shards = {}
+        else:
+            self.weight = nn.Parameter(torch.zeros(length, hidden_size, dtype=dtype, device=ctx.device), False)
+            self.shards = {"weight": Shard(0, start, length, max(0, min(vocab_size - start, length)))}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Local logits (..., vocab rows of this rank)."""
+        return F.linear(x, self.weight)
+
+    def gather(self, local_logits: torch.Tensor) -> torch.Tensor:
+        """Full logits (..., vocab_size) on every rank: the head's one collective."""
+        full = self.comm.all_gather(local_logits, dim=-1)
+        return full[..., : self.vocab_size]
+
+
+class ReplicatedEmbedding(ParallelModule):
+    def __init__(self, vocab_size: int, hidden_size: int, ctx: ParallelContext, dtype: torch.dtype):
+        super().__init__()
+        self.vocab_size, self.start, self.length = vocab_size, 0, vocab_size
+        self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size, dtype=dtype, device=ctx.device), False)
+        self.shards = {"weight": None}
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.weight)
+
+
+class ReplicatedLMHead(ParallelModule):
+    def __init__(self, vocab_size: int, hidden_size: int, ctx: ParallelContext, dtype: torch.dtype, tied_to=None):
+        super().__init__()
+        self.vocab_size, self.start, self.length = vocab_size, 0, vocab_size
+        if tied_to is not None:
+            self.weight = tied_to.weight
+            self.shards = {}
+        else:
+            self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size, dtype=dtype, device=ctx.device), False)
+            self.shards = {"weight": None}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+    def gather(self, local_logits: torch.Tensor) -> torch.Tensor:
+        return local_logits
+
+
+class RMSNorm(ParallelModule):
+    """Replicated on every rank (HF LlamaRMSNorm: computed in float32, scaled in the input dtype)."""
+
+    def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype, device=device), False)
+        self.shards = {"weight": None}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
