@@ -115,3 +115,55 @@ def run_cli(*args: str, timeout: float = 240, check: bool = True) -> subprocess.
     if check and proc.returncode != 0:
         raise AssertionError(f"tpinfer {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
     return proc
+
+
+def run_ranks(world: int, fn, *args, timeout: float = 120.0) -> list:
+    """Run ``fn(ctx, *args)`` on ``world`` real processes joined by a gloo group; return each rank's result.
+
+    ``fn`` must be a module-level function (spawned processes import it). Any rank's exception fails
+    the call with that rank's traceback; nothing waits longer than ``timeout``.
+    """
+    import multiprocessing as mp
+    import queue
+    import time
+
+    from tpinfer.engine.launcher import free_port
+
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    init = f"tcp://127.0.0.1:{free_port()}"
+    procs = [context.Process(target=_rank_entry, args=(rank, world, init, fn, args, results), daemon=True)
+             for rank in range(world)]
+    for p in procs:
+        p.start()
+    out: dict[int, object] = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(out) < world:
+            try:
+                rank, ok, value = results.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty as exc:
+                raise TimeoutError(f"ranks {sorted(set(range(world)) - set(out))} did not finish in {timeout}s") from exc
+            if not ok:
+                raise AssertionError(f"rank {rank} failed:\n{value}")
+            out[rank] = value
+    finally:
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+    return [out[r] for r in range(world)]
+
+
+def _rank_entry(rank, world, init, fn, args, results) -> None:
+    import traceback
+
+    from tpinfer.parallel.context import ParallelContext
+
+    try:
+        ctx = ParallelContext.initialize(rank, world, rank, world, init, timeout_s=60.0)
+        value = fn(ctx, *args)
+        ctx.close()
+        results.put((rank, True, value))
+    except BaseException:
+        results.put((rank, False, traceback.format_exc()))

@@ -91,15 +91,20 @@ class Checkpoint:
             self._handles[file] = self._open(file).__enter__()
         return self._handles[file]
 
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.handle(name).get_slice(name).get_shape())
+    def _slice(self, name: str):  # noqa: ANN202
+        try:
+            return self.handle(name).get_slice(name)
+        except CheckpointError:
+            raise
+        except Exception as exc:
+            raise CheckpointError(f"{self.files[name]}: missing tensor {name} ({exc})") from exc
 
-    def dtype(self, name: str) -> str:
-        return self.handle(name).get_slice(name).get_dtype()
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._slice(name).get_shape())
 
     def read(self, name: str, shard: Shard | None) -> torch.Tensor:
         """The tensor, or only the rows/columns ``shard`` names, read lazily from disk."""
-        tensor_slice = self.handle(name).get_slice(name)
+        tensor_slice = self._slice(name)
         try:
             if shard is None:
                 return tensor_slice[:]

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 
 from tpinfer.config import ConfigError, ModelConfig
-from tpinfer.parallel.shard import kv_head_range, valid_tp_sizes
+from tpinfer.parallel.shard import kv_head_range, tp_failure_reason, valid_tp_sizes
 
 COLWISE, ROWWISE, REPLICATE, VOCAB = "colwise", "rowwise", "replicate", "vocab"
 LINEAR_STRATEGIES = (COLWISE, ROWWISE, REPLICATE)
@@ -70,9 +70,9 @@ def resolve_plan(config: ModelConfig, tp: int, plan: str | dict[str, str] = "aut
         if config.model_type not in AUTO_PLANS:
             raise PlanError(f"no auto plan for model_type {config.model_type!r}")
         plan = AUTO_PLANS[config.model_type]
-        base_valid = valid_tp_sizes(config)
-        if tp not in base_valid:
-            config.validate(tp)
+        reason = tp_failure_reason(config, tp)
+        if reason:
+            raise PlanError(f"{reason}; valid sizes for this model: {', '.join(map(str, valid_tp_sizes(config)))}")
     if not isinstance(plan, dict):
         raise PlanError(f"tp_plan must be 'auto' or a dict of module pattern -> strategy, got {plan!r}")
     names = module_names(config)

@@ -1,0 +1,48 @@
+import pytest
+import torch
+
+from tpinfer.engine.sampling import SamplingParams, filter_logits, make_generator, sample, token_logprobs
+
+LOGITS = torch.tensor([[0.0, 3.0, 1.0, 2.0, -1.0], [5.0, 0.0, 0.0, 0.0, 4.0]])
+
+
+def test_greedy_is_argmax():
+    assert sample(LOGITS, SamplingParams(temperature=0), None).tolist() == [1, 0]
+
+
+def test_top_k_keeps_only_the_k_likeliest():
+    kept = filter_logits(LOGITS, 1.0, 2, 1.0).isfinite()
+    assert kept.tolist() == [[False, True, False, True, False], [True, False, False, False, True]]
+
+
+def test_top_p_keeps_the_smallest_set_covering_p():
+    probs = LOGITS[0].softmax(-1)  # sorted: 1 (0.64), 3 (0.24), 2 (0.09), ...
+    kept = filter_logits(LOGITS[:1], 1.0, 0, 0.8).isfinite()[0]
+    assert kept.tolist() == [False, True, False, True, False]
+    assert probs[1] < 0.8 <= probs[1] + probs[3]
+
+
+def test_seeded_sampling_repeats_and_follows_the_distribution():
+    params = SamplingParams(temperature=1.0, seed=7)
+    logits = torch.log(torch.tensor([[0.7, 0.2, 0.1]])).repeat(4000, 1)
+    a = sample(logits, params, make_generator(7, torch.device("cpu")))
+    b = sample(logits, params, make_generator(7, torch.device("cpu")))
+    assert torch.equal(a, b)
+    freq = torch.bincount(a, minlength=3).float() / len(a)
+    # 4000 draws: the standard error of each frequency is <= 0.008, so 0.03 is ~4 sigma.
+    assert torch.allclose(freq, torch.tensor([0.7, 0.2, 0.1]), atol=0.03)
+
+
+def test_logprob_is_of_the_unmodified_distribution():
+    lp = token_logprobs(LOGITS, torch.tensor([1, 4]))
+    assert torch.allclose(lp, LOGITS.log_softmax(-1)[[0, 1], [1, 4]])
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [({"max_new_tokens": 0}, "max_new_tokens"), ({"temperature": -1}, "temperature"), ({"top_k": -2}, "top_k"),
+     ({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p")],
+)
+def test_invalid_params_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)
