@@ -1,5 +1,6 @@
 """tpinfer: tensor-parallel inference for Hugging Face Llama-family checkpoints."""
 
+from tpinfer import assets
 from tpinfer.api import LLM, RankFailure, RequestOutput, TPModel, from_pretrained
 from tpinfer.engine.sampling import SamplingParams
 from tpinfer.tokenizer import Tokenizer

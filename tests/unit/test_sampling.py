@@ -46,3 +46,40 @@ def test_logprob_is_of_the_unmodified_distribution():
 def test_invalid_params_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("k", [1, 5])
+def test_candidates_from_vocab_shards_equal_the_full_vocabulary(world, k):
+    from tpinfer.engine.sampling import local_candidates, merge_candidates
+    from tpinfer.parallel.shard import vocab_range
+
+    torch.manual_seed(world * 10 + k)
+    vocab = 101
+    logits = torch.randn(3, vocab)
+    logits[0, 7] = logits[0, 60] = logits.max() + 1  # a tie across shards: the lower id must win
+    packed = []
+    for rank in range(world):
+        start, length = vocab_range(vocab, rank, world)
+        shard = torch.zeros(3, length)  # padded rows past the vocabulary hold garbage that must be ignored
+        valid = max(0, min(vocab - start, length))
+        shard[:, :valid] = logits[:, start : start + valid]
+        shard[:, valid:] = 1e9
+        packed.append(local_candidates(shard, start, valid, k))
+    values, ids, lse = merge_candidates(packed, k)
+    ref_values, _ = logits.topk(k, dim=-1)
+    assert torch.equal(values, ref_values)
+    assert ids[0, 0].item() == 7
+    assert torch.equal(logits.gather(-1, ids), values)
+    assert torch.allclose(lse, logits.logsumexp(-1), atol=1e-6)
+
+
+def test_a_shard_with_fewer_tokens_than_k_still_sends_full_width():
+    from tpinfer.engine.sampling import local_candidates, merge_candidates
+
+    small = local_candidates(torch.tensor([[1.0, 2.0, 0.0, 0.0]]), 8, 2, 4)  # 2 real tokens, 2 padding rows
+    empty = local_candidates(torch.zeros(1, 4), 12, 0, 4)  # a shard that is all padding
+    full = local_candidates(torch.tensor([[0.5, 3.0, -1.0, 0.0, 0.1, 0.2, 0.3, 0.4]]), 0, 8, 4)
+    assert small.shape == empty.shape == (1, 9)
+    values, ids, _ = merge_candidates([full, small, empty], 4)
+    assert ids.tolist() == [[1, 9, 8, 0]] and values.tolist() == [[3.0, 2.0, 1.0, 0.5]]

@@ -14,7 +14,16 @@ from dataclasses import dataclass, field
 import torch
 
 from tpinfer.engine.kv_cache import Batch, KVCache
-from tpinfer.engine.sampling import SamplingParams, make_generator, sample, token_logprobs
+from tpinfer.engine.sampling import (
+    SamplingParams,
+    local_candidates,
+    make_generator,
+    merge_candidates,
+    sample,
+    sample_candidates,
+    token_logprobs,
+    uses_candidates,
+)
 
 
 @dataclass
@@ -50,12 +59,25 @@ class Generator:
             self.cache = self.model.new_cache(batch_size)
 
     def _choose(self, local_logits: torch.Tensor, params: SamplingParams, generator) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.model.gather_logits(local_logits)
-        tokens = sample(logits, params, generator)
-        if not params.greedy:
+        """The next token of every row and its log-probability; the same on every rank."""
+        if uses_candidates(params):
+            head = self.model.lm_head
+            k = 1 if params.greedy else params.top_k
+            packed = local_candidates(local_logits, head.start, min(head.length, head.vocab_size - head.start), k)
+            # Each rank's k best tokens and log-sum-exp: a few floats per row instead of its vocabulary shard.
+            gathered = self.ctx.comm.all_gather(packed, dim=0).chunk(self.ctx.world_size, dim=0) if (
+                self.ctx.world_size > 1 and head.length < head.vocab_size) else [packed]
+            values, ids, lse = merge_candidates(list(gathered), k)
+            tokens, pos = sample_candidates(values, ids, params, generator)
+            logprobs = values.gather(-1, pos[:, None]).squeeze(-1) - lse
+        else:
+            logits = self.model.gather_logits(local_logits)
+            tokens = sample(logits, params, generator)
+            logprobs = token_logprobs(logits, tokens)
+        if not params.greedy and self.ctx.world_size > 1:
             # Rank 0's draw is the one every rank uses.
             self.ctx.comm.broadcast(tokens, src=0)
-        return tokens, token_logprobs(logits, tokens)
+        return tokens, logprobs
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[GenerationOutput]:

@@ -78,3 +78,52 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """log p(token) under the model's unmodified distribution, per row."""
     return logits.log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def local_candidates(local_logits: torch.Tensor, vocab_start: int, vocab_valid: int, k: int) -> torch.Tensor:
+    """This rank's k best tokens and its log-sum-exp, packed as (B, 2k + 1) float32: values, ids, lse.
+
+    Ranks exchange these instead of their whole vocabulary shard: greedy and top-k need only the
+    global top k, and the log-probability of the chosen token needs only the global log-sum-exp.
+    """
+    x = local_logits.float()[..., : max(0, vocab_valid)]  # padding rows of the vocabulary are not tokens
+    rows = x.shape[0]
+    values = torch.full((rows, k), float("-inf"), device=x.device)
+    ids = torch.zeros((rows, k), device=x.device)
+    lse = torch.full((rows, 1), float("-inf"), device=x.device)
+    if x.shape[-1]:
+        # Every rank sends the same width (2k + 1) even when it holds fewer than k tokens.
+        top_values, top_ids = torch.topk(x, min(k, x.shape[-1]), dim=-1)
+        values[:, : top_values.shape[-1]] = top_values
+        ids[:, : top_ids.shape[-1]] = (top_ids + vocab_start).float()
+        lse = x.logsumexp(-1, keepdim=True)
+    return torch.cat([values, ids, lse], dim=-1)
+
+
+def merge_candidates(packed: list[torch.Tensor], k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every rank's candidates -> the global top k (B, k) values and ids, ordered by (value desc, id asc),
+    and the global log-sum-exp (B,). The order does not depend on how many ranks there were."""
+    values = torch.cat([p[:, : (p.shape[1] - 1) // 2] for p in packed], dim=-1)
+    ids = torch.cat([p[:, (p.shape[1] - 1) // 2 : -1] for p in packed], dim=-1).long()
+    lse = torch.stack([p[:, -1] for p in packed], dim=-1).logsumexp(-1)
+    # Sort by id, then stably by value: ties keep the lower id first, whatever the rank layout.
+    by_id = torch.argsort(ids, dim=-1)
+    values, ids = values.gather(-1, by_id), ids.gather(-1, by_id)
+    order = torch.argsort(values, dim=-1, descending=True, stable=True)[:, :k]
+    return values.gather(-1, order), ids.gather(-1, order), lse
+
+
+def sample_candidates(values: torch.Tensor, ids: torch.Tensor, params: SamplingParams,
+                      generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick from the global top-k candidates (greedy: the first). Returns (token ids, positions in candidates)."""
+    if params.greedy:
+        pos = torch.zeros(values.shape[0], dtype=torch.long, device=values.device)
+    else:
+        probs = filter_logits(values, params.temperature, 0, params.top_p).softmax(-1)
+        pos = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return ids.gather(-1, pos[:, None]).squeeze(-1), pos
+
+
+def uses_candidates(params: SamplingParams) -> bool:
+    """Greedy and top-k sampling need only each rank's top candidates, not the whole vocabulary."""
+    return params.greedy or params.top_k > 0
