@@ -1,0 +1,200 @@
+"""``tpinfer bench``: load, prefill and decode speed, memory and communication of one TP layout.
+
+For each TP size, the calling process becomes rank 0 and starts the others (as ``tpinfer generate``
+does), loads the model, warms up, then times ``repeat`` generations of ``batch_size`` random prompts
+of ``input_len`` tokens and ``output_len`` new tokens (end-of-sequence ignored), reporting medians.
+The roofline is this machine's own memory bandwidth, measured with the same processes and threads
+(a float32 GEMV over a matrix larger than the caches, on every rank at once), divided by the weight
+bytes one decode step reads.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from tpinfer.engine.bench import collect
+from tpinfer.engine.launcher import Launcher
+from tpinfer.engine.runtime import EngineSpec, RankEngine
+from tpinfer.engine.sampling import SamplingParams
+
+
+@dataclass
+class BenchOptions:
+    spec: EngineSpec
+    batch_size: int = 1
+    input_len: int = 32
+    output_len: int = 128
+    repeat: int = 3
+    warmup_tokens: int = 8
+    seed: int = 0
+
+
+def weight_bytes_per_step(engine: RankEngine) -> int:
+    """Parameter bytes one decode step reads on this rank: all of them but the embedding table, of which a
+    step reads one row per token (unless the table is also the LM head)."""
+    total = engine.param_bytes
+    if not engine.config.tie_word_embeddings:
+        emb = engine.model.model.embed_tokens.weight
+        total -= emb.numel() * emb.element_size()
+    return total
+
+
+def reset_peak_rss() -> None:
+    """Start this process's peak-RSS count afresh (Linux: writing 5 to clear_refs resets VmHWM)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def run_one(options: BenchOptions, progress: bool = True) -> dict[str, Any]:
+    spec = options.spec
+    reset_peak_rss()  # rank 0 is this process; an earlier run of a sweep must not count
+    launcher = Launcher(spec)
+    engine = launcher.start(progress)
+    try:
+        return _measure(engine, options)
+    except Exception as exc:
+        launcher.raise_failure(exc)
+        raise
+    finally:
+        launcher.shutdown(engine)
+
+
+def _measure(engine: RankEngine, options: BenchOptions) -> dict[str, Any]:
+    config, tp = engine.config, engine.ctx.world_size
+    generator = torch.Generator().manual_seed(options.seed)
+    vocab = min(config.vocab_size, 32000)
+    prompts = [torch.randint(3, vocab, (options.input_len,), generator=generator).tolist()
+               for _ in range(options.batch_size)]
+    params = SamplingParams(max_new_tokens=options.output_len, temperature=0, ignore_eos=True)
+    engine.run(prompts, replace(params, max_new_tokens=options.warmup_tokens))
+
+    stats = engine.generator.stats
+    prefill, decode = [], []
+    for _ in range(options.repeat):
+        before = (stats.prefill_s, stats.decode_s)
+        engine.run(prompts, params)
+        prefill.append(stats.prefill_s - before[0])
+        decode.append(stats.decode_s - before[1])
+    prefill_s, decode_s = statistics.median(prefill), statistics.median(decode)
+    decode_tokens = options.batch_size * (options.output_len - 1)
+
+    # One more run with collectives timed, for their count, bytes and share of the step.
+    collect(engine, "stats", reset=True, timed=True)
+    before = (stats.prefill_s, stats.decode_s)
+    engine.run(prompts, params)
+    timed_s = stats.prefill_s - before[0] + stats.decode_s - before[1]
+    ranks = collect(engine, "stats", reset=True, timed=False)
+    forwards = options.output_len
+    comm = {k: v for k, v in ranks[0]["comm"].items() if not k.endswith("_object")}  # not the bench's own
+    comm_s = sum(v["seconds"] for v in comm.values())
+
+    bandwidth = collect(engine, "bandwidth")
+    seconds = [max(b["seconds"][i] for b in bandwidth) for i in range(len(bandwidth[0]["seconds"]))]
+    measured_bw = sum(b["bytes"] for b in bandwidth) / statistics.median(seconds)
+    step_bytes = sum(collect_weight_bytes(engine))
+    decode_tps = decode_tokens / decode_s
+    latency = collect(engine, "all_reduce_latency", numel=config.hidden_size)[0] if tp > 1 else {}
+    return {
+        "model": engine.spec.model,
+        "tp": tp,
+        "dtype": str(engine.model.dtype).removeprefix("torch."),
+        "threads_per_rank": ranks[0]["threads"],
+        "all_reduce_backend": ranks[0]["all_reduce_backend"],
+        "batch_size": options.batch_size,
+        "input_len": options.input_len,
+        "output_len": options.output_len,
+        "load_s": engine.load_s,
+        "ttft_s": prefill_s,
+        "prefill_tokens_per_s": options.batch_size * options.input_len / prefill_s,
+        "decode_tokens_per_s": decode_tps,
+        "peak_rss_bytes": [r["peak_rss_bytes"] for r in ranks],
+        "param_bytes": [r["param_bytes"] for r in ranks],
+        "collectives_per_step": {k: v["calls"] / forwards for k, v in comm.items()},
+        "collective_bytes_per_step": {k: v["bytes"] / forwards for k, v in comm.items()},
+        "collective_share": comm_s / timed_s if timed_s else 0.0,
+        "weight_bytes_per_step": step_bytes,
+        "measured_bandwidth_gb_s": measured_bw / 1e9,
+        "achieved_bandwidth_gb_s": step_bytes * decode_tps / options.batch_size / 1e9,
+        "roofline_tokens_per_s": measured_bw / step_bytes * options.batch_size,
+        "all_reduce_latency_us": latency,
+    }
+
+
+def collect_weight_bytes(engine: RankEngine) -> list[int]:
+    # Every rank holds the same shapes under a given plan except for padding, which is allocated alike;
+    # the per-rank figure is computed locally and scaled by the world size.
+    return [weight_bytes_per_step(engine)] * engine.ctx.world_size
+
+
+def sweep(options: BenchOptions, sizes: list[int], progress: bool = True) -> list[dict[str, Any]]:
+    results = []
+    for tp in sizes:
+        spec = replace(options.spec, tensor_parallel_size=tp)
+        spec.check()
+        results.append(run_one(replace(options, spec=spec), progress))
+        time.sleep(0.2)
+    return results
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    """The seeds' table: TP size, tokens/s, memory per rank; plus what bounds it."""
+    gib = 2**30
+    lines = [
+        f"{'TP':>3} {'threads':>7} {'decode tok/s':>12} {'roofline':>9} {'of roof':>7} {'prefill tok/s':>13} "
+        f"{'TTFT ms':>8} {'params/rank':>12} {'peak RSS/rank':>13} {'comm share':>10} {'load s':>7}"
+    ]
+    for r in results:
+        lines.append(
+            f"{r['tp']:>3} {r['threads_per_rank']:>7} {r['decode_tokens_per_s']:>12.1f} {r['roofline_tokens_per_s']:>9.1f} "
+            f"{100 * r['decode_tokens_per_s'] / r['roofline_tokens_per_s']:>6.0f}% {r['prefill_tokens_per_s']:>13.1f} "
+            f"{1000 * r['ttft_s']:>8.1f} {max(r['param_bytes']) / gib:>10.2f}Gi {max(r['peak_rss_bytes']) / gib:>11.2f}Gi "
+            f"{100 * r['collective_share']:>9.1f}% {r['load_s']:>7.2f}"
+        )
+    for r in results:
+        if r["all_reduce_latency_us"]:
+            lat = r["all_reduce_latency_us"]
+            lines.append(f"tp={r['tp']}: all-reduce of a 1 x hidden float32 message: "
+                         + ", ".join(f"{k} {v:.1f} us" for k, v in lat.items()))
+        lines.append(f"tp={r['tp']}: collectives per step {', '.join(f'{k} {v:.0f}' for k, v in r['collectives_per_step'].items())}; "
+                     f"bandwidth achieved {r['achieved_bandwidth_gb_s']:.1f} of measured {r['measured_bandwidth_gb_s']:.1f} GB/s")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict[str, Any]], path: str) -> str:
+    import logging
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    import matplotlib.pyplot as plt
+
+    tps = [r["tp"] for r in results]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot(tps, [r["decode_tokens_per_s"] for r in results], "o-", label="decode (measured)")
+    left.plot(tps, [r["roofline_tokens_per_s"] for r in results], "s--", label="bandwidth roofline")
+    left.set_xlabel("tensor-parallel size")
+    left.set_ylabel("tokens/s")
+    left.set_xticks(tps)
+    left.legend()
+    left.set_title("decode speed")
+    right.bar(tps, [max(r["param_bytes"]) / 2**20 for r in results], label="parameters")
+    right.plot(tps, [max(r["peak_rss_bytes"]) / 2**20 for r in results], "ko-", label="peak RSS")
+    right.set_xticks(tps)
+    right.set_xlabel("tensor-parallel size")
+    right.set_ylabel("MiB per rank")
+    right.legend()
+    right.set_title("memory per rank")
+    fig.suptitle(f"{results[0]['model']} ({results[0]['dtype']}, batch {results[0]['batch_size']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

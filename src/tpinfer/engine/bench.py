@@ -1,0 +1,105 @@
+"""Measurements every rank takes part in, for ``tpinfer bench``.
+
+Rank 0 calls ``collect(engine, kind, **args)``: it broadcasts ``{"op": "bench", "kind": ..., ...}``,
+every rank runs ``run_op`` on the same message, and each rank's result is gathered to rank 0.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from tpinfer.engine.runtime import RankEngine
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set (VmHWM), in bytes."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _stats(engine: RankEngine, reset: bool = False, timed: bool | None = None) -> dict[str, Any]:
+    comm = engine.ctx.comm
+    out = {
+        "rank": engine.ctx.rank,
+        "pid": os.getpid(),
+        "threads": torch.get_num_threads(),
+        "peak_rss_bytes": peak_rss_bytes(),
+        "param_bytes": engine.param_bytes,
+        "comm": comm.stats.snapshot(),
+        "all_reduce_backend": type(comm.all_reduce_impl).__name__ if comm.all_reduce_impl else "process group",
+    }
+    if reset:
+        comm.stats.reset()
+    if timed is not None:
+        comm.stats.timed = timed
+    return out
+
+
+def _bandwidth(engine: RankEngine, megabytes: int = 256, reps: int = 7) -> dict[str, Any]:
+    """A STREAM-like read: a float32 GEMV over a matrix larger than the caches, on every rank at once."""
+    cols = 4096
+    rows = megabytes * (1 << 20) // (4 * cols)
+    matrix = torch.randn(rows, cols)
+    vector = torch.randn(cols)
+    torch.mv(matrix, vector)  # touch every page once
+    times = []
+    for _ in range(reps):
+        engine.ctx.comm.barrier()
+        start = time.perf_counter()
+        torch.mv(matrix, vector)
+        times.append(time.perf_counter() - start)
+    return {"bytes": matrix.numel() * 4, "seconds": times}
+
+
+def _all_reduce_latency(engine: RankEngine, numel: int, iters: int = 300) -> dict[str, Any]:
+    """Median microseconds of an all-reduce of ``numel`` float32: the shared-memory path and gloo."""
+    comm = engine.ctx.comm
+    out: dict[str, Any] = {}
+    tensor = torch.ones(numel)
+    paths = {"gloo": lambda t: dist.all_reduce(t, group=comm.group)}
+    if comm.all_reduce_impl is not None:
+        paths["shm"] = comm.all_reduce_impl.all_reduce_
+    for name in paths:
+        out[name] = []
+    for _ in range(3):  # alternate the paths so drift on a shared machine hits both alike
+        for name, fn in paths.items():
+            for _ in range(20):
+                fn(tensor)
+            samples = []
+            for _ in range(iters // 3):
+                start = time.perf_counter()
+                fn(tensor)
+                samples.append(time.perf_counter() - start)
+            out[name] += samples
+    return {name: statistics.median(samples) * 1e6 for name, samples in out.items()}
+
+
+OPS = {"stats": _stats, "bandwidth": _bandwidth, "all_reduce_latency": _all_reduce_latency}
+
+
+def run_op(engine: RankEngine, message: dict[str, Any]) -> list[Any]:
+    """Every rank: run the measurement and gather every rank's result (rank order)."""
+    args = {k: v for k, v in message.items() if k not in ("op", "kind")}
+    result = OPS[message["kind"]](engine, **args)
+    return engine.ctx.comm.all_gather_object(result)
+
+
+def collect(engine: RankEngine, kind: str, **args: Any) -> list[Any]:
+    """Rank 0: have every rank run ``kind`` and return their results."""
+    message = {"op": "bench", "kind": kind, **args}
+    engine.ctx.comm.broadcast_json(message)
+    return run_op(engine, message)
