@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 
 from tpinfer.engine.runtime import EngineSpec, RankEngine, load_engine
 from tpinfer.parallel.context import ParallelContext
@@ -41,8 +42,10 @@ def free_port() -> int:
 class Launcher:
     """Rank 0 in this process plus ``tensor_parallel_size - 1`` spawned workers."""
 
-    def __init__(self, spec: EngineSpec) -> None:
+    def __init__(self, spec: EngineSpec, on_failure: Callable[[str], None] | None = None) -> None:
         self.spec = spec
+        # Called from the watchdog thread with the failure message when a worker dies (must not block).
+        self.on_failure = on_failure
         self.world_size = spec.tensor_parallel_size
         self.processes: list[mp.Process] = []
         self.failure: str | None = None
@@ -97,6 +100,8 @@ class Launcher:
                 self.failure = self._read_error(process)
                 log.error("%s", self.failure)
                 threading.Timer(GRACE_S, self._end_job).start()
+                if self.on_failure is not None:
+                    self.on_failure(self.failure)
                 return
 
     def _read_error(self, process: mp.Process) -> str:

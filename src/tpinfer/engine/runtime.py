@@ -7,6 +7,7 @@ then every rank runs the same ``Generator.generate``. Workers loop on messages u
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,6 +41,8 @@ class EngineSpec:
     max_batch_size: int = 8
     all_reduce: str = "auto"
     timeout_s: float = 120.0
+    # Threads per rank; None = this host's cores divided by the ranks on it.
+    threads: int | None = None
     # Internal, for tests of failure handling: {"rank": r, "step": s} makes rank r raise at decode step s.
     fault: dict[str, int] | None = None
 
@@ -96,6 +99,14 @@ class RankEngine:
                 return
             if op == "generate":
                 self.generator.generate(message["prompts"], SamplingParams.from_dict(message["params"]))
+            elif op == "bench":  # measurements for tpinfer bench (tpinfer.engine.bench)
+                from tpinfer.engine.bench import run_op
+
+                run_op(self, message)
+            elif op == "step":  # the server's continuous batching (tpinfer.engine.scheduler)
+                from tpinfer.engine.scheduler import run_step
+
+                run_step(self, message)
             else:
                 raise RuntimeError(f"rank {self.ctx.rank}: unknown message {op!r}")
 
@@ -103,6 +114,8 @@ class RankEngine:
 def load_engine(spec: EngineSpec, ctx: ParallelContext, progress: bool = False) -> RankEngine:
     """Build this rank's model at its per-rank sizes and read its slices of the checkpoint."""
     start = time.perf_counter()
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
     config = ModelConfig.from_pretrained(spec.model)
     plan = resolve_plan(config, ctx.world_size, spec.tp_plan)
     dtype = resolve_dtype(spec.dtype, config.torch_dtype)
@@ -118,8 +131,9 @@ def load_engine(spec: EngineSpec, ctx: ParallelContext, progress: bool = False) 
     if spec.fault and spec.fault.get("rank") == ctx.rank:
         generator.fault_step = int(spec.fault.get("step", 0))
     load_s = time.perf_counter() - start
-    if ctx.is_first:
-        log.info("loaded %s at tp=%d (%s) in %.2fs", Path(spec.model).name, ctx.world_size, str(dtype).removeprefix("torch."), load_s)
+    if ctx.is_first and progress:
+        print(f"tpinfer: loaded {Path(spec.model).name} at tp={ctx.world_size} ({str(dtype).removeprefix('torch.')}, "
+              f"{stats['bytes'] / 2**20:.1f} MiB read by rank 0) in {load_s:.2f}s", file=sys.stderr, flush=True)
     return RankEngine(spec, ctx, config, model, generator, load_s, stats)
 
 
