@@ -1,0 +1,60 @@
+"""The planner: pure arithmetic on a model's config and a cluster's description. No torch, no GPU.
+
+    model = load_model("llama-3-70b")                  # or a directory with config.json
+    plan = make_plan(model, build_request(model, gpu="h100-80gb", gpus_per_node=8))
+    plan.recommendation.layout                        # Layout(tp=8, pp=1, dp=1)
+
+``per_rank_weight_bytes(config, tp, dtype)`` is the number the engine's allocation is tested against.
+"""
+
+from __future__ import annotations
+
+from tpinfer.planner.catalogue import catalogue_names, load_model
+from tpinfer.planner.dtypes import get_dtype
+from tpinfer.planner.hardware import get_device, get_link
+from tpinfer.planner.memory import Layout
+from tpinfer.planner.model import ModelSpec, per_rank_weight_bytes
+from tpinfer.planner.plan import Plan, PlanRequest, make_plan
+
+__all__ = [
+    "Layout",
+    "ModelSpec",
+    "Plan",
+    "PlanRequest",
+    "build_request",
+    "catalogue_names",
+    "load_model",
+    "make_plan",
+    "per_rank_weight_bytes",
+]
+
+
+def build_request(
+    model: ModelSpec,
+    gpu: str | None = None,
+    gpu_memory: float | None = None,
+    memory_bandwidth: float | None = None,
+    gpus_per_node: int | None = None,
+    nodes: int = 1,
+    interconnect: str | None = None,
+    network: str = "infiniband",
+    dtype: str = "bf16",
+    max_model_len: int | None = None,
+    batch_size: int = 1,
+    objective: str = "latency",
+) -> PlanRequest:
+    """A ``PlanRequest`` from the CLI's vocabulary, filling the device's defaults."""
+    device = get_device(gpu, gpu_memory, memory_bandwidth)
+    if gpus_per_node is None:
+        gpus_per_node = 1 if device.shared_host else 8
+    return PlanRequest(
+        device=device,
+        gpus_per_node=gpus_per_node,
+        nodes=nodes,
+        intra=get_link(interconnect or device.default_link, device),
+        network=get_link(network, device),
+        dtype=get_dtype(dtype),
+        max_model_len=max_model_len or model.max_position_embeddings,
+        batch=batch_size,
+        objective=objective,
+    )

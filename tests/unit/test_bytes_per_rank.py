@@ -1,0 +1,43 @@
+"""One source of truth: the bytes `tpinfer info` and the planner report per rank equal what the engine allocates."""
+
+import pytest
+import torch
+
+from tpinfer.cli.info import model_info
+from tpinfer.config import ModelConfig
+from tpinfer.models import build_model
+from tpinfer.parallel.comm import Communicator
+from tpinfer.parallel.context import ParallelContext
+from tpinfer.parallel.plan import resolve_plan
+from tpinfer.parallel.shard import valid_tp_sizes
+from tpinfer.planner import per_rank_weight_bytes
+
+
+def allocated_bytes(config: ModelConfig, tp: int, rank: int, dtype: torch.dtype) -> int:
+    """Build rank ``rank``'s model at ``tp`` on the meta device (shapes without memory) and count its parameters.
+
+    Model construction never communicates, so a context that only knows its rank is enough.
+    """
+    meta = torch.device("meta")
+    ctx = ParallelContext(rank, tp, rank, tp, meta, Communicator(None, rank, tp, meta))
+    model = build_model(config, ctx, resolve_plan(config, tp), dtype, max_seq_len=8)
+    unique = {id(p): p for p in model.parameters()}.values()  # a tied LM head shares the embedding
+    return sum(p.numel() * p.element_size() for p in unique)
+
+
+@pytest.mark.parametrize("variant", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_info_bytes_equal_engine_allocation_at_every_valid_size(checkpoints, variant, dtype):
+    path = checkpoints[variant]
+    config = ModelConfig.from_pretrained(path)
+    info = model_info(str(path), dtype)
+    assert info["valid_tp_sizes"] == valid_tp_sizes(config)
+    for entry in info["tp_sizes"]:
+        if not entry["valid"]:
+            assert entry["reason"]
+            continue
+        tp = entry["tp"]
+        planned = per_rank_weight_bytes(config, tp, dtype)
+        for rank in range(tp):
+            allocated = allocated_bytes(config, tp, rank, getattr(torch, dtype))
+            assert allocated == entry["param_bytes_per_rank"] == planned, (tp, rank)
