@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -17,7 +18,7 @@ from tpinfer.engine.launcher import Launcher, RankFailure
 from tpinfer.engine.runtime import EngineSpec, RankEngine, load_engine
 from tpinfer.engine.sampling import SamplingParams
 from tpinfer.parallel.context import ParallelContext
-from tpinfer.tokenizer import Tokenizer
+from tpinfer.tokenizer import Tokenizer, TokenizerError
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +168,8 @@ class LLM:
             fault=_fault,
         )
         self.config, _ = self.spec.check()  # refuse impossible layouts before starting any process
-        self.tokenizer = Tokenizer.from_pretrained(model)
+        # A checkpoint without tokenizer files still serves prompts given as token ids.
+        self.tokenizer = Tokenizer.from_pretrained(model) if (Path(model) / "tokenizer.json").is_file() else None
         self.launcher = Launcher(self.spec)
         self.engine = self.launcher.start(progress)
 
@@ -178,6 +180,8 @@ class LLM:
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         texts = [p if isinstance(p, str) else None for p in prompts]
+        if self.tokenizer is None and any(texts):
+            raise TokenizerError(f"{self.spec.model} has no tokenizer.json: pass prompts as lists of token ids")
         token_ids = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
         try:
             outputs: list[GenerationOutput] = self.engine.run(token_ids, params)
@@ -185,8 +189,8 @@ class LLM:
             self.launcher.raise_failure(exc)
             raise
         return [
-            RequestOutput(text, o.prompt_token_ids, o.token_ids, self.tokenizer.decode(o.token_ids), o.logprobs,
-                          o.finish_reason)
+            RequestOutput(text, o.prompt_token_ids, o.token_ids,
+                          self.tokenizer.decode(o.token_ids) if self.tokenizer else "", o.logprobs, o.finish_reason)
             for text, o in zip(texts, outputs, strict=True)
         ]
 

@@ -7,8 +7,8 @@ import time
 
 import psutil
 import pytest
-from helpers import env, run_cli
 
+from helpers import env, run_cli
 from tpinfer import LLM, SamplingParams
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]

@@ -3,8 +3,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import run_ranks
 
+from helpers import run_ranks
 from tpinfer.parallel.layers import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+
 from helpers import hf_model, run_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]

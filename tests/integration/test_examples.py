@@ -5,8 +5,8 @@ import subprocess
 import sys
 
 import pytest
-from helpers import REPO, env
 
+from helpers import REPO, env
 from tpinfer.engine.launcher import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from helpers import hf_model
 
+from helpers import hf_model
 from tpinfer.engine.runtime import EngineSpec, load_engine
 from tpinfer.engine.sampling import SamplingParams
 from tpinfer.parallel.context import ParallelContext
@@ -19,13 +19,13 @@ def test_tp1_matches_hf_tokens_and_logprobs(checkpoints, variant):
     # One batch of prompts with different lengths: padding must not leak between rows.
     outputs = engine.generator.generate(PROMPTS, SamplingParams(max_new_tokens=NEW, temperature=0, ignore_eos=True))
     hf = hf_model(path)
-    for prompt, out in zip(PROMPTS, outputs):
+    for prompt, out in zip(PROMPTS, outputs, strict=True):
         with torch.no_grad():
             ref = hf.generate(torch.tensor([prompt]), max_new_tokens=NEW, do_sample=False, eos_token_id=None,
                               pad_token_id=0, output_logits=True, return_dict_in_generate=True)
         ref_tokens = ref.sequences[0, len(prompt):].tolist()
         assert out.token_ids == ref_tokens
-        ref_logprobs = torch.stack([s[0].float().log_softmax(-1)[t] for s, t in zip(ref.logits, ref_tokens)])
+        ref_logprobs = torch.stack([s[0].float().log_softmax(-1)[t] for s, t in zip(ref.logits, ref_tokens, strict=True)])
         # float32 with the same operations in a different order (SDPA vs eager, fused rotary tables):
         # differences are rounding-level, ~1e-6 relative; 1e-4 absolute on log-probabilities of magnitude ~3
         # leaves room for 16 decode steps of accumulation while catching any real mistake (>1e-2).

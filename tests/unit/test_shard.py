@@ -20,7 +20,7 @@ def test_shard_range_tiles_the_whole(world):
     size = 24
     ranges = [shard_range(size, r, world) for r in range(world)]
     assert ranges[0][0] == 0
-    for (start, length), (next_start, _) in zip(ranges, ranges[1:]):
+    for (start, length), (next_start, _) in zip(ranges, ranges[1:], strict=False):
         assert start + length == next_start
     assert sum(length for _, length in ranges) == size
 
