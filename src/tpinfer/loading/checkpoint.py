@@ -185,6 +185,10 @@ def load_weights(
             target.copy_(tensor)
             nbytes += tensor.numel() * tensor.element_size()
             del tensor
+            # safetensors reads through a memory map: pages it touched count as this process's memory until
+            # the map is dropped. Dropping it after every tensor keeps the peak at the slices we keep plus one
+            # tensor's pages (a row-parallel slice touches most pages of its tensor).
+            checkpoint.close()
             if bar is not None:
                 bar.update(1)
     finally:
