@@ -1,0 +1,29 @@
+"""Every subcommand's help reads well: a description and at least one example."""
+
+import pytest
+
+from tpinfer.cli.main import SUBCOMMANDS, build_parser, main
+
+
+def test_top_level_help_lists_commands_and_examples(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "examples:" in out
+    for name in SUBCOMMANDS:
+        assert name in out
+
+
+@pytest.mark.parametrize("name", SUBCOMMANDS)
+def test_subcommand_help_has_an_example(capsys, name):
+    with pytest.raises(SystemExit):
+        main([name, "--help"])
+    out = capsys.readouterr().out
+    assert f"tpinfer {name}" in out and "example" in out
+
+
+def test_every_subcommand_is_registered():
+    parser = build_parser()
+    actions = [a for a in parser._actions if a.dest == "command"]
+    assert set(actions[0].choices) == set(SUBCOMMANDS)
