@@ -48,6 +48,7 @@ class Batch:
     kv_len: int
     contiguous: bool
     logits_index: torch.Tensor | None = None  # (B,) token index per row whose logits are wanted
+    single_row_start: tuple[int, int] | None = None  # (slot, first position) when B == 1
 
     @classmethod
     def build(
@@ -75,4 +76,5 @@ class Batch:
             kv_len,
             contiguous,
             last.to(device),
+            (slots[0], start_positions[0]) if len(slots) == 1 else None,
         )

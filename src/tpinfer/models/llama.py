@@ -111,9 +111,14 @@ class LlamaAttention(nn.Module):
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         k_cache, v_cache = cache.keys[self.layer], cache.values[self.layer]
-        rows = batch.slots[:, None].expand(B, T)
-        k_cache[rows, :, batch.positions] = k.transpose(1, 2)  # (B, T, H_kv_local, D) into its slots
-        v_cache[rows, :, batch.positions] = v.transpose(1, 2)
+        if batch.single_row_start is not None:  # one sequence: its tokens are one slice of its slot
+            slot, start = batch.single_row_start
+            k_cache[slot, :, start : start + T] = k[0]
+            v_cache[slot, :, start : start + T] = v[0]
+        else:
+            rows = batch.slots[:, None].expand(B, T)
+            k_cache[rows, :, batch.positions] = k.transpose(1, 2)  # (B, T, H_kv_local, D) into its slots
+            v_cache[rows, :, batch.positions] = v.transpose(1, 2)
         if batch.contiguous:
             first = int(batch.slots[0])
             keys = k_cache[first : first + B, :, : batch.kv_len]  # (B, H_kv_local, L, D)
