@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -104,25 +103,16 @@ def _shared_memory_all_reduce(rank: int, world_size: int, choice: str, timeout_s
     """The shared-memory all-reduce when every rank is on this host (or when forced), else None (gloo)."""
     if choice == "gloo":
         return None
-    try:
-        from tpinfer.parallel import shm
-    except ImportError:
+    from tpinfer.parallel import shm
+
+    if not shm.is_supported():
+        if choice == "shm":
+            raise RuntimeError("--all-reduce shm needs Linux on x86-64 with /dev/shm")
         return None
     store = dist.distributed_c10d._get_default_store()
-    hosts = [None] * world_size
-    dist.all_gather_object(hosts, _host_id())
-    if len(set(hosts)) != 1:
+    if not shm.all_ranks_on_one_host(rank, world_size, store, timeout_s=timeout_s):
         if choice == "shm":
-            raise RuntimeError(f"--all-reduce shm needs every rank on one host; ranks are on {sorted(set(hosts))}")
+            raise RuntimeError("--all-reduce shm needs every rank on one host")
         return None
     log.debug("rank %d: shared-memory all-reduce over %d ranks", rank, world_size)
     return shm.ShmAllReduce(rank, world_size, store, timeout_s=timeout_s)
-
-
-def _host_id() -> str:
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            boot = f.read().strip()
-    except OSError:
-        boot = ""
-    return f"{socket.gethostname()}/{boot}"

@@ -15,7 +15,6 @@ from torch import nn
 from tpinfer.parallel.context import ParallelContext
 from tpinfer.parallel.shard import shard_range, vocab_range
 
-
 # CPUs without native bfloat16 arithmetic (no AVX512-BF16/AMX) run bf16 GEMMs several times slower than
 # float32 ones once more than a few rows share the weight (measured here: 2.5x at 32 rows, 3.7x at 128),
 # while a one-row GEMV is faster in bf16 (it reads half the bytes). So a bf16 weight multiplies as is for
