@@ -94,7 +94,7 @@ class Launcher:
         while sentinels and not self._closing:
             for sentinel in multiprocessing.connection.wait(list(sentinels), timeout=0.5):
                 process = sentinels.pop(sentinel)
-                process.join(0)
+                process.join(1)  # the exit code can lag the sentinel by a moment
                 if self._closing or process.exitcode == 0:
                     continue
                 self.failure = self._read_error(process)

@@ -1,0 +1,111 @@
+"""Server metrics in Prometheus' text format (GET /metrics), without a client library.
+
+Counters and histograms are written by the event loop (requests) and the engine thread (tokens,
+latencies); a lock keeps each histogram's buckets, sum and count consistent with each other.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from collections import Counter
+from collections.abc import Callable
+
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0)
+PER_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
+OUTCOMES = ("success", "invalid", "unauthorized", "rejected", "cancelled", "error")
+
+
+class Histogram:
+    def __init__(self, buckets: tuple[float, ...]) -> None:
+        self.buckets = buckets
+        self.counts = [0] * (len(buckets) + 1)  # the last one is +Inf
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1
+        self.sum += value
+        self.count += 1
+
+    def lines(self, name: str) -> list[str]:
+        out, cumulative = [], 0
+        for bound, count in zip((*self.buckets, "+Inf"), self.counts, strict=True):
+            cumulative += count
+            out.append(f'{name}_bucket{{le="{bound}"}} {cumulative}')
+        out += [f"{name}_sum {self.sum:.6f}", f"{name}_count {self.count}"]
+        return out
+
+
+class Metrics:
+    def __init__(self, tensor_parallel_size: int, max_num_seqs: int, kv_cache_bytes: int) -> None:
+        self.tensor_parallel_size = tensor_parallel_size
+        self.max_num_seqs, self.kv_cache_bytes = max_num_seqs, kv_cache_bytes
+        self.requests: Counter[str] = Counter({outcome: 0 for outcome in OUTCOMES})
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+        self.ttft = Histogram(TTFT_BUCKETS)
+        self.per_token = Histogram(PER_TOKEN_BUCKETS)
+        self.latency = Histogram(LATENCY_BUCKETS)
+        self.queue_depth: Callable[[], int] = lambda: 0
+        self.running: Callable[[], int] = lambda: 0
+        self._lock = threading.Lock()
+
+    def request(self, outcome: str) -> None:
+        with self._lock:
+            self.requests[outcome] += 1
+
+    def first_token(self, seconds: float) -> None:
+        with self._lock:
+            self.generation_tokens += 1
+            self.ttft.observe(seconds)
+
+    def next_token(self, seconds: float) -> None:
+        with self._lock:
+            self.generation_tokens += 1
+            self.per_token.observe(seconds)
+
+    def finished(self, prompt_tokens: int, seconds: float) -> None:
+        with self._lock:
+            self.prompt_tokens += prompt_tokens
+            self.latency.observe(seconds)
+
+    def render(self) -> str:
+        with self._lock:
+            lines = [
+                "# HELP tpinfer_requests_total Completion and chat requests by outcome.",
+                "# TYPE tpinfer_requests_total counter",
+                *(f'tpinfer_requests_total{{outcome="{k}"}} {v}' for k, v in sorted(self.requests.items())),
+                "# HELP tpinfer_prompt_tokens_total Prompt tokens of finished requests.",
+                "# TYPE tpinfer_prompt_tokens_total counter",
+                f"tpinfer_prompt_tokens_total {self.prompt_tokens}",
+                "# HELP tpinfer_generation_tokens_total Generated tokens.",
+                "# TYPE tpinfer_generation_tokens_total counter",
+                f"tpinfer_generation_tokens_total {self.generation_tokens}",
+                "# HELP tpinfer_num_requests_waiting Sequences waiting for a KV-cache slot.",
+                "# TYPE tpinfer_num_requests_waiting gauge",
+                f"tpinfer_num_requests_waiting {self.queue_depth()}",
+                "# HELP tpinfer_num_requests_running Sequences in the running batch.",
+                "# TYPE tpinfer_num_requests_running gauge",
+                f"tpinfer_num_requests_running {self.running()}",
+                "# HELP tpinfer_max_num_seqs KV-cache slots (the largest running batch).",
+                "# TYPE tpinfer_max_num_seqs gauge",
+                f"tpinfer_max_num_seqs {self.max_num_seqs}",
+                "# HELP tpinfer_kv_cache_bytes KV-cache memory per rank.",
+                "# TYPE tpinfer_kv_cache_bytes gauge",
+                f"tpinfer_kv_cache_bytes {self.kv_cache_bytes}",
+                "# HELP tpinfer_tensor_parallel_size Ranks the model is sharded over.",
+                "# TYPE tpinfer_tensor_parallel_size gauge",
+                f"tpinfer_tensor_parallel_size {self.tensor_parallel_size}",
+                "# HELP tpinfer_time_to_first_token_seconds From arrival to the first generated token.",
+                "# TYPE tpinfer_time_to_first_token_seconds histogram",
+                *self.ttft.lines("tpinfer_time_to_first_token_seconds"),
+                "# HELP tpinfer_time_per_output_token_seconds Between two generated tokens of a sequence.",
+                "# TYPE tpinfer_time_per_output_token_seconds histogram",
+                *self.per_token.lines("tpinfer_time_per_output_token_seconds"),
+                "# HELP tpinfer_request_latency_seconds From arrival to the last token of a request.",
+                "# TYPE tpinfer_request_latency_seconds histogram",
+                *self.latency.lines("tpinfer_request_latency_seconds"),
+            ]
+        return "\n".join(lines) + "\n"
