@@ -87,3 +87,16 @@ def test_a_killed_worker_ends_the_job(checkpoints):
     assert "rank 1 exited with code -9" in proc.stderr
     assert elapsed < 30
     _no_orphans(proc.stdout)
+
+
+def test_idle_workers_outlive_the_collective_timeout(checkpoints):
+    """Waiting for the next request is not a late collective: an LLM may idle past --timeout."""
+    with LLM(str(checkpoints["llama"]), tensor_parallel_size=2, timeout_s=2.0, progress=False) as llm:
+        params = SamplingParams(max_new_tokens=3, temperature=0, ignore_eos=True)
+        first = llm.generate(["Hello"], params)[0].token_ids
+        time.sleep(4.0)
+        assert llm.generate(["Hello"], params)[0].token_ids == first
+        prompts = [list(range(3 + i, 203 + i)) for i in range(8)]  # ~8 KB of JSON: two control broadcasts
+        outputs = llm.generate(prompts, params)
+        assert [len(o.token_ids) for o in outputs] == [3] * 8
+        assert llm.engine.ctx.comm.stats.calls["control"] >= 2

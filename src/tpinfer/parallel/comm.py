@@ -17,6 +17,9 @@ import torch
 import torch.distributed as dist
 
 
+CONTROL_BYTES = 4096  # one broadcast carries a control message up to this size
+
+
 @dataclass
 class CommStats:
     """Collectives issued by this rank: calls, bytes and seconds by kind."""
@@ -44,10 +47,19 @@ class Communicator:
     """Collectives over one process group; ``world_size == 1`` makes every call free."""
 
     def __init__(
-        self, group: Any, rank: int, world_size: int, device: torch.device, all_reduce_impl: Any = None
+        self,
+        group: Any,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        all_reduce_impl: Any = None,
+        control_group: Any = None,
     ) -> None:
         self.group = group
         self.device = device
+        # Control messages (requests, steps, stop) ride a CPU gloo group of their own; see broadcast_json.
+        self.control_group = control_group
+        self._control_buffer = torch.zeros(CONTROL_BYTES, dtype=torch.uint8)
         self.rank = rank
         self.world_size = world_size
         self.stats = CommStats()
@@ -94,23 +106,38 @@ class Communicator:
         """Send a JSON-able control message from ``src`` to every rank.
 
         JSON rather than pickle: a message may carry data from a request, and nothing from a request
-        is ever unpickled. Two broadcasts: the length, then the UTF-8 bytes.
+        is ever unpickled. It travels on the control group, whose wait has no practical timeout (a worker
+        may idle between requests for as long as the user likes; a dead peer still fails it at once), in
+        one fixed-size broadcast (length + the first bytes), plus a second only for long messages.
         """
         if self.world_size == 1:
             return message
-        device = self.device
+        head = self._control_buffer
         if self.rank == src:
-            payload = torch.frombuffer(bytearray(json.dumps(message).encode()), dtype=torch.uint8).to(device)
-            length = torch.tensor([payload.numel()], dtype=torch.int64, device=device)
-        else:
-            length = torch.empty(1, dtype=torch.int64, device=device)
-        self.broadcast(length, src)
-        if self.rank != src:
-            payload = torch.empty(int(length.item()), dtype=torch.uint8, device=device)
-        self.broadcast(payload, src)
+            data = json.dumps(message).encode()
+            head[:8] = torch.frombuffer(bytearray(len(data).to_bytes(8, "little")), dtype=torch.uint8)
+            first = data[: CONTROL_BYTES - 8]
+            if first:
+                head[8 : 8 + len(first)] = torch.frombuffer(bytearray(first), dtype=torch.uint8)
+        self._control_broadcast(head, src)
+        length = int.from_bytes(head[:8].numpy().tobytes(), "little")
+        rest = None
+        if length > CONTROL_BYTES - 8:
+            if self.rank == src:
+                rest = torch.frombuffer(bytearray(data[CONTROL_BYTES - 8 :]), dtype=torch.uint8)
+            else:
+                rest = torch.empty(length - (CONTROL_BYTES - 8), dtype=torch.uint8)
+            self._control_broadcast(rest, src)
         if self.rank == src:
             return message
-        return json.loads(payload.cpu().numpy().tobytes().decode())
+        body = head[8 : 8 + min(length, CONTROL_BYTES - 8)].numpy().tobytes()
+        if rest is not None:
+            body += rest.numpy().tobytes()
+        return json.loads(body.decode())
+
+    def _control_broadcast(self, tensor: torch.Tensor, src: int) -> None:
+        group = self.control_group if self.control_group is not None else self.group
+        self._timed("control", tensor.numel(), dist.broadcast, tensor, src, group)
 
     def all_gather_object(self, obj: Any) -> list[Any]:
         if self.world_size == 1:

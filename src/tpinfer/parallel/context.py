@@ -79,7 +79,9 @@ class ParallelContext:
                 timeout=timedelta(seconds=timeout_s),
             )
         group = dist.group.WORLD
-        comm = Communicator(group, rank, world_size, device)
+        # Waiting for the next request is not a collective that can be late: no practical timeout there.
+        control = dist.new_group(backend="gloo", timeout=timedelta(days=365)) if world_size > 1 else None
+        comm = Communicator(group, rank, world_size, device, control_group=control)
         if world_size > 1 and not use_cuda:
             comm.all_reduce_impl = _shared_memory_all_reduce(rank, world_size, all_reduce, timeout_s)
         set_threads(local_world_size)
