@@ -99,7 +99,7 @@ def print_layout(llm, calls: dict[str, int], forwards: int, generated: int, elap
         f"  (whole model {whole_params:,}, {human_bytes(whole_params * element)};"
         f" {100 * engine.param_count / whole_params:.0f}% per rank)",
         f"per step : {all_reduce:.0f} all-reduces = 2 x {layers} layers + 1 embedding"
-        f", {per_step.get('all_gather', 0):.0f} all-gather of sampling candidates" if tp > 1 else "per step : no collectives (tp=1)",
+        f", {per_step.get('all_gather', 0):.0f} all-gather (sampling candidates, or logits for top-p)" if tp > 1 else "per step : no collectives (tp=1)",
         f"speed    : {generated} tokens in {elapsed:.2f}s = {generated / elapsed:.1f} tokens/s (prefill included)",
     ]
     print("\n".join(lines), file=sys.stderr, flush=True)
