@@ -102,7 +102,7 @@ class LlamaAttention(nn.Module):
         self.v_proj = _linear(p + "v_proj", plan, ctx, hidden, config.kv_size, bias, dtype, kv_shard)
         self.o_proj = _linear(p + "o_proj", plan, ctx, config.q_size, hidden, o_proj_has_bias(config), dtype, q_shard)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 batch: Batch, cache: KVCache) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_local_heads, self.head_dim).transpose(1, 2)  # (B, H_local, T, D)
@@ -179,8 +179,11 @@ class LlamaModel(nn.Module):
     def forward(self, batch: Batch, cache: KVCache) -> torch.Tensor:
         x = self.embed_tokens(batch.input_ids)
         cos, sin = self.rotary_emb(batch.positions, x.dtype)
-        key_positions = torch.arange(batch.kv_len, device=x.device)
-        mask = (key_positions[None, None, :] <= batch.positions[:, :, None]).unsqueeze(1)  # (B, 1, T, L)
+        if batch.single_row_start is not None and batch.input_ids.shape[1] == 1:
+            mask = None  # one sequence, one new token: it sees every cached position, nothing to hide
+        else:
+            key_positions = torch.arange(batch.kv_len, device=x.device)
+            mask = (key_positions[None, None, :] <= batch.positions[:, :, None]).unsqueeze(1)  # (B, 1, T, L)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, batch, cache)
         return self.norm(x)

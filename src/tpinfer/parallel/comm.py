@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 
 CONTROL_BYTES = 4096  # one broadcast carries a control message up to this size
+SMALL_GATHER_BYTES = 64 << 10  # all-gathers up to this size go through the shared-memory all-reduce
 
 
 @dataclass
@@ -90,8 +91,15 @@ class Communicator:
         if self.world_size == 1:
             return tensor
         tensor = tensor.contiguous()
-        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
         nbytes = tensor.numel() * tensor.element_size()
+        if self.all_reduce_impl is not None and tensor.device.type == "cpu" and nbytes <= SMALL_GATHER_BYTES:
+            # Small messages (sampling candidates): an all-reduce of zero-padded slots through shared memory is
+            # an exact all-gather (x + 0 == x) at a fraction of gloo's latency.
+            slots = torch.zeros((self.world_size, *tensor.shape), dtype=tensor.dtype)
+            slots[self.rank] = tensor
+            self._timed("all_gather", nbytes, self.all_reduce_impl.all_reduce_, slots)
+            return torch.cat(slots.unbind(0), dim=dim)
+        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
         self._timed("all_gather", nbytes, dist.all_gather, parts, tensor, self.group)
         return torch.cat(parts, dim=dim)
 
