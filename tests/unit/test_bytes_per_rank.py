@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from tpinfer.assets import demo_model_path
 from tpinfer.cli.info import model_info
 from tpinfer.config import ModelConfig
 from tpinfer.models import build_model
@@ -25,10 +26,10 @@ def allocated_bytes(config: ModelConfig, tp: int, rank: int, dtype: torch.dtype)
     return sum(p.numel() * p.element_size() for p in unique)
 
 
-@pytest.mark.parametrize("variant", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("variant", ["demo", "llama", "mistral", "qwen2"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_info_bytes_equal_engine_allocation_at_every_valid_size(checkpoints, variant, dtype):
-    path = checkpoints[variant]
+    path = demo_model_path() if variant == "demo" else checkpoints[variant]
     config = ModelConfig.from_pretrained(path)
     info = model_info(str(path), dtype)
     assert info["valid_tp_sizes"] == valid_tp_sizes(config)
@@ -41,3 +42,7 @@ def test_info_bytes_equal_engine_allocation_at_every_valid_size(checkpoints, var
         for rank in range(tp):
             allocated = allocated_bytes(config, tp, rank, getattr(torch, dtype))
             assert allocated == entry["param_bytes_per_rank"] == planned, (tp, rank)
+
+
+def test_demo_model_allows_tp_1_2_4():
+    assert {1, 2, 4} <= set(model_info(demo_model_path())["valid_tp_sizes"])

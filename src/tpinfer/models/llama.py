@@ -126,15 +126,17 @@ class LlamaAttention(nn.Module):
         else:
             keys = k_cache.index_select(0, batch.slots)[:, :, : batch.kv_len]
             values = v_cache.index_select(0, batch.slots)[:, :, : batch.kv_len]
+        # A lone sequence's prefill from position 0 is plain causal attention (SDPA's fused causal kernel).
+        causal = mask is None and T > 1
         if self.num_local_kv_heads != self.num_local_heads:
             if _SDPA_GQA:
-                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal, enable_gqa=True)
             else:
                 groups = self.num_local_heads // self.num_local_kv_heads
                 keys, values = keys.repeat_interleave(groups, 1), values.repeat_interleave(groups, 1)
-                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal)
         else:
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_local_heads * self.head_dim))
 
 
@@ -179,8 +181,11 @@ class LlamaModel(nn.Module):
     def forward(self, batch: Batch, cache: KVCache) -> torch.Tensor:
         x = self.embed_tokens(batch.input_ids)
         cos, sin = self.rotary_emb(batch.positions, x.dtype)
-        if batch.single_row_start is not None and batch.input_ids.shape[1] == 1:
-            mask = None  # one sequence, one new token: it sees every cached position, nothing to hide
+        T = batch.input_ids.shape[1]
+        if batch.single_row_start is not None and (T == 1 or batch.single_row_start[1] == 0):
+            # One sequence: a single new token sees every cached position; a prefill from position 0 is
+            # causal over exactly its own tokens (kv_len == T). Either way no mask tensor is needed.
+            mask = None
         else:
             key_positions = torch.arange(batch.kv_len, device=x.device)
             mask = (key_positions[None, None, :] <= batch.positions[:, :, None]).unsqueeze(1)  # (B, 1, T, L)
