@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from tpinfer.assets import DEMO_MODEL
 from tpinfer.config import ModelConfig
 from tpinfer.parallel.shard import numel, parameter_shapes
 
@@ -60,6 +62,10 @@ def write_checkpoint(out: Path, preset: str, dtype: str, shard_bytes: int = 512 
     total = sum(numel(s) for s in shapes.values()) * element
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    # The demo model's tokenizer (4096 ids, all inside this vocabulary) so the server and the CLI take text;
+    # with random weights the text that comes back is noise, which benchmarks do not read.
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(DEMO_MODEL / name, out / name)
     print(f"wrote {out}: {config.num_parameters:,} parameters, {total / 1e9:.2f} GB in {len(shards)} files")
     return out
 
