@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from helpers import run_ranks
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]

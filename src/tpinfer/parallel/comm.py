@@ -16,7 +16,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-
 CONTROL_BYTES = 4096  # one broadcast carries a control message up to this size
 SMALL_GATHER_BYTES = 64 << 10  # all-gathers up to this size go through the shared-memory all-reduce
 
