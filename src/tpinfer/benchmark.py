@@ -99,7 +99,8 @@ def _measure(engine: RankEngine, options: BenchOptions) -> dict[str, Any]:
     bandwidth = collect(engine, "bandwidth")
     seconds = [max(b["seconds"][i] for b in bandwidth) for i in range(len(bandwidth[0]["seconds"]))]
     measured_bw = sum(b["bytes"] for b in bandwidth) / statistics.median(seconds)
-    step_bytes = sum(collect_weight_bytes(engine))
+    # Ranks hold equal shapes under a plan (vocabulary padding is allocated alike), so one rank's bytes times TP.
+    step_bytes = weight_bytes_per_step(engine) * tp
     decode_tps = decode_tokens / decode_s
     latency = collect(engine, "all_reduce_latency", numel=config.hidden_size)[0] if tp > 1 else {}
     return {
@@ -126,12 +127,6 @@ def _measure(engine: RankEngine, options: BenchOptions) -> dict[str, Any]:
         "roofline_tokens_per_s": measured_bw / step_bytes * options.batch_size,
         "all_reduce_latency_us": latency,
     }
-
-
-def collect_weight_bytes(engine: RankEngine) -> list[int]:
-    # Every rank holds the same shapes under a given plan except for padding, which is allocated alike;
-    # the per-rank figure is computed locally and scaled by the world size.
-    return [weight_bytes_per_step(engine)] * engine.ctx.world_size
 
 
 def sweep(options: BenchOptions, sizes: list[int], progress: bool = True) -> list[dict[str, Any]]:
