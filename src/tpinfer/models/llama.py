@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tpinfer import kernels
 from tpinfer.config import ModelConfig
 from tpinfer.engine.kv_cache import Batch, KVCache
 from tpinfer.parallel.context import ParallelContext
@@ -24,6 +25,7 @@ from tpinfer.parallel.layers import (
     RMSNorm,
     RowParallelLinear,
     VocabParallelEmbedding,
+    uses_native,
 )
 from tpinfer.parallel.plan import COLWISE, REPLICATE, ResolvedPlan, kv_rows
 from tpinfer.parallel.shard import o_proj_has_bias, shard_range
@@ -103,8 +105,16 @@ class LlamaAttention(nn.Module):
         self.o_proj = _linear(p + "o_proj", plan, ctx, config.q_size, hidden, o_proj_has_bias(config), dtype, q_shard)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                batch: Batch, cache: KVCache) -> torch.Tensor:
+                batch: Batch, cache: KVCache, decode_kernel: bool = False) -> torch.Tensor:
+        """``decode_kernel``: one new token per row, and cos/sin are the whole tables (the kernel indexes them)."""
         B, T, _ = x.shape
+        if decode_kernel:
+            q = self.q_proj(x).view(B, self.num_local_heads, self.head_dim)
+            k = self.k_proj(x).view(B, self.num_local_kv_heads, self.head_dim)
+            v = self.v_proj(x).view(B, self.num_local_kv_heads, self.head_dim)
+            out = kernels.decode_attention(q, k, v, cos, sin, cache.keys[self.layer], cache.values[self.layer],
+                                           batch.slots, batch.positions.view(B), self.head_dim**-0.5)
+            return self.o_proj(out.view(B, T, self.num_local_heads * self.head_dim))
         q = self.q_proj(x).view(B, T, self.num_local_heads, self.head_dim).transpose(1, 2)  # (B, H_local, T, D)
         k = self.k_proj(x).view(B, T, self.num_local_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.num_local_kv_heads, self.head_dim).transpose(1, 2)
@@ -150,7 +160,10 @@ class LlamaMLP(nn.Module):
         self.down_proj = _linear(p + "down_proj", plan, ctx, ffn, hidden, bias, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj, self.up_proj
+        if uses_native(x, gate.weight):  # both projections and silu(g) * u in one pass
+            return self.down_proj(kernels.gated_linear(x, gate.weight, up.weight, gate.bias, up.bias))
+        return self.down_proj(F.silu(gate(x)) * up(x))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -165,6 +178,16 @@ class LlamaDecoderLayer(nn.Module):
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, batch, cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 
+    def decode(self, x: torch.Tensor, delta: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, batch: Batch,
+               cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward`` for one new token per row through the native kernels, with the residual add deferred:
+        takes the stream before the previous layer's last add (x, delta) and returns this layer's (x, delta)."""
+        norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
+        x, normed = kernels.add_rms_norm(x, delta, norm1.weight, norm1.eps)
+        h, normed = kernels.add_rms_norm(x, self.self_attn(normed, cos, sin, None, batch, cache, True), norm2.weight,
+                                         norm2.eps)
+        return h, self.mlp(normed)
+
 
 class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig, ctx: ParallelContext, plan: ResolvedPlan, dtype, max_seq_len: int):
@@ -177,11 +200,18 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, ctx, plan, dtype) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(hidden, config.rms_norm_eps, dtype, ctx.device)
         self.rotary_emb = RotaryEmbedding(config, max_seq_len, ctx.device)
+        self.head_dim = config.head_dim
 
     def forward(self, batch: Batch, cache: KVCache) -> torch.Tensor:
         x = self.embed_tokens(batch.input_ids)
-        cos, sin = self.rotary_emb(batch.positions, x.dtype)
         T = batch.input_ids.shape[1]
+        if T == 1 and self.head_dim <= kernels.MAX_HEAD_DIM and kernels.usable(x):
+            # Decode: RoPE, the cache write and attention run in one native call per layer.
+            rope, delta = self.rotary_emb, None
+            for layer in self.layers:
+                x, delta = layer.decode(x, delta, rope.cos, rope.sin, batch, cache)
+            return kernels.add_rms_norm(x, delta, self.norm.weight, self.norm.eps)[1]
+        cos, sin = self.rotary_emb(batch.positions, x.dtype)
         if batch.single_row_start is not None and (T == 1 or batch.single_row_start[1] == 0):
             # One sequence: a single new token sees every cached position; a prefill from position 0 is
             # causal over exactly its own tokens (kv_len == T). Either way no mask tensor is needed.

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tpinfer import kernels
 from tpinfer.parallel.context import ParallelContext
 from tpinfer.parallel.shard import shard_range, vocab_range
 
@@ -28,12 +29,25 @@ _scratch: dict[torch.device, torch.Tensor] = {}
 # for 4 to 32 float32 rows, 1.0x outside that range.
 SKINNY_ROWS = range(3, 33)
 
+# Up to this many rows (decode), the native kernels (tpinfer.kernels) read the weight once for all rows at GEMV
+# speed, in float32 or bfloat16; beyond, torch's GEMM (with the policies above) takes over. bfloat16 goes further
+# because the alternative, widening the weight, costs a full extra pass over it.
+NATIVE_MAX_ROWS = {torch.float32: 8, torch.bfloat16: 15}
+
+
+def uses_native(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether linear(x, weight) runs the native decode kernel."""
+    rows = x.numel() // x.shape[-1]
+    return 0 < rows <= NATIVE_MAX_ROWS.get(weight.dtype, 0) and x.dtype == weight.dtype and kernels.usable(x, weight)
+
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, with the CPU policies above."""
     rows = x.numel() // x.shape[-1]
     if weight.device.type != "cpu":
         return F.linear(x, weight, bias)
+    if uses_native(x, weight):
+        return kernels.linear(x, weight, bias)
     if weight.dtype == torch.float32 and SKINNY_ROWS.start <= rows < SKINNY_ROWS.stop:
         out = torch.mm(weight, x.reshape(rows, x.shape[-1]).t()).t().reshape(*x.shape[:-1], weight.shape[0])
         return out if bias is None else out + bias
@@ -193,7 +207,7 @@ class ParallelLMHead(ParallelModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Local logits (..., vocab rows of this rank)."""
-        return F.linear(x, self.weight)
+        return linear(x, self.weight)
 
     def gather(self, local_logits: torch.Tensor) -> torch.Tensor:
         """Full logits (..., vocab_size) on every rank: the head's one collective."""
@@ -224,7 +238,7 @@ class ReplicatedLMHead(ParallelModule):
             self.shards = {"weight": None}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        return linear(x, self.weight)
 
     def gather(self, local_logits: torch.Tensor) -> torch.Tensor:
         return local_logits

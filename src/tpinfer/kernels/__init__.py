@@ -1,0 +1,215 @@
+"""Native CPU decode kernels (``cpu_decode.cpp``), compiled on first use for the host that runs them.
+
+The decode step of a CPU rank is a handful of small GEMVs per layer plus a little attention. Torch's eager ops
+leave speed on the table there (see ``cpu_decode.cpp`` and docs/performance.md), so on x86-64 hosts with
+AVX-512 tpinfer compiles ``cpu_decode.cpp`` with ``g++ -O3 -march=native -fopenmp`` into a per-user cache
+(``$TPINFER_CACHE_DIR``, else ``$XDG_CACHE_HOME/tpinfer``, else ``~/.cache/tpinfer``) and calls it through
+ctypes. The library's name carries a hash of the source, the compiler and the CPU, so a changed file, compiler
+or host builds a new one; ranks starting together build it once (atomic rename).
+
+Anything else (no compiler, another CPU, CUDA tensors, ``TPINFER_NATIVE_KERNELS=0``) uses the torch path,
+which computes the same thing; the tests compare the two.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_decode.cpp")
+ENV_SWITCH = "TPINFER_NATIVE_KERNELS"
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl")
+MAX_HEAD_DIM = 512  # the attention kernel keeps one query head in a stack buffer of this size
+ABI_VERSION = 1
+
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+_reason = ""
+
+
+def cache_dir() -> Path:
+    if os.environ.get("TPINFER_CACHE_DIR"):
+        return Path(os.environ["TPINFER_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "tpinfer"
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "g++", "c++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _build() -> ctypes.CDLL:
+    """Compile (or reuse) the library for this host; raises RuntimeError saying why it cannot."""
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        raise RuntimeError(f"native kernels are built for x86-64 Linux, not {platform.system()} {platform.machine()}")
+    missing = [f for f in REQUIRED_CPU_FLAGS if f not in _cpu_flags()]
+    if missing:
+        raise RuntimeError(f"this CPU lacks {', '.join(missing)}")
+    compiler = _compiler()
+    if compiler is None:
+        raise RuntimeError("no C++ compiler found (install g++ or set CXX)")
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(
+        b"\0".join([source, version.encode(), " ".join(FLAGS).encode(), _cpu_model().encode(),
+                    " ".join(sorted(_cpu_flags())).encode()])
+    ).hexdigest()[:16]
+    target = cache_dir() / f"cpu_decode-{key}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.stem, suffix=".tmp")
+        os.close(fd)
+        try:
+            done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True,
+                                  check=False)
+            if done.returncode != 0:
+                raise RuntimeError(f"compiling {SOURCE.name} failed:\n{done.stderr.strip()[-2000:]}")
+            os.replace(tmp, target)  # atomic: ranks building at once each publish a complete file
+            log.info("built native CPU kernels: %s", target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    lib = ctypes.CDLL(str(target))
+    if lib.tpi_abi_version() != ABI_VERSION:
+        raise RuntimeError(f"{target} has ABI {lib.tpi_abi_version()}, expected {ABI_VERSION}")
+    p, i, i64, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
+    lib.tpi_linear.argtypes = [p, i, p, i, p, i, p, i, i64, i64, i64, i]
+    lib.tpi_gated_linear.argtypes = [p, i, p, p, i, p, p, i, p, i, i64, i64, i64, i]
+    lib.tpi_decode_attention.argtypes = [p, p, p, i, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, f, i]
+    lib.tpi_add_rms_norm.argtypes = [p, p, p, p, p, i, i64, i64, f]
+    for fn in (lib.tpi_linear, lib.tpi_gated_linear, lib.tpi_decode_attention, lib.tpi_add_rms_norm):
+        fn.restype = None
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, or None (why: ``unavailable_reason()``). Builds on the first call."""
+    global _lib, _tried, _reason
+    if _tried:
+        return _lib
+    with _lock:
+        if not _tried:
+            if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+                _reason = f"disabled by {ENV_SWITCH}"
+            else:
+                try:
+                    _lib = _build()
+                except (RuntimeError, OSError) as exc:
+                    _reason = str(exc)
+                    log.warning("tpinfer: native CPU kernels unavailable, using torch ops: %s", exc)
+            _tried = True
+    return _lib
+
+
+def unavailable_reason() -> str:
+    library()
+    return _reason
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def usable(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels can take these tensors: CPU, float32/bfloat16, and the library built."""
+    return all(t.device.type == "cpu" and t.dtype in _DTYPES for t in tensors) and available()
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _code(t: torch.Tensor | None, default: torch.dtype) -> int:
+    return _DTYPES[default if t is None else t.dtype]
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x W^T + b for a few rows of x (any leading shape), result in x's dtype."""
+    x = x.contiguous()
+    rows, (n, k) = x.numel() // x.shape[-1], weight.shape
+    y = torch.empty(*x.shape[:-1], n, dtype=x.dtype)
+    library().tpi_linear(x.data_ptr(), _DTYPES[x.dtype], weight.data_ptr(), _DTYPES[weight.dtype], _ptr(bias),
+                         _code(bias, weight.dtype), y.data_ptr(), _DTYPES[y.dtype], rows, n, k,
+                         torch.get_num_threads())
+    return y
+
+
+def gated_linear(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, gate_bias: torch.Tensor | None = None,
+                 up_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(x Wg^T + bg) * (x Wu^T + bu), result in x's dtype."""
+    x = x.contiguous()
+    rows, (n, k) = x.numel() // x.shape[-1], gate.shape
+    y = torch.empty(*x.shape[:-1], n, dtype=x.dtype)
+    library().tpi_gated_linear(x.data_ptr(), _DTYPES[x.dtype], gate.data_ptr(), up.data_ptr(), _DTYPES[gate.dtype],
+                               _ptr(gate_bias), _ptr(up_bias), _code(gate_bias, gate.dtype), y.data_ptr(),
+                               _DTYPES[y.dtype], rows, n, k, torch.get_num_threads())
+    return y
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """One new token per row: RoPE on q/k (in place), k/v into the cache, attention over positions 0..pos.
+
+    q (B, Hq, D), k/v (B, Hkv, D) contiguous; cos/sin (max_len, D) float32; caches (S, Hkv, L, D);
+    slots/positions (B,) int64. Returns (B, Hq, D) in q's dtype.
+    """
+    batch, heads, dim = q.shape
+    _, kv_heads, length, _ = k_cache.shape
+    out = torch.empty_like(q)
+    library().tpi_decode_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), _DTYPES[q.dtype], cos.data_ptr(),
+                                   sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(),
+                                   positions.data_ptr(), out.data_ptr(), batch, heads, kv_heads, dim, length, scale,
+                                   torch.get_num_threads())
+    return out
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + delta, RMSNorm(x + delta) * weight), HF's rounding; without delta, (x, RMSNorm(x) * weight)."""
+    x = x.contiguous()
+    delta = None if delta is None else delta.contiguous()
+    total = x if delta is None else torch.empty_like(x)
+    out = torch.empty_like(x)
+    library().tpi_add_rms_norm(x.data_ptr(), _ptr(delta), weight.data_ptr(),
+                               total.data_ptr(), out.data_ptr(), _DTYPES[x.dtype], x.numel() // x.shape[-1],
+                               x.shape[-1], eps)
+    return total, out

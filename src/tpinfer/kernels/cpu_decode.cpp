@@ -1,0 +1,340 @@
+// Decode kernels for x86-64 CPUs with AVX-512 (F, BW, VL): tpinfer compiles this file on the host that runs it
+// (g++ -O3 -march=native -fopenmp, see tpinfer/kernels/__init__.py) and calls it through ctypes.
+//
+// Why: a decode step multiplies 1-8 activation rows by every weight. The weight is read once per step, so the
+// step is bounded by memory bandwidth, and the work between the GEMVs is tiny. Torch's CPU GEMM streams the
+// weight at about half the GEMV speed for 2-16 rows, and its bfloat16 GEMM has no fast path on CPUs without
+// AVX512-BF16; eager attention for one query token costs tens of microseconds of dispatch per layer. The
+// kernels below read each weight row once for all activation rows, widen bfloat16 to float32 in registers, and
+// do rotary embedding + KV-cache write + attention for one new token per sequence in one call.
+//
+// Conventions: tensors are contiguous and row-major; dtype codes are 0 = float32, 1 = bfloat16. All arithmetic
+// is float32; a bfloat16 result is rounded to nearest-even once, as torch's CPU kernels round their outputs.
+// `threads` > 1 splits the independent rows over an OpenMP team (torch's own libgomp, already loaded).
+
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if !defined(__AVX512F__) || !defined(__AVX512BW__) || !defined(__AVX512VL__)
+#error "tpinfer's CPU decode kernels need AVX-512 F/BW/VL"
+#endif
+
+namespace {
+
+constexpr int kF32 = 0;
+constexpr int kBF16 = 1;
+constexpr int kMaxRows = 8;  // activation rows per pass over a weight (one accumulator register each)
+
+inline float bf16_to_f32(uint16_t h) {
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t f32_to_bf16(float f) {  // round to nearest even, NaN stays NaN
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+inline float load1(const void *p, int dtype, int64_t i) {
+  return dtype == kF32 ? static_cast<const float *>(p)[i] : bf16_to_f32(static_cast<const uint16_t *>(p)[i]);
+}
+
+inline void store1(void *p, int dtype, int64_t i, float v) {
+  if (dtype == kF32)
+    static_cast<float *>(p)[i] = v;
+  else
+    static_cast<uint16_t *>(p)[i] = f32_to_bf16(v);
+}
+
+// 16 weights widened to float32; `mask` selects the valid lanes of a tail.
+inline __m512 load16(const float *w, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, w); }
+inline __m512 load16(const uint16_t *w, __mmask16 mask) {
+  __m256i h = _mm256_maskz_loadu_epi16(mask, w);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline __m512 load16(const float *w) { return _mm512_loadu_ps(w); }
+inline __m512 load16(const uint16_t *w) {
+  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(w));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// Hardware prefetchers stop at 4 KiB pages, and a weight row is about that long, so each row would restart the
+// stream; prefetching this far ahead of the loads keeps the next rows in flight (measured best of 0.5-4 KiB).
+constexpr int kPrefetchBytes = 2048;
+
+// y[b, n] = sum_k x[b, k] W[n, k] for weight rows [n0, n1): R weight rows at a time against B activation rows
+// (float32, contiguous, K floats each), so every weight element is loaded once and used B times.
+template <int B, int R, typename WT>
+void gemv_rows(const float *x, const WT *W, float *y, int64_t N, int64_t K, int64_t n0, int64_t n1) {
+  const int64_t k_full = K & ~int64_t(15);
+  const __mmask16 tail = static_cast<__mmask16>((1u << (K - k_full)) - 1u);
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) {
+    __m512 acc[R][B];
+    for (int r = 0; r < R; r++)
+      for (int b = 0; b < B; b++) acc[r][b] = _mm512_setzero_ps();
+    const WT *w = W + n * K;
+    for (int64_t k = 0; k < k_full; k += 16) {
+      __m512 wv[R];
+      for (int r = 0; r < R; r++) {
+        wv[r] = load16(w + r * K + k);
+        if (B > 1) _mm_prefetch(reinterpret_cast<const char *>(w + r * K + k) + kPrefetchBytes, _MM_HINT_T0);
+      }
+      for (int b = 0; b < B; b++) {
+        __m512 xv = _mm512_loadu_ps(x + b * K + k);
+        for (int r = 0; r < R; r++) acc[r][b] = _mm512_fmadd_ps(wv[r], xv, acc[r][b]);
+      }
+    }
+    if (tail) {
+      for (int r = 0; r < R; r++) {
+        __m512 wv = load16(w + r * K + k_full, tail);
+        for (int b = 0; b < B; b++)
+          acc[r][b] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(tail, x + b * K + k_full), acc[r][b]);
+      }
+    }
+    for (int r = 0; r < R; r++)
+      for (int b = 0; b < B; b++) y[b * N + n + r] = _mm512_reduce_add_ps(acc[r][b]);
+  }
+  if (n < n1) gemv_rows<B, 1, WT>(x, W, y, N, K, n, n1);
+}
+
+template <typename WT>
+void gemv_dispatch(int B, const float *x, const WT *W, float *y, int64_t N, int64_t K, int64_t n0, int64_t n1) {
+  // R x B accumulators must fit the 32 vector registers with room for the loads.
+  switch (B) {
+    case 1: gemv_rows<1, 4, WT>(x, W, y, N, K, n0, n1); break;
+    case 2: gemv_rows<2, 4, WT>(x, W, y, N, K, n0, n1); break;
+    case 3: gemv_rows<3, 4, WT>(x, W, y, N, K, n0, n1); break;
+    case 4: gemv_rows<4, 2, WT>(x, W, y, N, K, n0, n1); break;
+    case 5: gemv_rows<5, 2, WT>(x, W, y, N, K, n0, n1); break;
+    case 6: gemv_rows<6, 2, WT>(x, W, y, N, K, n0, n1); break;
+    case 7: gemv_rows<7, 2, WT>(x, W, y, N, K, n0, n1); break;
+    case 8: gemv_rows<8, 2, WT>(x, W, y, N, K, n0, n1); break;
+  }
+}
+
+// Blocks of weight rows handed to one thread at a time: large enough to amortise the scheduling, small
+// enough to balance two to a few dozen threads.
+constexpr int64_t kRowBlock = 64;
+
+// float32 copy of activations in either dtype (the GEMV's input); grows as needed, one per calling thread.
+float *widen(const void *x, int dtype, int64_t n) {
+  if (dtype == kF32) return const_cast<float *>(static_cast<const float *>(x));
+  static thread_local float *buffer = nullptr;
+  static thread_local int64_t capacity = 0;
+  if (capacity < n) {
+    free(buffer);
+    buffer = static_cast<float *>(aligned_alloc(64, ((n * 4 + 63) / 64) * 64));
+    capacity = n;
+  }
+  for (int64_t i = 0; i < n; i++) buffer[i] = load1(x, dtype, i);
+  return buffer;
+}
+
+float *scratch(int64_t n, int which) {
+  static thread_local float *buffers[2] = {nullptr, nullptr};
+  static thread_local int64_t capacity[2] = {0, 0};
+  if (capacity[which] < n) {
+    free(buffers[which]);
+    buffers[which] = static_cast<float *>(aligned_alloc(64, ((n * 4 + 63) / 64) * 64));
+    capacity[which] = n;
+  }
+  return buffers[which];
+}
+
+// out[B, N] (float32) = x[B, K] W[N, K]^T for B <= kMaxRows, rows of W split over threads.
+void gemv_f32_out(const float *x, const void *W, int w_dtype, float *out, int B, int64_t N, int64_t K, int threads) {
+  const int64_t blocks = (N + kRowBlock - 1) / kRowBlock;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && blocks > 1)
+  for (int64_t blk = 0; blk < blocks; blk++) {
+    const int64_t n0 = blk * kRowBlock, n1 = n0 + kRowBlock < N ? n0 + kRowBlock : N;
+    if (w_dtype == kF32)
+      gemv_dispatch(B, x, static_cast<const float *>(W), out, N, K, n0, n1);
+    else
+      gemv_dispatch(B, x, static_cast<const uint16_t *>(W), out, N, K, n0, n1);
+  }
+}
+
+inline float silu(float g) { return g / (1.0f + expf(-g)); }
+
+}  // namespace
+
+extern "C" {
+
+int tpi_abi_version() { return 1; }
+
+// y[rows, N] = x[rows, K] W[N, K]^T (+ bias[N]); any rows (passes of up to kMaxRows); dtypes 0/1 per operand.
+void tpi_linear(const void *x, int x_dtype, const void *W, int w_dtype, const void *bias, int bias_dtype, void *y,
+                int y_dtype, int64_t rows, int64_t N, int64_t K, int threads) {
+  for (int64_t r0 = 0; r0 < rows; r0 += kMaxRows) {
+    const int B = static_cast<int>(rows - r0 < kMaxRows ? rows - r0 : kMaxRows);
+    const float *xf = widen(static_cast<const char *>(x) + r0 * K * (x_dtype == kF32 ? 4 : 2), x_dtype, B * K);
+    float *out = y_dtype == kF32 && !bias ? static_cast<float *>(y) + r0 * N : scratch(B * N, 0);
+    gemv_f32_out(xf, W, w_dtype, out, B, N, K, threads);
+    if (out != static_cast<float *>(y) + r0 * N) {
+      for (int b = 0; b < B; b++)
+        for (int64_t n = 0; n < N; n++) {
+          float v = out[b * N + n];
+          if (bias) v += load1(bias, bias_dtype, n);
+          store1(y, y_dtype, (r0 + b) * N + n, v);
+        }
+    }
+  }
+}
+
+// y[rows, N] = silu(x Wg^T + bg) * (x Wu^T + bu): the gated MLP's two projections and its activation in one
+// call. When y is bfloat16 each projection is rounded to bfloat16 before the product, as the unfused ops do.
+void tpi_gated_linear(const void *x, int x_dtype, const void *Wg, const void *Wu, int w_dtype, const void *bg,
+                      const void *bu, int bias_dtype, void *y, int y_dtype, int64_t rows, int64_t N, int64_t K,
+                      int threads) {
+  for (int64_t r0 = 0; r0 < rows; r0 += kMaxRows) {
+    const int B = static_cast<int>(rows - r0 < kMaxRows ? rows - r0 : kMaxRows);
+    const float *xf = widen(static_cast<const char *>(x) + r0 * K * (x_dtype == kF32 ? 4 : 2), x_dtype, B * K);
+    float *g = scratch(B * N, 0), *u = scratch(B * N, 1);
+    gemv_f32_out(xf, Wg, w_dtype, g, B, N, K, threads);
+    gemv_f32_out(xf, Wu, w_dtype, u, B, N, K, threads);
+    for (int b = 0; b < B; b++)
+      for (int64_t n = 0; n < N; n++) {
+        float gv = g[b * N + n], uv = u[b * N + n];
+        if (bg) gv += load1(bg, bias_dtype, n);
+        if (bu) uv += load1(bu, bias_dtype, n);
+        if (y_dtype == kBF16) {
+          gv = bf16_to_f32(f32_to_bf16(gv));
+          uv = bf16_to_f32(f32_to_bf16(uv));
+          gv = bf16_to_f32(f32_to_bf16(silu(gv)));
+          store1(y, y_dtype, (r0 + b) * N + n, gv * uv);
+        } else {
+          store1(y, y_dtype, (r0 + b) * N + n, silu(gv) * uv);
+        }
+      }
+  }
+}
+
+// One new token per sequence: rotary embedding of q and k at each row's position, k and v written into the KV
+// cache at [slot, head, position], then softmax(q K^T / sqrt(D)) V over the cache positions 0..position.
+//   q: [B, Hq, D], k/v: [B, Hkv, D] (dtype act), modified in place (q, k rotated)
+//   cos/sin: [max_len, D] float32 (HF rotate-half layout: the two halves share a frequency)
+//   k_cache/v_cache: [S, Hkv, L, D] (dtype act); slots/positions: [B] int64; out: [B, Hq, D] (dtype act)
+// For bfloat16 activations the rotated q and k are rounded to bfloat16 (what the unfused ops store), the
+// attention itself runs in float32 and its output is rounded once.
+void tpi_decode_attention(void *q, void *k, const void *v, int act_dtype, const float *cos_table,
+                          const float *sin_table, void *k_cache, void *v_cache, const int64_t *slots,
+                          const int64_t *positions, void *out, int64_t B, int64_t Hq, int64_t Hkv, int64_t D,
+                          int64_t L, float scale, int threads) {
+  const int64_t half = D / 2;
+  const int64_t group = Hq / Hkv;
+  const int64_t es = act_dtype == kF32 ? 4 : 2;
+  // Rotate q and k, append k and v to the cache: tiny, done by the calling thread.
+  for (int64_t b = 0; b < B; b++) {
+    const int64_t pos = positions[b], slot = slots[b];
+    const float *c = cos_table + pos * D, *s = sin_table + pos * D;
+    for (int64_t h = 0; h < Hq + Hkv; h++) {
+      void *base = h < Hq ? q : k;
+      const int64_t row = h < Hq ? (b * Hq + h) * D : (b * Hkv + h - Hq) * D;
+      for (int64_t i = 0; i < half; i++) {
+        const float x1 = load1(base, act_dtype, row + i), x2 = load1(base, act_dtype, row + i + half);
+        store1(base, act_dtype, row + i, x1 * c[i] - x2 * s[i]);
+        store1(base, act_dtype, row + i + half, x2 * c[i + half] + x1 * s[i + half]);
+      }
+    }
+    for (int64_t h = 0; h < Hkv; h++) {
+      const int64_t dst = ((slot * Hkv + h) * L + pos) * D * es;
+      memcpy(static_cast<char *>(k_cache) + dst, static_cast<const char *>(k) + (b * Hkv + h) * D * es, D * es);
+      memcpy(static_cast<char *>(v_cache) + dst, static_cast<const char *>(v) + (b * Hkv + h) * D * es, D * es);
+    }
+  }
+  const int64_t pairs = B * Hq;
+  int64_t longest = 0;
+  for (int64_t b = 0; b < B; b++) longest = positions[b] + 1 > longest ? positions[b] + 1 : longest;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && pairs * longest * D > 65536)
+  for (int64_t p = 0; p < pairs; p++) {
+    const int64_t b = p / Hq, h = p % Hq, hk = h / group;
+    const int64_t n = positions[b] + 1;
+    const int64_t head = (slots[b] * Hkv + hk) * L * D;
+    float *scores = scratch(n + D, 0);
+    float *acc = scores + n;
+    float qf[512];
+    for (int64_t i = 0; i < D; i++) qf[i] = load1(q, act_dtype, (b * Hq + h) * D + i) * scale;
+    float top = -INFINITY;
+    for (int64_t j = 0; j < n; j++) {
+      float dot = 0.0f;
+      if (act_dtype == kF32) {
+        const float *kr = static_cast<const float *>(k_cache) + head + j * D;
+        __m512 a = _mm512_setzero_ps();
+        int64_t i = 0;
+        for (; i + 16 <= D; i += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(qf + i), _mm512_loadu_ps(kr + i), a);
+        dot = _mm512_reduce_add_ps(a);
+        for (; i < D; i++) dot += qf[i] * kr[i];
+      } else {
+        const uint16_t *kr = static_cast<const uint16_t *>(k_cache) + head + j * D;
+        __m512 a = _mm512_setzero_ps();
+        int64_t i = 0;
+        for (; i + 16 <= D; i += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(qf + i), load16(kr + i), a);
+        dot = _mm512_reduce_add_ps(a);
+        for (; i < D; i++) dot += qf[i] * bf16_to_f32(kr[i]);
+      }
+      scores[j] = dot;
+      top = dot > top ? dot : top;
+    }
+    float total = 0.0f;
+    for (int64_t j = 0; j < n; j++) total += (scores[j] = expf(scores[j] - top));
+    for (int64_t i = 0; i < D; i++) acc[i] = 0.0f;
+    for (int64_t j = 0; j < n; j++) {
+      const float pj = scores[j] / total;
+      const int64_t row = head + j * D;
+      int64_t i = 0;
+      const __m512 pv = _mm512_set1_ps(pj);
+      if (act_dtype == kF32) {
+        const float *vr = static_cast<const float *>(v_cache) + row;
+        for (; i + 16 <= D; i += 16)
+          _mm512_storeu_ps(acc + i, _mm512_fmadd_ps(pv, _mm512_loadu_ps(vr + i), _mm512_loadu_ps(acc + i)));
+        for (; i < D; i++) acc[i] += pj * vr[i];
+      } else {
+        const uint16_t *vr = static_cast<const uint16_t *>(v_cache) + row;
+        for (; i + 16 <= D; i += 16)
+          _mm512_storeu_ps(acc + i, _mm512_fmadd_ps(pv, load16(vr + i), _mm512_loadu_ps(acc + i)));
+        for (; i < D; i++) acc[i] += pj * bf16_to_f32(vr[i]);
+      }
+    }
+    for (int64_t i = 0; i < D; i++) store1(out, act_dtype, (b * Hq + h) * D + i, acc[i]);
+  }
+}
+
+// RMSNorm with the residual add folded in, for `rows` vectors of `n`:
+//   sum = x + delta (rounded to the activation dtype; skipped when delta is null, then sum = x)
+//   out = w * (sum * rsqrt(mean(sum^2) + eps))
+// As HF's LlamaRMSNorm: statistics in float32; for bfloat16 the normalised value is rounded before the weight
+// multiplies it. `sum` may alias `x`.
+void tpi_add_rms_norm(const void *x, const void *delta, const void *w, void *sum, void *out, int act_dtype,
+                      int64_t rows, int64_t n, float eps) {
+  float *s = scratch(n, 0);
+  for (int64_t r = 0; r < rows; r++) {
+    double squares = 0.0;
+    for (int64_t i = 0; i < n; i++) {
+      float v = load1(x, act_dtype, r * n + i);
+      if (delta) {
+        v += load1(delta, act_dtype, r * n + i);
+        if (act_dtype == kBF16) v = bf16_to_f32(f32_to_bf16(v));
+        store1(sum, act_dtype, r * n + i, v);
+      }
+      s[i] = v;
+      squares += static_cast<double>(v) * v;
+    }
+    const float inv = 1.0f / sqrtf(static_cast<float>(squares / n) + eps);
+    for (int64_t i = 0; i < n; i++) {
+      float v = s[i] * inv;
+      if (act_dtype == kBF16) v = bf16_to_f32(f32_to_bf16(v));
+      store1(out, act_dtype, r * n + i, v * load1(w, act_dtype, i));
+    }
+  }
+}
+
+}  // extern "C"
