@@ -109,6 +109,7 @@ def _measure(engine: RankEngine, options: BenchOptions) -> dict[str, Any]:
         "dtype": str(engine.model.dtype).removeprefix("torch."),
         "threads_per_rank": ranks[0]["threads"],
         "all_reduce_backend": ranks[0]["all_reduce_backend"],
+        "native_kernels": all(r["native_kernels"] for r in ranks),
         "batch_size": options.batch_size,
         "input_len": options.input_len,
         "output_len": options.output_len,
@@ -159,7 +160,8 @@ def table(results: list[dict[str, Any]]) -> str:
             lines.append(f"tp={r['tp']}: all-reduce of a 1 x hidden float32 message: "
                          + ", ".join(f"{k} {v:.1f} us" for k, v in lat.items()))
         lines.append(f"tp={r['tp']}: collectives per step {', '.join(f'{k} {v:.0f}' for k, v in r['collectives_per_step'].items())}; "
-                     f"bandwidth achieved {r['achieved_bandwidth_gb_s']:.1f} of measured {r['measured_bandwidth_gb_s']:.1f} GB/s")
+                     f"bandwidth achieved {r['achieved_bandwidth_gb_s']:.1f} of measured {r['measured_bandwidth_gb_s']:.1f} GB/s; "
+                     f"native decode kernels {'on' if r['native_kernels'] else 'off'}")
     return "\n".join(lines)
 
 

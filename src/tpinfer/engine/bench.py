@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from tpinfer import kernels
 from tpinfer.engine.runtime import RankEngine
 
 
@@ -37,6 +38,7 @@ def _stats(engine: RankEngine, reset: bool = False, timed: bool | None = None) -
         "rank": engine.ctx.rank,
         "pid": os.getpid(),
         "threads": torch.get_num_threads(),
+        "native_kernels": kernels.available() and engine.ctx.device.type == "cpu",
         "peak_rss_bytes": peak_rss_bytes(),
         "param_bytes": engine.param_bytes,
         "comm": comm.stats.snapshot(),

@@ -109,9 +109,14 @@ class LlamaAttention(nn.Module):
         """``decode_kernel``: one new token per row, and cos/sin are the whole tables (the kernel indexes them)."""
         B, T, _ = x.shape
         if decode_kernel:
-            q = self.q_proj(x).view(B, self.num_local_heads, self.head_dim)
-            k = self.k_proj(x).view(B, self.num_local_kv_heads, self.head_dim)
-            v = self.v_proj(x).view(B, self.num_local_kv_heads, self.head_dim)
+            if uses_native(x, self.q_proj.weight):  # q, k and v in one call
+                proj = (self.q_proj, self.k_proj, self.v_proj)
+                q, k, v = kernels.linear3(x, *(p.weight for p in proj), *(p.bias for p in proj))
+            else:
+                q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            q = q.view(B, self.num_local_heads, self.head_dim)
+            k = k.view(B, self.num_local_kv_heads, self.head_dim)
+            v = v.view(B, self.num_local_kv_heads, self.head_dim)
             out = kernels.decode_attention(q, k, v, cos, sin, cache.keys[self.layer], cache.values[self.layer],
                                            batch.slots, batch.positions.view(B), self.head_dim**-0.5)
             return self.o_proj(out.view(B, T, self.num_local_heads * self.head_dim))
@@ -206,7 +211,11 @@ class LlamaModel(nn.Module):
         x = self.embed_tokens(batch.input_ids)
         T = batch.input_ids.shape[1]
         if T == 1 and self.head_dim <= kernels.MAX_HEAD_DIM and kernels.usable(x):
-            # Decode: RoPE, the cache write and attention run in one native call per layer.
+            # Decode: RoPE, the cache write and attention run in one native call per layer, which indexes the cache
+            # without bounds checks: check the step's slots and positions once here.
+            if batch.kv_len > cache.max_seq_len or int(batch.slots.max()) >= cache.max_seqs:
+                raise IndexError(f"decode step outside the KV cache: positions up to {batch.kv_len - 1} and slots up "
+                                 f"to {int(batch.slots.max())} for {cache.max_seqs} slots x {cache.max_seq_len}")
             rope, delta = self.rotary_emb, None
             for layer in self.layers:
                 x, delta = layer.decode(x, delta, rope.cos, rope.sin, batch, cache)

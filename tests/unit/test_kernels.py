@@ -1,0 +1,150 @@
+"""The native CPU decode kernels against torch's ops, and the model's native decode against its torch path."""
+
+import platform
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tpinfer import kernels
+
+_CAN_BUILD = (
+    platform.system() == "Linux"
+    and platform.machine() == "x86_64"
+    and shutil.which("g++") is not None
+    and all(flag in Path("/proc/cpuinfo").read_text().split() for flag in kernels.REQUIRED_CPU_FLAGS)
+)
+needs_kernels = pytest.mark.skipif(not _CAN_BUILD, reason="native kernels need x86-64 Linux, AVX-512 and g++")
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _tol(dtype: torch.dtype, ref: torch.Tensor) -> float:
+    return 1e-5 * (1 + ref.abs().max().item()) if dtype == torch.float32 else 2e-2 * (1 + ref.abs().max().item())
+
+
+@needs_kernels
+def test_library_builds_here():
+    # On a host that can build them, the kernels must be in use: a silent fallback would hide a broken build.
+    assert kernels.available(), kernels.unavailable_reason()
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 11])
+@pytest.mark.parametrize("shape", [(37, 100), (512, 1024), (70, 1408)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_linear_matches_torch(dtype, rows, shape, threads):
+    torch.manual_seed(rows)
+    n, k = shape
+    x, w, b = torch.randn(rows, k).to(dtype), torch.randn(n, k).to(dtype), torch.randn(n).to(dtype)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with_bias, without = kernels.linear(x, w, b), kernels.linear(x.view(rows, 1, k), w)
+    finally:
+        torch.set_num_threads(before)
+    ref = F.linear(x.float(), w.float(), b.float())
+    assert with_bias.dtype == dtype and with_bias.shape == (rows, n) and without.shape == (rows, 1, n)
+    assert (with_bias.float() - ref).abs().max() <= _tol(dtype, ref)
+    ref = F.linear(x.float(), w.float())
+    assert (without.view(rows, n).float() - ref).abs().max() <= _tol(dtype, ref)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 4, 9])
+def test_gated_linear_matches_torch(dtype, rows):
+    torch.manual_seed(0)
+    x, gate, up = torch.randn(rows, 96).to(dtype), torch.randn(50, 96).to(dtype), torch.randn(50, 96).to(dtype)
+    gate_bias = torch.randn(50).to(dtype)
+    out = kernels.gated_linear(x, gate, up, gate_bias, None)
+    ref = F.silu(F.linear(x, gate, gate_bias)) * F.linear(x, up)  # the unfused ops, in the same dtype
+    assert out.dtype == dtype
+    assert (out.float() - ref.float()).abs().max() <= _tol(dtype, ref.float())
+
+
+def _rotate_half(x):
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("head_dim", "heads", "kv_heads"), [(64, 8, 4), (16, 4, 4), (24, 6, 2), (40, 2, 1)])
+def test_decode_attention_matches_sdpa(dtype, head_dim, heads, kv_heads):
+    torch.manual_seed(head_dim)
+    slots_n, length = 4, 50
+    k_cache, v_cache = (torch.randn(slots_n, kv_heads, length, head_dim).to(dtype) for _ in range(2))
+    ref_k, ref_v = k_cache.clone(), v_cache.clone()
+    q = torch.randn(3, heads, head_dim).to(dtype)
+    k, v = torch.randn(3, kv_heads, head_dim).to(dtype), torch.randn(3, kv_heads, head_dim).to(dtype)
+    slots, positions = torch.tensor([2, 0, 3]), torch.tensor([5, 0, 31])
+    inv_freq = 1 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    freqs = torch.outer(torch.arange(length).float(), inv_freq)
+    cos, sin = torch.cat((freqs, freqs), -1).cos(), torch.cat((freqs, freqs), -1).sin()
+    c, s = cos[positions][:, None], sin[positions][:, None]
+    q_rot = q.float() * c + _rotate_half(q.float()) * s
+    k_rot = k.float() * c + _rotate_half(k.float()) * s
+
+    out = kernels.decode_attention(q, k, v, cos, sin, k_cache, v_cache, slots, positions, head_dim**-0.5)
+
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    for b in range(3):
+        slot, pos = int(slots[b]), int(positions[b])
+        ref_k[slot, :, pos], ref_v[slot, :, pos] = k_rot[b].to(dtype), v[b]
+        keys = ref_k[slot, :, : pos + 1].float().repeat_interleave(heads // kv_heads, 0)
+        values = ref_v[slot, :, : pos + 1].float().repeat_interleave(heads // kv_heads, 0)
+        ref = F.scaled_dot_product_attention(q_rot[b][:, None], keys, values)[:, 0]
+        assert (out[b].float() - ref).abs().max() <= tol
+    # The cache holds the rotated key and the value at each row's slot and position, and nothing else changed.
+    assert (k_cache.float() - ref_k.float()).abs().max() <= tol
+    assert torch.equal(v_cache, ref_v)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_add_rms_norm_matches_hf_rounding(dtype):
+    torch.manual_seed(0)
+    x, delta, weight = torch.randn(3, 1, 100).to(dtype), torch.randn(3, 1, 100).to(dtype), torch.randn(100).to(dtype)
+    total, out = kernels.add_rms_norm(x, delta, weight, 1e-6)
+    h = x + delta
+    ref = weight * F.rms_norm(h.float(), (100,), None, 1e-6).to(dtype)  # HF: normalise in float32, round, scale
+    assert torch.equal(total, h)
+    assert (out.float() - ref.float()).abs().max() <= (1e-5 if dtype == torch.float32 else 0)
+    same, out = kernels.add_rms_norm(x, None, weight, 1e-6)
+    assert torch.equal(same, x) and (out.float() - F.rms_norm(x.float(), (100,), weight.float(), 1e-6)).abs().max() < 0.05
+
+
+def test_switch_disables_kernels(monkeypatch):
+    monkeypatch.setattr(kernels, "_tried", False)
+    monkeypatch.setattr(kernels, "_lib", None)
+    monkeypatch.setenv(kernels.ENV_SWITCH, "0")
+    assert not kernels.available()
+    assert kernels.ENV_SWITCH in kernels.unavailable_reason()
+    x = torch.randn(1, 8)
+    from tpinfer.parallel.layers import linear, uses_native
+
+    assert not uses_native(x, torch.randn(4, 8))
+    assert torch.allclose(linear(x, torch.ones(4, 8)), x.sum(-1, keepdim=True).expand(1, 4))
+
+
+@needs_kernels
+@pytest.mark.parametrize("variant", ["llama", "qwen2"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_model_decode_native_equals_torch_path(checkpoints, monkeypatch, variant, batch):
+    """The engine's decode through the kernels gives the torch path's greedy tokens and log-probabilities."""
+    from tpinfer.engine.runtime import EngineSpec, load_engine
+    from tpinfer.engine.sampling import SamplingParams
+    from tpinfer.parallel.context import ParallelContext
+
+    engine = load_engine(EngineSpec(str(checkpoints[variant]), dtype="float32"), ParallelContext.single())
+    prompts = [[1, 10, 20, 30, 40][: 5 - b] for b in range(batch)]  # different lengths: different positions
+    params = SamplingParams(max_new_tokens=10, temperature=0.0, ignore_eos=True)
+    native = engine.generator.generate(prompts, params)
+    monkeypatch.setattr(kernels, "_lib", None)  # the torch path, as on a host without the kernels
+    reference = engine.generator.generate(prompts, params)
+    for got, want in zip(native, reference, strict=True):
+        assert got.token_ids == want.token_ids
+        assert max(abs(a - b) for a, b in zip(got.logprobs, want.logprobs, strict=True)) < 1e-4
