@@ -33,7 +33,7 @@ ENV_SWITCH = "TPINFER_NATIVE_KERNELS"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl")
 MAX_HEAD_DIM = 512  # the attention kernel keeps one query head in a stack buffer of this size
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _lock = threading.Lock()
@@ -116,9 +116,27 @@ def _build() -> ctypes.CDLL:
     lib.tpi_decode_attention.argtypes = [p, p, p, i, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, f, i]
     lib.tpi_add_rms_norm.argtypes = [p, p, p, p, p, i, i64, i64, f]
     lib.tpi_linear3.argtypes = [p, i, p, p, p, i, p, p, p, i, p, p, p, i, i64, i64, i64, i64, i64, i]
-    for fn in (lib.tpi_linear, lib.tpi_linear3, lib.tpi_gated_linear, lib.tpi_decode_attention, lib.tpi_add_rms_norm):
+    layer = ctypes.POINTER(DecodeLayer)
+    lib.tpi_layer_attention.argtypes = [layer, p, p, p, p, p, p, p, i64, i]
+    lib.tpi_layer_mlp.argtypes = [layer, p, p, p, i64, i]
+    for fn in (lib.tpi_linear, lib.tpi_linear3, lib.tpi_gated_linear, lib.tpi_decode_attention, lib.tpi_add_rms_norm,
+               lib.tpi_layer_attention, lib.tpi_layer_mlp):
         fn.restype = None
+    lib.tpi_decode_layer_size.restype = ctypes.c_int64
+    if lib.tpi_decode_layer_size() != ctypes.sizeof(DecodeLayer):
+        raise RuntimeError(f"{target}: DecodeLayer is {lib.tpi_decode_layer_size()} bytes in C, "
+                           f"{ctypes.sizeof(DecodeLayer)} in Python")
     return lib
+
+
+class DecodeLayer(ctypes.Structure):
+    """One decoder layer as the fused decode kernels see it (``struct DecodeLayer`` in cpu_decode.cpp)."""
+
+    _fields_ = [(name, ctypes.c_void_p) for name in (
+        "norm1", "norm2", "wq", "wk", "wv", "wo", "wg", "wu", "wd", "bq", "bk", "bv", "bg", "bu", "k_cache", "v_cache")]
+    _fields_ += [(name, ctypes.c_int64) for name in ("hidden", "heads", "kv_heads", "head_dim", "ffn", "max_len")]
+    _fields_ += [(name, ctypes.c_float) for name in ("eps1", "eps2", "scale")]
+    _fields_ += [("w_dtype", ctypes.c_int32), ("act_dtype", ctypes.c_int32)]
 
 
 def library() -> ctypes.CDLL | None:
@@ -233,3 +251,42 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tens
                                total.data_ptr(), out.data_ptr(), _DTYPES[x.dtype], x.numel() // x.shape[-1],
                                x.shape[-1], eps)
     return total, out
+
+
+def decode_layer(norm1: torch.Tensor, norm2: torch.Tensor, eps1: float, eps2: float,
+                 projections: dict[str, tuple[torch.Tensor, torch.Tensor | None]], k_cache: torch.Tensor,
+                 v_cache: torch.Tensor) -> DecodeLayer:
+    """Describe a layer for ``layer_attention``/``layer_mlp``: ``projections`` maps q, k, v, o, g, u, d to this
+    rank's (weight, bias) (o and d biases are not applied here: they follow the all-reduce). The tensors must
+    outlive the description (they are the model's parameters and cache)."""
+    _, kv_heads, max_len, head_dim = k_cache.shape
+    wq = projections["q"][0]
+    layer = DecodeLayer(
+        norm1=norm1.data_ptr(), norm2=norm2.data_ptr(), k_cache=k_cache.data_ptr(), v_cache=v_cache.data_ptr(),
+        hidden=norm1.shape[0], heads=wq.shape[0] // head_dim, kv_heads=kv_heads, head_dim=head_dim,
+        ffn=projections["g"][0].shape[0], max_len=max_len, eps1=eps1, eps2=eps2, scale=head_dim**-0.5,
+        w_dtype=_DTYPES[wq.dtype], act_dtype=_DTYPES[norm1.dtype],
+    )
+    for key, (weight, bias) in projections.items():
+        setattr(layer, "w" + key, weight.data_ptr())
+        if key in "qkvgu":
+            setattr(layer, "b" + key, _ptr(bias))
+    return layer
+
+
+def layer_attention(layer: DecodeLayer, x: torch.Tensor, delta: torch.Tensor | None, cos: torch.Tensor,
+                    sin: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """x += delta in place, then this rank's attention output projection (before the all-reduce)."""
+    partial = torch.empty_like(x)
+    library().tpi_layer_attention(ctypes.byref(layer), x.data_ptr(), _ptr(delta), partial.data_ptr(), cos.data_ptr(),
+                                  sin.data_ptr(), slots.data_ptr(), positions.data_ptr(), x.numel() // x.shape[-1],
+                                  torch.get_num_threads())
+    return partial
+
+
+def layer_mlp(layer: DecodeLayer, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """x += delta in place, then this rank's MLP down projection (before the all-reduce)."""
+    partial = torch.empty_like(x)
+    library().tpi_layer_mlp(ctypes.byref(layer), x.data_ptr(), delta.data_ptr(), partial.data_ptr(),
+                            x.numel() // x.shape[-1], torch.get_num_threads())
+    return partial

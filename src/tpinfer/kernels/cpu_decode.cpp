@@ -18,6 +18,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <vector>
+
 #if !defined(__AVX512F__) || !defined(__AVX512BW__) || !defined(__AVX512VL__)
 #error "tpinfer's CPU decode kernels need AVX-512 F/BW/VL"
 #endif
@@ -171,7 +173,7 @@ inline float silu(float g) { return g / (1.0f + expf(-g)); }
 
 extern "C" {
 
-int tpi_abi_version() { return 1; }
+int tpi_abi_version() { return 2; }
 
 // y[rows, N] = x[rows, K] W[N, K]^T (+ bias[N]); any rows (passes of up to kMaxRows); dtypes 0/1 per operand.
 void tpi_linear(const void *x, int x_dtype, const void *W, int w_dtype, const void *bias, int bias_dtype, void *y,
@@ -347,6 +349,64 @@ void tpi_add_rms_norm(const void *x, const void *delta, const void *w, void *sum
       store1(out, act_dtype, r * n + i, v * load1(w, act_dtype, i));
     }
   }
+}
+
+// One decoder layer's two halves for one new token per row, so that a decode step costs two calls per layer
+// instead of one per op. The layer's weights, norms and KV cache are described once (DecodeLayer, filled from
+// Python); the residual stream x is updated in place with the previous half's output, and each half returns its
+// row-parallel partial product (before the all-reduce, which Python runs between the halves). The ops and their
+// rounding are exactly the per-op functions above.
+struct DecodeLayer {
+  const void *norm1, *norm2;                // [hidden], activation dtype
+  const void *wq, *wk, *wv, *wo;            // this rank's slices, weight dtype
+  const void *wg, *wu, *wd;
+  const void *bq, *bk, *bv, *bg, *bu;       // column biases or null (row-parallel biases follow the all-reduce)
+  void *k_cache, *v_cache;                  // [slots, kv_heads, max_len, head_dim], activation dtype
+  int64_t hidden, heads, kv_heads, head_dim, ffn, max_len;
+  float eps1, eps2, scale;
+  int32_t w_dtype, act_dtype;
+};
+
+namespace {
+// Activation-sized intermediates of a layer half, reused across calls (one arena per calling thread).
+char *arena(size_t bytes) {
+  static thread_local std::vector<char> buffer;
+  if (buffer.size() < bytes) buffer.resize(bytes);
+  return buffer.data();
+}
+}  // namespace
+
+int64_t tpi_decode_layer_size() { return sizeof(DecodeLayer); }
+
+// x += delta (when given); partial = attention(RMSNorm(x)) Wo^T for this rank's heads.
+void tpi_layer_attention(const DecodeLayer *L, void *x, const void *delta, void *partial, const float *cos_table,
+                         const float *sin_table, const int64_t *slots, const int64_t *positions, int64_t B,
+                         int threads) {
+  const int64_t es = L->act_dtype == kF32 ? 4 : 2;
+  const int64_t q_rows = L->heads * L->head_dim, kv_rows = L->kv_heads * L->head_dim;
+  char *base = arena(static_cast<size_t>(B * (L->hidden + 2 * q_rows + 2 * kv_rows) * es));
+  char *normed = base, *q = normed + B * L->hidden * es, *k = q + B * q_rows * es, *v = k + B * kv_rows * es;
+  char *attn = v + B * kv_rows * es;
+  tpi_add_rms_norm(x, delta, L->norm1, x, normed, L->act_dtype, B, L->hidden, L->eps1);
+  const int bias_dtype = L->w_dtype;
+  tpi_linear3(normed, L->act_dtype, L->wq, L->wk, L->wv, L->w_dtype, L->bq, L->bk, L->bv, bias_dtype, q, k, v,
+              L->act_dtype, B, q_rows, kv_rows, kv_rows, L->hidden, threads);
+  tpi_decode_attention(q, k, v, L->act_dtype, cos_table, sin_table, L->k_cache, L->v_cache, slots, positions, attn, B,
+                       L->heads, L->kv_heads, L->head_dim, L->max_len, L->scale, threads);
+  tpi_linear(attn, L->act_dtype, L->wo, L->w_dtype, nullptr, bias_dtype, partial, L->act_dtype, B, L->hidden, q_rows,
+             threads);
+}
+
+// x += delta; partial = (silu(RMSNorm(x) Wg^T) * RMSNorm(x) Wu^T) Wd^T for this rank's FFN slice.
+void tpi_layer_mlp(const DecodeLayer *L, void *x, const void *delta, void *partial, int64_t B, int threads) {
+  const int64_t es = L->act_dtype == kF32 ? 4 : 2;
+  char *normed = arena(static_cast<size_t>(B * (L->hidden + L->ffn) * es));
+  char *h = normed + B * L->hidden * es;
+  tpi_add_rms_norm(x, delta, L->norm2, x, normed, L->act_dtype, B, L->hidden, L->eps2);
+  tpi_gated_linear(normed, L->act_dtype, L->wg, L->wu, L->w_dtype, L->bg, L->bu, L->w_dtype, h, L->act_dtype, B,
+                   L->ffn, L->hidden, threads);
+  tpi_linear(h, L->act_dtype, L->wd, L->w_dtype, nullptr, L->w_dtype, partial, L->act_dtype, B, L->hidden, L->ffn,
+             threads);
 }
 
 }  // extern "C"

@@ -17,6 +17,7 @@ from tpinfer.config import ModelConfig
 from tpinfer.engine.kv_cache import Batch, KVCache
 from tpinfer.parallel.context import ParallelContext
 from tpinfer.parallel.layers import (
+    NATIVE_MAX_ROWS,
     ColumnParallelLinear,
     ParallelLMHead,
     ReplicatedEmbedding,
@@ -105,21 +106,8 @@ class LlamaAttention(nn.Module):
         self.o_proj = _linear(p + "o_proj", plan, ctx, config.q_size, hidden, o_proj_has_bias(config), dtype, q_shard)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                batch: Batch, cache: KVCache, decode_kernel: bool = False) -> torch.Tensor:
-        """``decode_kernel``: one new token per row, and cos/sin are the whole tables (the kernel indexes them)."""
+                batch: Batch, cache: KVCache) -> torch.Tensor:
         B, T, _ = x.shape
-        if decode_kernel:
-            if uses_native(x, self.q_proj.weight):  # q, k and v in one call
-                proj = (self.q_proj, self.k_proj, self.v_proj)
-                q, k, v = kernels.linear3(x, *(p.weight for p in proj), *(p.bias for p in proj))
-            else:
-                q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-            q = q.view(B, self.num_local_heads, self.head_dim)
-            k = k.view(B, self.num_local_kv_heads, self.head_dim)
-            v = v.view(B, self.num_local_kv_heads, self.head_dim)
-            out = kernels.decode_attention(q, k, v, cos, sin, cache.keys[self.layer], cache.values[self.layer],
-                                           batch.slots, batch.positions.view(B), self.head_dim**-0.5)
-            return self.o_proj(out.view(B, T, self.num_local_heads * self.head_dim))
         q = self.q_proj(x).view(B, T, self.num_local_heads, self.head_dim).transpose(1, 2)  # (B, H_local, T, D)
         k = self.k_proj(x).view(B, T, self.num_local_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.num_local_kv_heads, self.head_dim).transpose(1, 2)
@@ -178,20 +166,44 @@ class LlamaDecoderLayer(nn.Module):
         self.self_attn = LlamaAttention(config, layer, ctx, plan, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, ctx.device)
         self.mlp = LlamaMLP(config, layer, ctx, plan, dtype)
+        self._described: tuple[torch.Tensor, kernels.DecodeLayer] | None = None  # see _decode_layer
 
     def forward(self, x, cos, sin, mask, batch: Batch, cache: KVCache) -> torch.Tensor:
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, batch, cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 
-    def decode(self, x: torch.Tensor, delta: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, batch: Batch,
+    def supports_decode_kernels(self) -> bool:
+        """Whether this layer's plan is one the fused decode kernels implement: q/k/v and gate/up local
+        (column-parallel or replicated), o and down row-parallel or replicated."""
+        attn, mlp = self.self_attn, self.mlp
+        local = (ColumnParallelLinear, ReplicatedLinear)
+        return (all(isinstance(m, local) for m in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj))
+                and all(isinstance(m, (RowParallelLinear, ReplicatedLinear)) for m in (attn.o_proj, mlp.down_proj))
+                and attn.head_dim <= kernels.MAX_HEAD_DIM)
+
+    def decode(self, x: torch.Tensor, delta: torch.Tensor | None, rope: RotaryEmbedding, batch: Batch,
                cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
-        """``forward`` for one new token per row through the native kernels, with the residual add deferred:
-        takes the stream before the previous layer's last add (x, delta) and returns this layer's (x, delta)."""
-        norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
-        x, normed = kernels.add_rms_norm(x, delta, norm1.weight, norm1.eps)
-        h, normed = kernels.add_rms_norm(x, self.self_attn(normed, cos, sin, None, batch, cache, True), norm2.weight,
-                                         norm2.eps)
-        return h, self.mlp(normed)
+        """``forward`` for one new token per row through the native kernels, two calls and two all-reduces.
+
+        The residual add is deferred: takes the stream before the previous layer's last add (x, delta), updates x
+        in place and returns this layer's (x, delta)."""
+        layer = self._decode_layer(cache)
+        partial = kernels.layer_attention(layer, x, delta, rope.cos, rope.sin, batch.slots, batch.positions.view(-1))
+        attn_out = self.self_attn.o_proj.finish(partial)
+        return x, self.mlp.down_proj.finish(kernels.layer_mlp(layer, x, attn_out))
+
+    def _decode_layer(self, cache: KVCache) -> kernels.DecodeLayer:
+        k_cache, v_cache = cache.keys[self.self_attn.layer], cache.values[self.self_attn.layer]
+        described = self._described
+        if described is None or described[0] is not k_cache:  # a new cache (more slots): describe again
+            attn, mlp = self.self_attn, self.mlp
+            modules = {"q": attn.q_proj, "k": attn.k_proj, "v": attn.v_proj, "o": attn.o_proj, "g": mlp.gate_proj,
+                       "u": mlp.up_proj, "d": mlp.down_proj}
+            norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
+            layer = kernels.decode_layer(norm1.weight, norm2.weight, norm1.eps, norm2.eps,
+                                         {k: (m.weight, m.bias) for k, m in modules.items()}, k_cache, v_cache)
+            self._described = described = (k_cache, layer)
+        return described[1]
 
 
 class LlamaModel(nn.Module):
@@ -205,20 +217,20 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, ctx, plan, dtype) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(hidden, config.rms_norm_eps, dtype, ctx.device)
         self.rotary_emb = RotaryEmbedding(config, max_seq_len, ctx.device)
-        self.head_dim = config.head_dim
+        self.decode_kernels = all(layer.supports_decode_kernels() for layer in self.layers)
 
     def forward(self, batch: Batch, cache: KVCache) -> torch.Tensor:
         x = self.embed_tokens(batch.input_ids)
         T = batch.input_ids.shape[1]
-        if T == 1 and self.head_dim <= kernels.MAX_HEAD_DIM and kernels.usable(x):
-            # Decode: RoPE, the cache write and attention run in one native call per layer, which indexes the cache
-            # without bounds checks: check the step's slots and positions once here.
+        if T == 1 and self.decode_kernels and x.shape[0] <= NATIVE_MAX_ROWS.get(x.dtype, 0) and kernels.usable(x):
+            # Decode through the native kernels, which index the cache without bounds checks: check the step's
+            # slots and positions once here.
             if batch.kv_len > cache.max_seq_len or int(batch.slots.max()) >= cache.max_seqs:
                 raise IndexError(f"decode step outside the KV cache: positions up to {batch.kv_len - 1} and slots up "
                                  f"to {int(batch.slots.max())} for {cache.max_seqs} slots x {cache.max_seq_len}")
-            rope, delta = self.rotary_emb, None
+            delta = None
             for layer in self.layers:
-                x, delta = layer.decode(x, delta, rope.cos, rope.sin, batch, cache)
+                x, delta = layer.decode(x, delta, self.rotary_emb, batch, cache)
             return kernels.add_rms_norm(x, delta, self.norm.weight, self.norm.eps)[1]
         cos, sin = self.rotary_emb(batch.positions, x.dtype)
         if batch.single_row_start is not None and (T == 1 or batch.single_row_start[1] == 0):

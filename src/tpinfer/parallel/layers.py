@@ -98,6 +98,10 @@ class ReplicatedLinear(ParallelModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
 
+    def finish(self, y: torch.Tensor) -> torch.Tensor:
+        """The output from X W^T computed elsewhere (the native decode kernels): add the bias."""
+        return y if self.bias is None else y + self.bias
+
 
 class ColumnParallelLinear(ParallelModule):
     """Y_i = X W_i^T with W = [W_1 | ... | W_n] split by output features; output stays sharded.
@@ -147,8 +151,10 @@ class RowParallelLinear(ParallelModule):
         self.shards = {"weight": Shard(1, start, length, length), "bias": None}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = linear(x, self.weight)
-        # Sum the partial products X_i W_i^T of every rank: the layer's one collective.
+        return self.finish(linear(x, self.weight))
+
+    def finish(self, y: torch.Tensor) -> torch.Tensor:
+        """Sum the partial products X_i W_i^T of every rank (the layer's one collective), then add the bias."""
         self.comm.all_reduce(y)
         return y if self.bias is None else y + self.bias
 
