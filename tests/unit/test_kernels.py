@@ -149,3 +149,18 @@ def test_model_decode_native_equals_torch_path(checkpoints, monkeypatch, variant
     for got, want in zip(native, reference, strict=True):
         assert got.token_ids == want.token_ids
         assert max(abs(a - b) for a, b in zip(got.logprobs, want.logprobs, strict=True)) < 1e-4
+
+
+def test_failed_build_falls_back_to_torch(monkeypatch, tmp_path, caplog):
+    """A compiler that fails leaves the torch path in place, with the reason in a warning."""
+    monkeypatch.setattr(kernels, "_tried", False)
+    monkeypatch.setattr(kernels, "_lib", None)
+    monkeypatch.setenv("TPINFER_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", shutil.which("false") or "/bin/false")
+    with caplog.at_level("WARNING", logger="tpinfer.kernels"):
+        assert not kernels.available()
+    reason = kernels.unavailable_reason()
+    if _CAN_BUILD:
+        assert "compiling cpu_decode.cpp failed" in reason
+    assert "native CPU kernels unavailable" in caplog.text
+    assert not list(tmp_path.glob("*.so")) and not list(tmp_path.glob("*.tmp"))  # nothing half-written left
