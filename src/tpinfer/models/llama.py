@@ -167,6 +167,8 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, ctx.device)
         self.mlp = LlamaMLP(config, layer, ctx, plan, dtype)
         self._described: tuple[torch.Tensor, kernels.DecodeLayer] | None = None  # see _decode_layer
+        self._prefetch: tuple[kernels.WaitPrefetch, kernels.WaitPrefetch] | None = None
+        self.next_weights: list[torch.Tensor] = []  # what the step reads after this layer (set by the model)
 
     def forward(self, x, cos, sin, mask, batch: Batch, cache: KVCache) -> torch.Tensor:
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, batch, cache)
@@ -189,8 +191,9 @@ class LlamaDecoderLayer(nn.Module):
         in place and returns this layer's (x, delta)."""
         layer = self._decode_layer(cache)
         partial = kernels.layer_attention(layer, x, delta, rope.cos, rope.sin, batch.slots, batch.positions.view(-1))
-        attn_out = self.self_attn.o_proj.finish(partial)
-        return x, self.mlp.down_proj.finish(kernels.layer_mlp(layer, x, attn_out))
+        # While waiting for the other ranks' sums, prefetch the weights read next (see kernels.WaitPrefetch).
+        attn_out = self.self_attn.o_proj.finish(partial, self._prefetch[0].reset())
+        return x, self.mlp.down_proj.finish(kernels.layer_mlp(layer, x, attn_out), self._prefetch[1].reset())
 
     def _decode_layer(self, cache: KVCache) -> kernels.DecodeLayer:
         k_cache, v_cache = cache.keys[self.self_attn.layer], cache.values[self.self_attn.layer]
@@ -203,6 +206,8 @@ class LlamaDecoderLayer(nn.Module):
             layer = kernels.decode_layer(norm1.weight, norm2.weight, norm1.eps, norm2.eps,
                                          {k: (m.weight, m.bias) for k, m in modules.items()}, k_cache, v_cache)
             self._described = described = (k_cache, layer)
+            self._prefetch = (kernels.WaitPrefetch([mlp.gate_proj.weight, mlp.up_proj.weight]),
+                              kernels.WaitPrefetch(self.next_weights))
         return described[1]
 
 
@@ -218,6 +223,9 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(hidden, config.rms_norm_eps, dtype, ctx.device)
         self.rotary_emb = RotaryEmbedding(config, max_seq_len, ctx.device)
         self.decode_kernels = all(layer.supports_decode_kernels() for layer in self.layers)
+        for layer, following in zip(self.layers, self.layers[1:], strict=False):
+            attn = following.self_attn
+            layer.next_weights = [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]
 
     def forward(self, batch: Batch, cache: KVCache) -> torch.Tensor:
         x = self.embed_tokens(batch.input_ids)

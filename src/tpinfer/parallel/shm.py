@@ -45,6 +45,7 @@ import socket
 import sys
 import time
 import weakref
+from collections.abc import Callable
 from datetime import timedelta
 from multiprocessing import shared_memory
 
@@ -208,11 +209,14 @@ class ShmAllReduce:
             self._seq = self._segment.counters
         self._finalizer = weakref.finalize(self, _Segment.close, self._segment) if self._segment else None
 
-    def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum ``tensor`` over the ranks, in place; bitwise identical on every rank. Returns it."""
+    def all_reduce_(self, tensor: torch.Tensor, while_waiting: Callable[[], bool] | None = None) -> torch.Tensor:
+        """Sum ``tensor`` over the ranks, in place; bitwise identical on every rank. Returns it.
+
+        ``while_waiting``, if given, is called instead of yielding the core while peers are late, until it returns
+        False (short useful work, e.g. prefetching the weights the caller reads next)."""
         plan = self._plans.get((tensor.dtype, tensor.shape))
         if plan is not None and tensor.is_cpu:
-            self._exchange(plan, tensor)
+            self._exchange(plan, tensor, while_waiting)
             self.calls += 1
             self.bytes += plan[2]
             return tensor
@@ -269,7 +273,7 @@ class ShmAllReduce:
         plan = self._plans[key] = (slots[0], slots[1], nbytes)
         return plan
 
-    def _exchange(self, plan: tuple, tensor: torch.Tensor) -> None:
+    def _exchange(self, plan: tuple, tensor: torch.Tensor, while_waiting: Callable[[], bool] | None = None) -> None:
         """One round: publish own data, wait for everyone's, sum in rank order into ``tensor``.
 
         Double buffering: round k uses slot k % 2. A rank enters round k + 2 (the same slot again)
@@ -284,7 +288,7 @@ class ShmAllReduce:
         seq[self._own_index] = round_  # publish after the data (stores are ordered on x86 TSO)
         for index in self._peer_indices:
             if seq[index] < round_:
-                self._wait(round_)
+                self._wait(round_, while_waiting)
                 break
         if scratch is None:
             torch.add(first, second, out=tensor)
@@ -297,14 +301,18 @@ class ShmAllReduce:
                 scratch.add_(view)
             tensor.copy_(scratch)
 
-    def _wait(self, round_: int) -> None:
-        """Until every counter reaches ``round_``: spin, then yield, then sleep with backoff."""
+    def _wait(self, round_: int, while_waiting: Callable[[], bool] | None = None) -> None:
+        """Until every counter reaches ``round_``: the caller's work, spin, then yield, then sleep with backoff."""
         seq = self._seq
         start = time.monotonic()
         spins = 0
         sleep_s = _FIRST_SLEEP_S
         for index in self._peer_indices:
             while seq[index] < round_:
+                if while_waiting is not None:
+                    if while_waiting():
+                        continue
+                    while_waiting = None
                 spins += 1
                 if spins <= self._spins:
                     continue
