@@ -38,7 +38,9 @@ def _stats(engine: RankEngine, reset: bool = False, timed: bool | None = None) -
         "rank": engine.ctx.rank,
         "pid": os.getpid(),
         "threads": torch.get_num_threads(),
-        "native_kernels": kernels.available() and engine.ctx.device.type == "cpu",
+        # Whether decode steps run the native kernels: built here, and a plan the model's kernels implement.
+        "native_kernels": kernels.available() and engine.ctx.device.type == "cpu"
+        and getattr(engine.model.model, "decode_kernels", False),
         "peak_rss_bytes": peak_rss_bytes(),
         "param_bytes": engine.param_bytes,
         "comm": comm.stats.snapshot(),

@@ -115,11 +115,10 @@ def _build() -> ctypes.CDLL:
     lib.tpi_gated_linear.argtypes = [p, i, p, p, i, p, p, i, p, i, i64, i64, i64, i]
     lib.tpi_decode_attention.argtypes = [p, p, p, i, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, f, i]
     lib.tpi_add_rms_norm.argtypes = [p, p, p, p, p, i, i64, i64, f]
-    lib.tpi_linear3.argtypes = [p, i, p, p, p, i, p, p, p, i, p, p, p, i, i64, i64, i64, i64, i64, i]
     layer = ctypes.POINTER(DecodeLayer)
     lib.tpi_layer_attention.argtypes = [layer, p, p, p, p, p, p, p, i64, i]
     lib.tpi_layer_mlp.argtypes = [layer, p, p, p, i64, i]
-    for fn in (lib.tpi_linear, lib.tpi_linear3, lib.tpi_gated_linear, lib.tpi_decode_attention, lib.tpi_add_rms_norm,
+    for fn in (lib.tpi_linear, lib.tpi_gated_linear, lib.tpi_decode_attention, lib.tpi_add_rms_norm,
                lib.tpi_layer_attention, lib.tpi_layer_mlp):
         fn.restype = None
     lib.tpi_decode_layer_size.restype = ctypes.c_int64
@@ -196,20 +195,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
                          _code(bias, weight.dtype), y.data_ptr(), _DTYPES[y.dtype], rows, n, k,
                          torch.get_num_threads())
     return y
-
-
-def linear3(x: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, b0: torch.Tensor | None,
-            b1: torch.Tensor | None, b2: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x W0^T + b0, x W1^T + b1, x W2^T + b2) in one call; the weights share dtype and input features."""
-    x = x.contiguous()
-    rows, k = x.numel() // x.shape[-1], x.shape[-1]
-    lead = x.shape[:-1]
-    y0, y1, y2 = (torch.empty(*lead, w.shape[0], dtype=x.dtype) for w in (w0, w1, w2))
-    library().tpi_linear3(x.data_ptr(), _DTYPES[x.dtype], w0.data_ptr(), w1.data_ptr(), w2.data_ptr(),
-                          _DTYPES[w0.dtype], _ptr(b0), _ptr(b1), _ptr(b2), _code(b0, w0.dtype), y0.data_ptr(),
-                          y1.data_ptr(), y2.data_ptr(), _DTYPES[x.dtype], rows, w0.shape[0], w1.shape[0], w2.shape[0],
-                          k, torch.get_num_threads())
-    return y0, y1, y2
 
 
 def gated_linear(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, gate_bias: torch.Tensor | None = None,

@@ -199,7 +199,7 @@ void tpi_linear(const void *x, int x_dtype, const void *W, int w_dtype, const vo
   }
 }
 
-// Three projections of the same x (attention's q, k and v) in one call from Python.
+// Three projections of the same x: attention's q, k and v (used by tpi_layer_attention).
 void tpi_linear3(const void *x, int x_dtype, const void *W0, const void *W1, const void *W2, int w_dtype,
                  const void *b0, const void *b1, const void *b2, int bias_dtype, void *y0, void *y1, void *y2,
                  int y_dtype, int64_t rows, int64_t N0, int64_t N1, int64_t N2, int64_t K, int threads) {

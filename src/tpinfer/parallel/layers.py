@@ -99,8 +99,9 @@ class ReplicatedLinear(ParallelModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
 
-    def finish(self, y: torch.Tensor, while_waiting=None) -> torch.Tensor:  # noqa: ANN001
-        """The output from X W^T computed elsewhere (the native decode kernels): add the bias."""
+    def finish(self, y: torch.Tensor, while_waiting: Callable[[], bool] | None = None) -> torch.Tensor:
+        """The output from X W^T computed elsewhere (the native decode kernels): add the bias. Nothing to wait
+        for, so ``while_waiting`` is unused (it is there to match RowParallelLinear.finish)."""
         return y if self.bias is None else y + self.bias
 
 
