@@ -119,6 +119,7 @@ def _measure(engine: RankEngine, options: BenchOptions) -> dict[str, Any]:
         "decode_tokens_per_s": decode_tps,
         "peak_rss_bytes": [r["peak_rss_bytes"] for r in ranks],
         "param_bytes": [r["param_bytes"] for r in ranks],
+        "huge_page_bytes": [r["huge_page_bytes"] for r in ranks],
         "collectives_per_step": {k: v["calls"] / forwards for k, v in comm.items()},
         "collective_bytes_per_step": {k: v["bytes"] / forwards for k, v in comm.items()},
         "collective_share": comm_s / timed_s if timed_s else 0.0,
@@ -161,8 +162,15 @@ def table(results: list[dict[str, Any]]) -> str:
                          + ", ".join(f"{k} {v:.1f} us" for k, v in lat.items()))
         lines.append(f"tp={r['tp']}: collectives per step {', '.join(f'{k} {v:.0f}' for k, v in r['collectives_per_step'].items())}; "
                      f"bandwidth achieved {r['achieved_bandwidth_gb_s']:.1f} of measured {r['measured_bandwidth_gb_s']:.1f} GB/s; "
-                     f"native decode kernels {'on' if r['native_kernels'] else 'off'}")
+                     f"native decode kernels {'on' if r['native_kernels'] else 'off'}; "
+                     f"weights in huge pages {_huge_pages(r)}")
     return "\n".join(lines)
+
+
+def _huge_pages(result: dict[str, Any]) -> str:
+    """'x of y MiB' per rank: huge-page memory against the rank's parameter bytes ('n/a' where unreadable)."""
+    pairs = zip(result["huge_page_bytes"], result["param_bytes"], strict=True)
+    return ", ".join("n/a" if h is None else f"{h / 2**20:.0f} of {p / 2**20:.0f} MiB" for h, p in pairs)
 
 
 def plot(results: list[dict[str, Any]], path: str) -> str:

@@ -53,6 +53,21 @@ def test_linear_matches_torch(dtype, rows, shape, threads):
 
 
 @needs_kernels
+@pytest.mark.parametrize(("x_dtype", "w_dtype"), [(a, b) for a in DTYPES for b in DTYPES])
+@pytest.mark.parametrize("k", [1, 15, 17, 32, 47, 61, 64])
+@pytest.mark.parametrize("rows", [1, 8])
+def test_linear_tails_and_mixed_dtypes(x_dtype, w_dtype, k, rows):
+    # bfloat16 weights are read 32 at a time (x split into even and odd halves of each block), float32 16 at a
+    # time: every tail length of either, in both halves of a 32-block, with activations in either dtype.
+    torch.manual_seed(k)
+    x, w = torch.randn(rows, k).to(x_dtype), torch.randn(21, k).to(w_dtype)
+    out = kernels.linear(x, w)
+    ref = F.linear(x.float(), w.float())
+    assert out.dtype == x_dtype
+    assert (out.float() - ref).abs().max() <= _tol(torch.bfloat16 if torch.bfloat16 in (x_dtype, w_dtype) else x_dtype, ref)
+
+
+@needs_kernels
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [1, 4, 9])
 def test_gated_linear_matches_torch(dtype, rows):

@@ -9,6 +9,8 @@ from safetensors.torch import load_file, save_file
 
 from tpinfer.config import ConfigError
 from tpinfer.engine.runtime import EngineSpec, load_engine
+from tpinfer.engine.sampling import SamplingParams
+from tpinfer.loading import hugepages
 from tpinfer.loading.checkpoint import CheckpointError
 from tpinfer.parallel.context import ParallelContext
 
@@ -145,3 +147,52 @@ def test_pickle_checkpoints_are_not_loaded(tmp_path):
     (tmp_path / "pytorch_model.bin").write_bytes(b"not loaded")
     with pytest.raises(CheckpointError, match="pickle checkpoints are not loaded"):
         _load(tmp_path)
+
+
+def _in_arena(tensor, arena):
+    return arena.address <= tensor.data_ptr() and tensor.data_ptr() + tensor.nbytes <= arena.address + arena.nbytes
+
+
+@pytest.mark.parametrize("variant", ["llama", "mistral"])  # tied and untied embeddings
+def test_weights_live_in_one_huge_page_mapping(checkpoints, variant):
+    engine = _load(checkpoints[variant])
+    arena = engine.model.weight_arena
+    if not hugepages.enabled():
+        pytest.skip("this platform has no MADV_HUGEPAGE")
+    params = dict(engine.model.named_parameters(remove_duplicate=False))
+    assert arena is not None and all(_in_arena(p, arena) for p in params.values())
+    if variant == "llama":  # tied: one tensor, still shared after the move
+        assert params["lm_head.weight"] is params["model.embed_tokens.weight"]
+    starts = sorted({p.data_ptr() for p in params.values()})
+    assert all(s % 64 == 0 for s in starts)
+    assert arena.nbytes == sum(-(-p.nbytes // 64) * 64 for p in {id(p): p for p in params.values()}.values())
+    # The advice is recorded on the mapping (whether the kernel could hand out huge pages is its business).
+    flags = _vm_flags(arena.address)
+    assert flags is None or "hg" in flags
+
+
+def _vm_flags(address: int) -> list[str] | None:
+    try:
+        text = open("/proc/self/smaps").read()
+    except OSError:
+        return None
+    inside = False
+    for line in text.splitlines():
+        head = line.split()[0] if line else ""
+        if "-" in head and all(c in "0123456789abcdef-" for c in head):
+            lo, hi = (int(v, 16) for v in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and line.startswith("VmFlags:"):
+            return line.split()[1:]
+    return None
+
+
+def test_huge_pages_switch_and_what_is_left_alone(checkpoints, monkeypatch):
+    zeroed = torch.nn.Parameter(torch.zeros(3, 5), requires_grad=False)
+    assert hugepages.place_in_huge_pages([zeroed, zeroed, torch.nn.Parameter(torch.empty(0))]) is not None
+    assert torch.equal(zeroed, torch.zeros(3, 5))  # the new storage starts zeroed (padded vocabulary rows)
+    monkeypatch.setenv(hugepages.ENV_SWITCH, "0")
+    assert hugepages.place_in_huge_pages([torch.nn.Parameter(torch.ones(4))]) is None
+    engine = _load(checkpoints["mistral"])
+    assert engine.model.weight_arena is None
+    assert engine.generator.generate([[1, 2, 3]], SamplingParams(max_new_tokens=3, temperature=0.0))[0].token_ids

@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from tpinfer import kernels
 from tpinfer.engine.runtime import RankEngine
+from tpinfer.loading.hugepages import huge_page_bytes
 
 
 def peak_rss_bytes() -> int:
@@ -43,6 +44,8 @@ def _stats(engine: RankEngine, reset: bool = False, timed: bool | None = None) -
         and getattr(engine.model.model, "decode_kernels", False),
         "peak_rss_bytes": peak_rss_bytes(),
         "param_bytes": engine.param_bytes,
+        # Anonymous memory in transparent huge pages (the weight arena, see tpinfer.loading.hugepages), or None.
+        "huge_page_bytes": huge_page_bytes(),
         "comm": comm.stats.snapshot(),
         "all_reduce_backend": type(comm.all_reduce_impl).__name__ if comm.all_reduce_impl else "process group",
     }

@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from tpinfer.loading.hugepages import place_in_huge_pages
 from tpinfer.parallel.layers import ParallelModule, Shard
 
 log = logging.getLogger(__name__)
@@ -158,6 +159,8 @@ def load_weights(
             f"{', '.join(extra[:5])}" + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
             + " (does config.json match these weights?)"
         )
+    # Fresh storage in huge pages, before anything is written (zeroed, as padded rows need: see hugepages.py).
+    model.weight_arena = place_in_huge_pages([param for param, _ in expected.values()])
     names = sorted(expected, key=lambda n: (str(checkpoint.files[n]), n))
     bar = None
     if progress:
