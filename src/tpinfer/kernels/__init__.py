@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -33,7 +34,7 @@ ENV_SWITCH = "TPINFER_NATIVE_KERNELS"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl")
 MAX_HEAD_DIM = 512  # the attention kernel keeps one query head in a stack buffer of this size
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _lock = threading.Lock()
@@ -124,9 +125,12 @@ def _build() -> ctypes.CDLL:
     lib.tpi_decode_layer_size.restype = ctypes.c_int64
     lib.tpi_prefetch.argtypes = [p, i64]
     lib.tpi_prefetch.restype = None
-    if lib.tpi_decode_layer_size() != ctypes.sizeof(DecodeLayer):
-        raise RuntimeError(f"{target}: DecodeLayer is {lib.tpi_decode_layer_size()} bytes in C, "
-                           f"{ctypes.sizeof(DecodeLayer)} in Python")
+    lib.tpi_shm_group_size.restype = ctypes.c_int64
+    lib.tpi_decode_stack.argtypes = [p, i64, i64, p, p, p, p, p, p, p, i64, i, ctypes.POINTER(ShmGroup), p, i64]
+    lib.tpi_decode_stack.restype = ctypes.c_int64
+    for struct, size in ((DecodeLayer, lib.tpi_decode_layer_size()), (ShmGroup, lib.tpi_shm_group_size())):
+        if size != ctypes.sizeof(struct):
+            raise RuntimeError(f"{target}: {struct.__name__} is {size} bytes in C, {ctypes.sizeof(struct)} in Python")
     return lib
 
 
@@ -134,10 +138,21 @@ class DecodeLayer(ctypes.Structure):
     """One decoder layer as the fused decode kernels see it (``struct DecodeLayer`` in cpu_decode.cpp)."""
 
     _fields_ = [(name, ctypes.c_void_p) for name in (
-        "norm1", "norm2", "wq", "wk", "wv", "wo", "wg", "wu", "wd", "bq", "bk", "bv", "bg", "bu", "k_cache", "v_cache")]
+        "norm1", "norm2", "wq", "wk", "wv", "wo", "wg", "wu", "wd", "bq", "bk", "bv", "bg", "bu", "k_cache", "v_cache",
+        "bo", "bd")]
     _fields_ += [(name, ctypes.c_int64) for name in ("hidden", "heads", "kv_heads", "head_dim", "ffn", "max_len")]
     _fields_ += [(name, ctypes.c_float) for name in ("eps1", "eps2", "scale")]
-    _fields_ += [("w_dtype", ctypes.c_int32), ("act_dtype", ctypes.c_int32)]
+    _fields_ += [(name, ctypes.c_int32) for name in ("w_dtype", "act_dtype", "reduce_o", "reduce_d")]
+
+
+class ShmGroup(ctypes.Structure):
+    """A shared-memory all-reduce group as ``tpi_decode_stack`` sees it (``struct ShmGroup`` in cpu_decode.cpp);
+    built by ``tpinfer.parallel.shm.ShmAllReduce.native_group``."""
+
+    _fields_ = [("counters", ctypes.c_void_p), ("data", ctypes.c_void_p)]
+    _fields_ += [(name, ctypes.c_int64) for name in ("slot_bytes", "round", "calls", "bytes", "wait_ns")]
+    _fields_ += [("spin_s", ctypes.c_double), ("yield_s", ctypes.c_double)]
+    _fields_ += [(name, ctypes.c_int32) for name in ("world", "rank", "stride", "pad")]
 
 
 def library() -> ctypes.CDLL | None:
@@ -242,23 +257,60 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tens
 
 def decode_layer(norm1: torch.Tensor, norm2: torch.Tensor, eps1: float, eps2: float,
                  projections: dict[str, tuple[torch.Tensor, torch.Tensor | None]], k_cache: torch.Tensor,
-                 v_cache: torch.Tensor) -> DecodeLayer:
-    """Describe a layer for ``layer_attention``/``layer_mlp``: ``projections`` maps q, k, v, o, g, u, d to this
-    rank's (weight, bias) (o and d biases are not applied here: they follow the all-reduce). The tensors must
-    outlive the description (they are the model's parameters and cache)."""
+                 v_cache: torch.Tensor, reduce: tuple[bool, bool] = (False, False)) -> DecodeLayer:
+    """Describe a layer for ``layer_attention``/``layer_mlp`` and ``DecodeStack``: ``projections`` maps q, k, v, o,
+    g, u, d to this rank's (weight, bias); o and d biases follow the all-reduce, so only ``DecodeStack`` applies
+    them. ``reduce``: whether o's and d's outputs are partial sums to all-reduce (row-parallel over several
+    ranks). The tensors must outlive the description (they are the model's parameters and cache)."""
     _, kv_heads, max_len, head_dim = k_cache.shape
     wq = projections["q"][0]
     layer = DecodeLayer(
         norm1=norm1.data_ptr(), norm2=norm2.data_ptr(), k_cache=k_cache.data_ptr(), v_cache=v_cache.data_ptr(),
         hidden=norm1.shape[0], heads=wq.shape[0] // head_dim, kv_heads=kv_heads, head_dim=head_dim,
         ffn=projections["g"][0].shape[0], max_len=max_len, eps1=eps1, eps2=eps2, scale=head_dim**-0.5,
-        w_dtype=_DTYPES[wq.dtype], act_dtype=_DTYPES[norm1.dtype],
+        w_dtype=_DTYPES[wq.dtype], act_dtype=_DTYPES[norm1.dtype], reduce_o=int(reduce[0]), reduce_d=int(reduce[1]),
     )
     for key, (weight, bias) in projections.items():
         setattr(layer, "w" + key, weight.data_ptr())
-        if key in "qkvgu":
-            setattr(layer, "b" + key, _ptr(bias))
+        setattr(layer, "b" + key, _ptr(bias))
     return layer
+
+
+class DecodeStack:
+    """All decoder layers of a decode step in one native call (``tpi_decode_stack``), all-reduces included.
+
+    The per-layer path costs two Python round trips and two Python all-reduces per layer; right after a GEMV has
+    streamed megabytes through the caches that Python code runs cold, about 25-30 us an all-reduce on the
+    development machine against 7-15 us warm. Here the stack runs in C and all-reduces through the same
+    shared-memory segment and protocol as ``ShmAllReduce`` (``group``, None for one rank). A peer that is
+    more than a few milliseconds late hands the wait back to Python (``finish``), which sleeps, times out and
+    handles signals as every collective does, then the stack resumes at the next half-layer."""
+
+    def __init__(self, layers: list[DecodeLayer], tail: torch.Tensor | None = None) -> None:
+        self.layers = (DecodeLayer * len(layers))(*layers)
+        self.n_layers = len(layers)
+        self.hidden = layers[0].hidden
+        self._tail = (tail.data_ptr(), tail.numel() * tail.element_size()) if tail is not None else (None, 0)
+        self._fn = library().tpi_decode_stack
+
+    def run(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
+            positions: torch.Tensor, group: ShmGroup | None,
+            finish: Callable[[int, torch.Tensor], None]) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, hidden) is the stream after the embedding and is updated in place; returns (x, delta) with the
+        last layer's residual add not yet done (``add_rms_norm`` folds it into the final norm). ``finish(h, t)``
+        completes half h's open all-reduce on t and adds its bias."""
+        rows = x.numel() // self.hidden
+        buffers = torch.empty((2, *x.shape), dtype=x.dtype)
+        ref = ctypes.byref(group) if group is not None else None
+        half = 0
+        while True:
+            half = self._fn(ctypes.addressof(self.layers), self.n_layers, half, x.data_ptr(), buffers[0].data_ptr(),
+                            buffers[1].data_ptr(), cos.data_ptr(), sin.data_ptr(), slots.data_ptr(),
+                            positions.data_ptr(), rows, torch.get_num_threads(), ref, self._tail[0], self._tail[1])
+            if half < 0:
+                return x, buffers[1]
+            finish(half, buffers[half & 1])
+            half += 1
 
 
 def layer_attention(layer: DecodeLayer, x: torch.Tensor, delta: torch.Tensor | None, cos: torch.Tensor,

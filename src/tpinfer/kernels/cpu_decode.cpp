@@ -14,9 +14,11 @@
 
 #include <immintrin.h>
 #include <math.h>
+#include <sched.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include <type_traits>
 #include <vector>
@@ -296,7 +298,7 @@ inline float silu(float g) { return g / (1.0f + expf(-g)); }
 
 extern "C" {
 
-int tpi_abi_version() { return 2; }
+int tpi_abi_version() { return 3; }
 
 // y[rows, N] = x[rows, K] W[N, K]^T (+ bias[N]); any rows (passes of up to kMaxRows); dtypes 0/1 per operand.
 void tpi_linear(const void *x, int x_dtype, const void *W, int w_dtype, const void *bias, int bias_dtype, void *y,
@@ -479,9 +481,11 @@ struct DecodeLayer {
   const void *wg, *wu, *wd;
   const void *bq, *bk, *bv, *bg, *bu;       // column biases or null (row-parallel biases follow the all-reduce)
   void *k_cache, *v_cache;                  // [slots, kv_heads, max_len, head_dim], activation dtype
+  const void *bo, *bd;                      // o/down biases or null, added after the all-reduce (tpi_decode_stack)
   int64_t hidden, heads, kv_heads, head_dim, ffn, max_len;
   float eps1, eps2, scale;
   int32_t w_dtype, act_dtype;
+  int32_t reduce_o, reduce_d;               // o/down row-parallel: all-reduce their outputs (tpi_decode_stack)
 };
 
 namespace {
@@ -531,6 +535,174 @@ void tpi_layer_mlp(const DecodeLayer *L, void *x, const void *delta, void *parti
                    L->ffn, L->hidden, threads);
   tpi_linear(h, L->act_dtype, L->wd, L->w_dtype, nullptr, L->w_dtype, partial, L->act_dtype, B, L->hidden, L->ffn,
              threads);
+}
+
+
+// The shared-memory all-reduce of tpinfer.parallel.shm.ShmAllReduce, as native code sees it. The protocol is the
+// Python one (see shm.py): round k copies this rank's tensor into slot k % 2, publishes counters[rank * stride] = k,
+// waits until every counter >= k, then sums the slots in rank order (bfloat16 in float32, rounded once), so
+// every rank computes the same bytes and the two paths are interchangeable round by round.
+struct ShmGroup {
+  int64_t *counters;          // rank r's round counter at counters[r * stride]
+  char *data;                 // 2 slots x world x slot_bytes
+  int64_t slot_bytes;
+  int64_t round;              // the last round this rank entered
+  int64_t calls, bytes, wait_ns;  // statistics, accumulated
+  double spin_s;              // poll this long before yielding the core (short when ranks outnumber cores)
+  double yield_s;             // then sched_yield until this long has passed, then return "pending" to Python
+  int32_t world, rank, stride, pad;
+};
+
+namespace {
+
+inline double now_s() {
+  timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
+}
+
+// While a rank waits for its peers: prefetch into L2, 32 KiB per poll and 1 MiB in all, the weights it reads
+// next (the start of the next GEMVs), so the wait leaves the next step less to fetch.
+struct WaitPrefetch {
+  const char *start[3] = {nullptr, nullptr, nullptr};
+  int64_t size[3] = {0, 0, 0};
+  int index = 0;
+  int64_t offset = 0, budget = 1 << 20;
+  void add(const void *p, int64_t bytes) {
+    for (int i = 0; i < 3; i++)
+      if (!start[i]) {
+        start[i] = static_cast<const char *>(p);
+        size[i] = bytes;
+        return;
+      }
+  }
+  bool step() {
+    while (index < 3 && (!start[index] || offset >= size[index])) index++, offset = 0;
+    if (index >= 3 || budget <= 0) return false;
+    int64_t chunk = size[index] - offset < (32 << 10) ? size[index] - offset : (32 << 10);
+    tpi_prefetch(start[index] + offset, chunk);
+    offset += chunk;
+    budget -= chunk;
+    return true;
+  }
+};
+
+// t[rows, n] += bias[n], rounded to t's dtype (as torch's y + bias).
+void add_bias(void *t, int dtype, const void *bias, int bias_dtype, int64_t rows, int64_t n) {
+  for (int64_t r = 0; r < rows; r++)
+    for (int64_t i = 0; i < n; i++) store1(t, dtype, r * n + i, load1(t, dtype, r * n + i) + load1(bias, bias_dtype, i));
+}
+
+// Sum of every rank's slot, in rank order, into t.
+void sum_slots(const ShmGroup *g, const char *slots, void *t, int dtype, int64_t numel) {
+  const int64_t W = g->world;
+  int64_t i = 0;
+  if (dtype == kF32) {
+    float *out = static_cast<float *>(t);
+    for (; i + 16 <= numel; i += 16) {
+      __m512 v = _mm512_loadu_ps(reinterpret_cast<const float *>(slots) + i);
+      for (int64_t r = 1; r < W; r++)
+        v = _mm512_add_ps(v, _mm512_loadu_ps(reinterpret_cast<const float *>(slots + r * g->slot_bytes) + i));
+      _mm512_storeu_ps(out + i, v);
+    }
+    for (; i < numel; i++) {
+      float v = reinterpret_cast<const float *>(slots)[i];
+      for (int64_t r = 1; r < W; r++) v += reinterpret_cast<const float *>(slots + r * g->slot_bytes)[i];
+      out[i] = v;
+    }
+  } else {
+    uint16_t *out = static_cast<uint16_t *>(t);
+    for (; i + 16 <= numel; i += 16) {
+      __m512 v = load16(reinterpret_cast<const uint16_t *>(slots) + i);
+      for (int64_t r = 1; r < W; r++)
+        v = _mm512_add_ps(v, load16(reinterpret_cast<const uint16_t *>(slots + r * g->slot_bytes) + i));
+      _mm256_storeu_si256(reinterpret_cast<__m256i *>(out + i), to_bf16(v));
+    }
+    for (; i < numel; i++) {
+      float v = bf16_to_f32(reinterpret_cast<const uint16_t *>(slots)[i]);
+      for (int64_t r = 1; r < W; r++) v += bf16_to_f32(reinterpret_cast<const uint16_t *>(slots + r * g->slot_bytes)[i]);
+      out[i] = f32_to_bf16(v);
+    }
+  }
+}
+
+// One round of the all-reduce on t (numel elements). 0: t holds the sum. 1: a peer had not arrived after
+// g->yield_s; this rank's data is published and g->round is the open round, for Python to finish (it sleeps,
+// times out and handles signals; native code never waits long).
+int exchange(ShmGroup *g, void *t, int dtype, int64_t numel, WaitPrefetch *prefetch) {
+  const double start = now_s();
+  const int64_t nbytes = numel * (dtype == kF32 ? 4 : 2);
+  const int64_t round = ++g->round;
+  char *slots = g->data + (round & 1) * g->world * g->slot_bytes;
+  memcpy(slots + g->rank * g->slot_bytes, t, nbytes);
+  __atomic_store_n(g->counters + g->rank * g->stride, round, __ATOMIC_RELEASE);
+  g->calls++;
+  g->bytes += nbytes;
+  int status = 0;
+  for (int32_t r = 0; r < g->world && !status; r++) {
+    if (r == g->rank) continue;
+    const int64_t *counter = g->counters + r * g->stride;
+    while (__atomic_load_n(counter, __ATOMIC_ACQUIRE) < round) {
+      if (prefetch && prefetch->step()) continue;
+      const double waited = now_s() - start;
+      if (waited < g->spin_s) {
+        _mm_pause();
+      } else if (waited < g->yield_s) {
+        sched_yield();
+      } else {
+        status = 1;
+        break;
+      }
+    }
+  }
+  if (!status) sum_slots(g, slots, t, dtype, numel);
+  g->wait_ns += static_cast<int64_t>((now_s() - start) * 1e9);
+  return status;
+}
+
+}  // namespace
+
+int64_t tpi_shm_group_size() { return sizeof(ShmGroup); }
+
+// Decoder layers' halves first_half .. 2 * n_layers - 1 for one new token per row (half 2l: layer l's attention,
+// 2l + 1: its MLP), each followed by its all-reduce (when the layer's reduce flag is set and group is given)
+// and its row-parallel bias: the decode step's whole stack in one call.
+//   x: the residual stream [B, hidden], updated in place; half h writes its output (the next half's delta)
+//   to buffers[h % 2]; half 0 starts without a delta. After the last half, x + buffers[1] is the stream.
+// Returns -1 when every half ran, or h when half h's all-reduce is still open (see exchange): the caller
+// finishes that round, adds the bias of half h and calls again with first_half = h + 1.
+int64_t tpi_decode_stack(const DecodeLayer *layers, int64_t n_layers, int64_t first_half, void *x, void *buffer0,
+                         void *buffer1, const float *cos_table, const float *sin_table, const int64_t *slots,
+                         const int64_t *positions, int64_t B, int threads, ShmGroup *group, const void *tail,
+                         int64_t tail_bytes) {
+  void *buffers[2] = {buffer0, buffer1};
+  for (int64_t h = first_half; h < 2 * n_layers; h++) {
+    const DecodeLayer *L = layers + h / 2;
+    void *delta = h == 0 ? nullptr : buffers[(h - 1) & 1];
+    void *out = buffers[h & 1];
+    const int64_t w_es = L->w_dtype == kF32 ? 4 : 2;
+    WaitPrefetch next;
+    if (h % 2 == 0) {
+      tpi_layer_attention(L, x, delta, out, cos_table, sin_table, slots, positions, B, threads);
+      next.add(L->wg, L->ffn * L->hidden * w_es);
+      next.add(L->wu, L->ffn * L->hidden * w_es);
+    } else {
+      tpi_layer_mlp(L, x, delta, out, B, threads);
+      if (h / 2 + 1 < n_layers) {
+        const DecodeLayer *N = L + 1;
+        next.add(N->wq, N->heads * N->head_dim * N->hidden * w_es);
+        next.add(N->wk, N->kv_heads * N->head_dim * N->hidden * w_es);
+        next.add(N->wv, N->kv_heads * N->head_dim * N->hidden * w_es);
+      } else if (tail) {
+        next.add(tail, tail_bytes);
+      }
+    }
+    const bool reduce = (h % 2 == 0 ? L->reduce_o : L->reduce_d) && group && group->world > 1;
+    if (reduce && exchange(group, out, L->act_dtype, B * L->hidden, &next)) return h;
+    const void *bias = h % 2 == 0 ? L->bo : L->bd;
+    if (bias) add_bias(out, L->act_dtype, bias, L->w_dtype, B, L->hidden);
+  }
+  return -1;
 }
 
 }  // extern "C"

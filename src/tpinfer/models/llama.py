@@ -166,6 +166,7 @@ class LlamaDecoderLayer(nn.Module):
         self.self_attn = LlamaAttention(config, layer, ctx, plan, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, ctx.device)
         self.mlp = LlamaMLP(config, layer, ctx, plan, dtype)
+        self.world_size = ctx.world_size
         self._described: tuple[torch.Tensor, kernels.DecodeLayer] | None = None  # see _decode_layer
         self._prefetch: tuple[kernels.WaitPrefetch, kernels.WaitPrefetch] | None = None
         self.next_weights: list[torch.Tensor] = []  # what the step reads after this layer (set by the model)
@@ -203,8 +204,11 @@ class LlamaDecoderLayer(nn.Module):
             modules = {"q": attn.q_proj, "k": attn.k_proj, "v": attn.v_proj, "o": attn.o_proj, "g": mlp.gate_proj,
                        "u": mlp.up_proj, "d": mlp.down_proj}
             norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
+            several = self.world_size > 1
+            reduce = (several and isinstance(attn.o_proj, RowParallelLinear),
+                      several and isinstance(mlp.down_proj, RowParallelLinear))
             layer = kernels.decode_layer(norm1.weight, norm2.weight, norm1.eps, norm2.eps,
-                                         {k: (m.weight, m.bias) for k, m in modules.items()}, k_cache, v_cache)
+                                         {k: (m.weight, m.bias) for k, m in modules.items()}, k_cache, v_cache, reduce)
             self._described = described = (k_cache, layer)
             self._prefetch = (kernels.WaitPrefetch([mlp.gate_proj.weight, mlp.up_proj.weight]),
                               kernels.WaitPrefetch(self.next_weights))
@@ -226,6 +230,23 @@ class LlamaModel(nn.Module):
         for layer, following in zip(self.layers, self.layers[1:], strict=False):
             attn = following.self_attn
             layer.next_weights = [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]
+        self.ctx = ctx
+        self._stack: tuple[torch.Tensor, kernels.DecodeStack] | None = None  # see _decode_stack
+
+    def _decode_stack(self, cache: KVCache) -> kernels.DecodeStack:
+        if self._stack is None or self._stack[0] is not cache.keys[0]:  # a new cache: describe the layers again
+            last = self.layers[-1].next_weights
+            stack = kernels.DecodeStack([layer._decode_layer(cache) for layer in self.layers], last[0] if last else None)
+            self._stack = (cache.keys[0], stack)
+        return self._stack[1]
+
+    def _finish_half(self, half: int, out: torch.Tensor) -> None:
+        """Half-layer ``half``'s all-reduce, left open by the native stack for a late peer, and its bias."""
+        self.ctx.comm.finish_native(out)
+        layer = self.layers[half // 2]
+        bias = layer.self_attn.o_proj.bias if half % 2 == 0 else layer.mlp.down_proj.bias
+        if bias is not None:
+            out.add_(bias)
 
     def forward(self, batch: Batch, cache: KVCache) -> torch.Tensor:
         x = self.embed_tokens(batch.input_ids)
@@ -236,9 +257,15 @@ class LlamaModel(nn.Module):
             if batch.kv_len > cache.max_seq_len or int(batch.slots.max()) >= cache.max_seqs:
                 raise IndexError(f"decode step outside the KV cache: positions up to {batch.kv_len - 1} and slots up "
                                  f"to {int(batch.slots.max())} for {cache.max_seqs} slots x {cache.max_seq_len}")
-            delta = None
-            for layer in self.layers:
-                x, delta = layer.decode(x, delta, self.rotary_emb, batch, cache)
+            usable, group = self.ctx.comm.native_group(x.numel() * x.element_size())
+            if usable:  # every layer in one native call, all-reduces included
+                x, delta = self._decode_stack(cache).run(x, self.rotary_emb.cos, self.rotary_emb.sin, batch.slots,
+                                                         batch.positions.view(-1), group, self._finish_half)
+                self.ctx.comm.native_done()
+            else:  # the sums go through gloo/NCCL: two native calls per layer, all-reduces in between
+                delta = None
+                for layer in self.layers:
+                    x, delta = layer.decode(x, delta, self.rotary_emb, batch, cache)
             return kernels.add_rms_norm(x, delta, self.norm.weight, self.norm.eps)[1]
         cos, sin = self.rotary_emb(batch.positions, x.dtype)
         if batch.single_row_start is not None and (T == 1 or batch.single_row_start[1] == 0):
@@ -267,6 +294,7 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = head(config.vocab_size, config.hidden_size, ctx, dtype, tied_to=tied)
         attn = self.model.layers[0].self_attn
         self.num_local_kv_heads = attn.num_local_kv_heads
+        self.model.layers[-1].next_weights = [self.lm_head.weight]  # what decode reads after the last layer
 
     def new_cache(self, max_seqs: int, max_seq_len: int | None = None) -> KVCache:
         return KVCache(self.config.num_hidden_layers, max_seqs, self.num_local_kv_heads, max_seq_len or self.max_seq_len,

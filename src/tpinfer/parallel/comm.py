@@ -30,8 +30,8 @@ class CommStats:
     seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     timed: bool = False
 
-    def record(self, kind: str, nbytes: int, seconds: float = 0.0) -> None:
-        self.calls[kind] += 1
+    def record(self, kind: str, nbytes: int, seconds: float = 0.0, calls: int = 1) -> None:
+        self.calls[kind] += calls
         self.bytes[kind] += nbytes
         self.seconds[kind] += seconds
 
@@ -86,6 +86,33 @@ class Communicator:
             return self._timed("all_reduce", nbytes, self.all_reduce_impl.all_reduce_, tensor, while_waiting)
         self._timed("all_reduce", nbytes, dist.all_reduce, tensor, dist.ReduceOp.SUM, self.group)
         return tensor
+
+    # Native decode (tpinfer.kernels.DecodeStack) all-reduces through the shared-memory segment itself.
+
+    def native_group(self, nbytes: int) -> tuple[bool, Any]:
+        """(usable, group) for native code all-reducing messages of ``nbytes``: group is None for one rank, the
+        shared-memory group's ShmGroup otherwise; usable is False when the sums must go through this class
+        (gloo or NCCL, or messages larger than the segment's slots)."""
+        if self.world_size == 1:
+            return True, None
+        impl = self.all_reduce_impl
+        if impl is None or not hasattr(impl, "native_group") or nbytes > impl.max_bytes:
+            return False, None
+        return True, impl.native_group()
+
+    def finish_native(self, tensor: torch.Tensor) -> None:
+        """Complete the all-reduce round native code left open on ``tensor`` (a late peer)."""
+        start = time.perf_counter()
+        self.all_reduce_impl.finish_published(tensor)
+        if self.stats.timed:
+            self.stats.record("all_reduce", 0, time.perf_counter() - start, calls=0)
+
+    def native_done(self) -> None:
+        """After native code all-reduced: take the round counter back and count its collectives."""
+        if self.world_size > 1:
+            calls, nbytes, seconds = self.all_reduce_impl.take_back()
+            if calls:
+                self.stats.record("all_reduce", nbytes, seconds if self.stats.timed else 0.0, calls=calls)
 
     def all_gather(self, tensor: torch.Tensor, dim: int = -1) -> torch.Tensor:
         """Concatenate every rank's ``tensor`` along ``dim`` in rank order."""

@@ -48,6 +48,7 @@ import weakref
 from collections.abc import Callable
 from datetime import timedelta
 from multiprocessing import shared_memory
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -75,6 +76,7 @@ _OVERSUBSCRIBED_SPINS = 5  # more ranks than cores
 _YIELD_S = 2e-3  # yield the core until this long has passed, then sleep
 _FIRST_SLEEP_S = 50e-6
 _MAX_SLEEP_S = 1e-3
+_NATIVE_SPIN_S = 20e-6  # native code polls this long (when every rank has a core), then yields like _wait
 
 
 class CollectiveTimeout(RuntimeError):
@@ -207,6 +209,7 @@ class ShmAllReduce:
             size = self._data_offset + 2 * world_size * self._slot_bytes
             self._segment = _open_segment(rank, world_size, store, prefix, size, timeout_s)
             self._seq = self._segment.counters
+        self._native: Any = None  # kernels.ShmGroup, see native_group
         self._finalizer = weakref.finalize(self, _Segment.close, self._segment) if self._segment else None
 
     def all_reduce_(self, tensor: torch.Tensor, while_waiting: Callable[[], bool] | None = None) -> torch.Tensor:
@@ -282,10 +285,16 @@ class ShmAllReduce:
         never overwrites data a slow rank still reads, and no rank can be two rounds ahead.
         """
         self._round = round_ = self._round + 1
-        own, first, second, rest, scratch = plan[round_ & 1]
-        own.copy_(tensor)
+        views = plan[round_ & 1]
+        views[0].copy_(tensor)
+        self._seq[self._own_index] = round_  # publish after the data (stores are ordered on x86 TSO)
+        self._collect(views, tensor, round_, while_waiting)
+
+    def _collect(self, views: tuple, tensor: torch.Tensor, round_: int,
+                 while_waiting: Callable[[], bool] | None = None) -> None:
+        """Wait until every rank has published ``round_``, then sum its slots in rank order into ``tensor``."""
+        _, first, second, rest, scratch = views
         seq = self._seq
-        seq[self._own_index] = round_  # publish after the data (stores are ordered on x86 TSO)
         for index in self._peer_indices:
             if seq[index] < round_:
                 self._wait(round_, while_waiting)
@@ -300,6 +309,45 @@ class ShmAllReduce:
             for view in rest:
                 scratch.add_(view)
             tensor.copy_(scratch)
+
+    # Native code (tpinfer.kernels.DecodeStack) runs rounds of this protocol itself, through a ShmGroup that
+    # points into this segment. It owns the round counter while it runs: native_group() hands it over,
+    # take_back() returns it with the statistics, finish_published() completes a round native code left open.
+
+    def native_group(self) -> Any:
+        """This group as ``tpi_decode_stack`` sees it, with the current round; raises once the group is unusable
+        (closed, or a timeout broke the rounds' alignment)."""
+        if self._unusable:
+            raise RuntimeError(f"rank {self.rank}: shared-memory all-reduce used after {self._unusable}")
+        if self._native is None:
+            from tpinfer import kernels
+
+            group = kernels.ShmGroup()
+            base = self._segment.bytes.data_ptr()
+            group.counters, group.data, group.slot_bytes = base, base + self._data_offset, self._slot_bytes
+            group.world, group.rank, group.stride = self.world_size, self.rank, _COUNTER_STRIDE
+            group.spin_s = _NATIVE_SPIN_S if self._spins == _SPINS else 0.0
+            group.yield_s = _YIELD_S
+            self._native = group
+        self._native.round = self._round
+        return self._native
+
+    def take_back(self) -> tuple[int, int, float]:
+        """After native code ran: adopt its round; returns its (calls, bytes, seconds) since the last call."""
+        group = self._native
+        self._round = group.round
+        calls, nbytes, seconds = group.calls, group.bytes, group.wait_ns / 1e9
+        group.calls = group.bytes = group.wait_ns = 0
+        self.calls += calls
+        self.bytes += nbytes
+        return calls, nbytes, seconds
+
+    def finish_published(self, tensor: torch.Tensor) -> None:
+        """Complete the round native code left open: this rank's ``tensor`` is published, wait for the others
+        (with the usual backoff and timeout) and sum into ``tensor``."""
+        round_ = self._native.round
+        self._round = round_
+        self._collect(self._plan(tensor.dtype, tensor.shape)[round_ & 1], tensor, round_)
 
     def _wait(self, round_: int, while_waiting: Callable[[], bool] | None = None) -> None:
         """Until every counter reaches ``round_``: the caller's work, spin, then yield, then sleep with backoff."""
