@@ -80,6 +80,17 @@ def test_gated_linear_matches_torch(dtype, rows):
     assert (out.float() - ref.float()).abs().max() <= _tol(dtype, ref.float())
 
 
+@needs_kernels
+def test_gated_linear_silu_over_the_whole_float_range():
+    # The vectorised exp: gate values from -200 to 200 (exp overflows and underflows), and NaN, against torch.
+    gate = torch.cat([torch.linspace(-200, 200, 4001), torch.tensor([float("nan"), -0.0, 1e-30])])[:, None]
+    out = kernels.gated_linear(torch.ones(1, 1), gate, torch.ones_like(gate))
+    ref = F.silu(gate.T)
+    assert torch.isnan(out[0, -3]) and out[0, -2].item() == 0.0
+    finite = ~torch.isnan(ref)
+    assert torch.allclose(out[finite], ref[finite], rtol=3e-7, atol=1e-30)
+
+
 def _rotate_half(x):
     a, b = x.chunk(2, dim=-1)
     return torch.cat((-b, a), dim=-1)

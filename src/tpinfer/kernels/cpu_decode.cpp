@@ -294,6 +294,44 @@ void project(const float *xf, const void *W, int w_dtype, const void *bias, int 
 
 inline float silu(float g) { return g / (1.0f + expf(-g)); }
 
+// e^x for 16 floats (Cephes' expf: range reduction by ln 2 in two parts, degree-6 polynomial, 2^n by vscalefps),
+// within 2 ulp of expf; large |x| gives inf or 0, NaN stays NaN.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_set1_ps(89.0f), _mm512_max_ps(_mm512_set1_ps(-104.0f), x));  // NaN passes through
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+inline __m512 silu16(__m512 g) {
+  return _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+}
+
+// v rounded to bfloat16 and widened back: what a bfloat16 tensor between two ops holds.
+inline __m512 round_bf16(__m512 v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16(v)), 16));
+}
+
+inline __m512 load16_any(const void *p, int dtype, int64_t i) {
+  return dtype == kF32 ? load16(static_cast<const float *>(p) + i) : load16(static_cast<const uint16_t *>(p) + i);
+}
+
+inline void store16_any(void *p, int dtype, int64_t i, __m512 v) {
+  if (dtype == kF32)
+    _mm512_storeu_ps(static_cast<float *>(p) + i, v);
+  else
+    _mm256_storeu_si256(reinterpret_cast<__m256i *>(static_cast<uint16_t *>(p) + i), to_bf16(v));
+}
+
 }  // namespace
 
 extern "C" {
@@ -334,8 +372,20 @@ void tpi_gated_linear(const void *x, int x_dtype, const void *Wg, const void *Wu
     float *g = scratch(B * N, 0), *u = scratch(B * N, 1);
     gemv_f32_out(xf, Wg, w_dtype, g, B, N, K, threads);
     gemv_f32_out(xf, Wu, w_dtype, u, B, N, K, threads);
-    for (int b = 0; b < B; b++)
-      for (int64_t n = 0; n < N; n++) {
+    for (int b = 0; b < B; b++) {
+      int64_t n = 0;
+      for (; n + 16 <= N; n += 16) {  // the scalar loop below, 16 at a time
+        __m512 gv = _mm512_loadu_ps(g + b * N + n), uv = _mm512_loadu_ps(u + b * N + n);
+        if (bg) gv = _mm512_add_ps(gv, load16_any(bg, bias_dtype, n));
+        if (bu) uv = _mm512_add_ps(uv, load16_any(bu, bias_dtype, n));
+        if (y_dtype == kBF16) {
+          gv = round_bf16(silu16(round_bf16(gv)));
+          store16_any(y, y_dtype, (r0 + b) * N + n, _mm512_mul_ps(gv, round_bf16(uv)));
+        } else {
+          store16_any(y, y_dtype, (r0 + b) * N + n, _mm512_mul_ps(silu16(gv), uv));
+        }
+      }
+      for (; n < N; n++) {
         float gv = g[b * N + n], uv = u[b * N + n];
         if (bg) gv += load1(bg, bias_dtype, n);
         if (bu) uv += load1(bu, bias_dtype, n);
@@ -348,6 +398,7 @@ void tpi_gated_linear(const void *x, int x_dtype, const void *Wg, const void *Wu
           store1(y, y_dtype, (r0 + b) * N + n, silu(gv) * uv);
         }
       }
+    }
   }
 }
 
@@ -450,8 +501,23 @@ void tpi_add_rms_norm(const void *x, const void *delta, const void *w, void *sum
                       int64_t rows, int64_t n, float eps) {
   float *s = scratch(n, 0);
   for (int64_t r = 0; r < rows; r++) {
-    double squares = 0.0;
-    for (int64_t i = 0; i < n; i++) {
+    __m512d sq0 = _mm512_setzero_pd(), sq1 = _mm512_setzero_pd();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {  // the scalar loop below, 16 at a time
+      __m512 v = load16_any(x, act_dtype, r * n + i);
+      if (delta) {
+        v = _mm512_add_ps(v, load16_any(delta, act_dtype, r * n + i));
+        if (act_dtype == kBF16) v = round_bf16(v);
+        store16_any(sum, act_dtype, r * n + i, v);
+      }
+      _mm512_storeu_ps(s + i, v);
+      const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
+      const __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+      sq0 = _mm512_fmadd_pd(lo, lo, sq0);
+      sq1 = _mm512_fmadd_pd(hi, hi, sq1);
+    }
+    double squares = _mm512_reduce_add_pd(_mm512_add_pd(sq0, sq1));
+    for (; i < n; i++) {
       float v = load1(x, act_dtype, r * n + i);
       if (delta) {
         v += load1(delta, act_dtype, r * n + i);
@@ -462,7 +528,13 @@ void tpi_add_rms_norm(const void *x, const void *delta, const void *w, void *sum
       squares += static_cast<double>(v) * v;
     }
     const float inv = 1.0f / sqrtf(static_cast<float>(squares / n) + eps);
-    for (int64_t i = 0; i < n; i++) {
+    const __m512 vinv = _mm512_set1_ps(inv);
+    for (i = 0; i + 16 <= n; i += 16) {
+      __m512 v = _mm512_mul_ps(_mm512_loadu_ps(s + i), vinv);
+      if (act_dtype == kBF16) v = round_bf16(v);
+      store16_any(out, act_dtype, r * n + i, _mm512_mul_ps(v, load16_any(w, act_dtype, i)));
+    }
+    for (; i < n; i++) {
       float v = s[i] * inv;
       if (act_dtype == kBF16) v = bf16_to_f32(f32_to_bf16(v));
       store1(out, act_dtype, r * n + i, v * load1(w, act_dtype, i));
