@@ -33,7 +33,7 @@ def _decode_both_ways(ctx, path, dtype, late_rank):
             steps = []
             for step in range(3):
                 batch = Batch.build([[20 + step], [30 + step]], [7 + step, 5 + step], [0, 1], torch.device("cpu"))
-                stack = model.model._decode_stack(cache)
+                stack = model.model._decode_stack(cache, model.lm_head.weight)
                 if name == "stack_again" and ctx.rank == late_rank and step == 1:
                     # Late inside the stack (after the embedding's all-reduce): the others' first native all-reduce
                     # waits past native code's budget and Python finishes that round.

@@ -190,16 +190,3 @@ def test_failed_build_falls_back_to_torch(monkeypatch, tmp_path, caplog):
         assert "compiling cpu_decode.cpp failed" in reason
     assert "native CPU kernels unavailable" in caplog.text
     assert not list(tmp_path.glob("*.so")) and not list(tmp_path.glob("*.tmp"))  # nothing half-written left
-
-
-@needs_kernels
-def test_wait_prefetch_walks_the_weights_in_chunks_up_to_its_limit():
-    big, small = torch.zeros(3 * kernels.WAIT_PREFETCH_CHUNK // 4 + 5), torch.zeros(10)
-    prefetch = kernels.WaitPrefetch([big, small], limit=kernels.WAIT_PREFETCH_CHUNK * 10)
-    calls = 0
-    while prefetch():
-        calls += 1
-    assert calls == 4 + 1  # three full chunks of big and its 20-byte rest, then small
-    assert not prefetch() and prefetch.reset()() is True
-    capped = kernels.WaitPrefetch([big, small], limit=kernels.WAIT_PREFETCH_CHUNK)
-    assert capped() is True and capped() is False  # one chunk, then the limit is reached

@@ -123,8 +123,6 @@ def _build() -> ctypes.CDLL:
                lib.tpi_layer_attention, lib.tpi_layer_mlp):
         fn.restype = None
     lib.tpi_decode_layer_size.restype = ctypes.c_int64
-    lib.tpi_prefetch.argtypes = [p, i64]
-    lib.tpi_prefetch.restype = None
     lib.tpi_shm_group_size.restype = ctypes.c_int64
     lib.tpi_decode_stack.argtypes = [p, i64, i64, p, p, p, p, p, p, p, i64, i, ctypes.POINTER(ShmGroup), p, i64]
     lib.tpi_decode_stack.restype = ctypes.c_int64
@@ -329,40 +327,3 @@ def layer_mlp(layer: DecodeLayer, x: torch.Tensor, delta: torch.Tensor) -> torch
     library().tpi_layer_mlp(ctypes.byref(layer), x.data_ptr(), delta.data_ptr(), partial.data_ptr(),
                             x.numel() // x.shape[-1], torch.get_num_threads())
     return partial
-
-
-# While a rank waits at an all-reduce it prefetches the start of the weights it reads next, this much per poll
-# and at most WAIT_PREFETCH_BYTES in all (the rest of L2 is the GEMV's own stream).
-WAIT_PREFETCH_CHUNK = 32 << 10
-WAIT_PREFETCH_BYTES = 1 << 20
-
-
-class WaitPrefetch:
-    """``while_waiting`` work for an all-reduce: each call prefetches the next chunk of ``weights`` (in order) and
-    returns whether there is more. Reusable: ``reset()`` starts over."""
-
-    def __init__(self, weights: list[torch.Tensor], limit: int = WAIT_PREFETCH_BYTES) -> None:
-        self._ranges = []
-        left = limit
-        for w in weights:
-            take = min(left, w.numel() * w.element_size())
-            if take > 0:
-                self._ranges.append((w.data_ptr(), take))
-                left -= take
-        self._fn = library().tpi_prefetch
-        self.reset()
-
-    def reset(self) -> WaitPrefetch:
-        self._index, self._offset = 0, 0
-        return self
-
-    def __call__(self) -> bool:
-        if self._index >= len(self._ranges):
-            return False
-        start, size = self._ranges[self._index]
-        chunk = min(WAIT_PREFETCH_CHUNK, size - self._offset)
-        self._fn(start + self._offset, chunk)
-        self._offset += chunk
-        if self._offset >= size:
-            self._index, self._offset = self._index + 1, 0
-        return True

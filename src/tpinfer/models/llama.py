@@ -168,8 +168,6 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(config, layer, ctx, plan, dtype)
         self.world_size = ctx.world_size
         self._described: tuple[torch.Tensor, kernels.DecodeLayer] | None = None  # see _decode_layer
-        self._prefetch: tuple[kernels.WaitPrefetch, kernels.WaitPrefetch] | None = None
-        self.next_weights: list[torch.Tensor] = []  # what the step reads after this layer (set by the model)
 
     def forward(self, x, cos, sin, mask, batch: Batch, cache: KVCache) -> torch.Tensor:
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, batch, cache)
@@ -192,9 +190,8 @@ class LlamaDecoderLayer(nn.Module):
         in place and returns this layer's (x, delta)."""
         layer = self._decode_layer(cache)
         partial = kernels.layer_attention(layer, x, delta, rope.cos, rope.sin, batch.slots, batch.positions.view(-1))
-        # While waiting for the other ranks' sums, prefetch the weights read next (see kernels.WaitPrefetch).
-        attn_out = self.self_attn.o_proj.finish(partial, self._prefetch[0].reset())
-        return x, self.mlp.down_proj.finish(kernels.layer_mlp(layer, x, attn_out), self._prefetch[1].reset())
+        attn_out = self.self_attn.o_proj.finish(partial)
+        return x, self.mlp.down_proj.finish(kernels.layer_mlp(layer, x, attn_out))
 
     def _decode_layer(self, cache: KVCache) -> kernels.DecodeLayer:
         k_cache, v_cache = cache.keys[self.self_attn.layer], cache.values[self.self_attn.layer]
@@ -210,8 +207,6 @@ class LlamaDecoderLayer(nn.Module):
             layer = kernels.decode_layer(norm1.weight, norm2.weight, norm1.eps, norm2.eps,
                                          {k: (m.weight, m.bias) for k, m in modules.items()}, k_cache, v_cache, reduce)
             self._described = described = (k_cache, layer)
-            self._prefetch = (kernels.WaitPrefetch([mlp.gate_proj.weight, mlp.up_proj.weight]),
-                              kernels.WaitPrefetch(self.next_weights))
         return described[1]
 
 
@@ -227,16 +222,12 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(hidden, config.rms_norm_eps, dtype, ctx.device)
         self.rotary_emb = RotaryEmbedding(config, max_seq_len, ctx.device)
         self.decode_kernels = all(layer.supports_decode_kernels() for layer in self.layers)
-        for layer, following in zip(self.layers, self.layers[1:], strict=False):
-            attn = following.self_attn
-            layer.next_weights = [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]
         self.ctx = ctx
         self._stack: tuple[torch.Tensor, kernels.DecodeStack] | None = None  # see _decode_stack
 
-    def _decode_stack(self, cache: KVCache) -> kernels.DecodeStack:
+    def _decode_stack(self, cache: KVCache, tail: torch.Tensor | None) -> kernels.DecodeStack:
         if self._stack is None or self._stack[0] is not cache.keys[0]:  # a new cache: describe the layers again
-            last = self.layers[-1].next_weights
-            stack = kernels.DecodeStack([layer._decode_layer(cache) for layer in self.layers], last[0] if last else None)
+            stack = kernels.DecodeStack([layer._decode_layer(cache) for layer in self.layers], tail)
             self._stack = (cache.keys[0], stack)
         return self._stack[1]
 
@@ -248,7 +239,8 @@ class LlamaModel(nn.Module):
         if bias is not None:
             out.add_(bias)
 
-    def forward(self, batch: Batch, cache: KVCache) -> torch.Tensor:
+    def forward(self, batch: Batch, cache: KVCache, tail: torch.Tensor | None = None) -> torch.Tensor:
+        """``tail``: the weight read right after the stack (the LM head), prefetched while the last all-reduce waits."""
         x = self.embed_tokens(batch.input_ids)
         T = batch.input_ids.shape[1]
         if T == 1 and self.decode_kernels and x.shape[0] <= NATIVE_MAX_ROWS.get(x.dtype, 0) and kernels.usable(x):
@@ -259,7 +251,7 @@ class LlamaModel(nn.Module):
                                  f"to {int(batch.slots.max())} for {cache.max_seqs} slots x {cache.max_seq_len}")
             usable, group = self.ctx.comm.native_group(x.numel() * x.element_size())
             if usable:  # every layer in one native call, all-reduces included
-                x, delta = self._decode_stack(cache).run(x, self.rotary_emb.cos, self.rotary_emb.sin, batch.slots,
+                x, delta = self._decode_stack(cache, tail).run(x, self.rotary_emb.cos, self.rotary_emb.sin, batch.slots,
                                                          batch.positions.view(-1), group, self._finish_half)
                 self.ctx.comm.native_done()
             else:  # the sums go through gloo/NCCL: two native calls per layer, all-reduces in between
@@ -294,7 +286,6 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = head(config.vocab_size, config.hidden_size, ctx, dtype, tied_to=tied)
         attn = self.model.layers[0].self_attn
         self.num_local_kv_heads = attn.num_local_kv_heads
-        self.model.layers[-1].next_weights = [self.lm_head.weight]  # what decode reads after the last layer
 
     def new_cache(self, max_seqs: int, max_seq_len: int | None = None) -> KVCache:
         return KVCache(self.config.num_hidden_layers, max_seqs, self.num_local_kv_heads, max_seq_len or self.max_seq_len,
@@ -302,7 +293,7 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, batch: Batch, cache: KVCache) -> torch.Tensor:
         """Local (vocab-sharded) logits of the tokens at ``batch.logits_index``: (B, local vocab)."""
-        hidden = self.model(batch, cache)
+        hidden = self.model(batch, cache, self.lm_head.weight)
         if batch.logits_index is not None:
             hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), batch.logits_index]
         else:
