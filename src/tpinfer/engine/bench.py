@@ -17,7 +17,6 @@ import torch.distributed as dist
 from tpinfer import kernels
 from tpinfer.engine.runtime import RankEngine
 from tpinfer.loading import hugepages
-from tpinfer.loading.hugepages import WeightArena, huge_page_bytes
 
 
 def peak_rss_bytes() -> int:
@@ -46,7 +45,7 @@ def _stats(engine: RankEngine, reset: bool = False, timed: bool | None = None) -
         "peak_rss_bytes": peak_rss_bytes(),
         "param_bytes": engine.param_bytes,
         # Anonymous memory in transparent huge pages (the weight arena, see tpinfer.loading.hugepages), or None.
-        "huge_page_bytes": huge_page_bytes(),
+        "huge_page_bytes": hugepages.huge_page_bytes(),
         "comm": comm.stats.snapshot(),
         "all_reduce_backend": type(comm.all_reduce_impl).__name__ if comm.all_reduce_impl else "process group",
     }
@@ -66,7 +65,7 @@ def _bandwidth(engine: RankEngine, megabytes: int = 256, reps: int = 7) -> dict[
     vector = torch.randn(cols)
     plain = torch.randn(rows, cols)
     reads = {"torch_gemv": lambda: torch.mv(plain, vector)}
-    arena = WeightArena(rows * cols * 4) if hugepages.enabled() else None
+    arena = hugepages.WeightArena(rows * cols * 4) if hugepages.enabled() else None
     if arena is not None:
         huge = arena.tensor.view(torch.float32).view(rows, cols)
         huge.copy_(plain)

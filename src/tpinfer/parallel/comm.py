@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,14 +75,13 @@ class Communicator:
         self.stats.record(kind, nbytes, time.perf_counter() - start)
         return out
 
-    def all_reduce(self, tensor: torch.Tensor, while_waiting: Callable[[], bool] | None = None) -> torch.Tensor:
-        """In-place sum over ranks. ``while_waiting``: work the shared-memory path may do while peers are late
-        (called until it returns False; the process-group path ignores it)."""
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """In-place sum over ranks."""
         if self.world_size == 1:
             return tensor
         nbytes = tensor.numel() * tensor.element_size()
         if self.all_reduce_impl is not None and tensor.device.type == "cpu":
-            return self._timed("all_reduce", nbytes, self.all_reduce_impl.all_reduce_, tensor, while_waiting)
+            return self._timed("all_reduce", nbytes, self.all_reduce_impl.all_reduce_, tensor)
         self._timed("all_reduce", nbytes, dist.all_reduce, tensor, dist.ReduceOp.SUM, self.group)
         return tensor
 

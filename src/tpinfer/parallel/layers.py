@@ -6,7 +6,6 @@ Weights use nn.Linear's layout: (out_features, in_features), Y = X W^T.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -99,9 +98,8 @@ class ReplicatedLinear(ParallelModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
 
-    def finish(self, y: torch.Tensor, while_waiting: Callable[[], bool] | None = None) -> torch.Tensor:
-        """The output from X W^T computed elsewhere (the native decode kernels): add the bias. Nothing to wait
-        for, so ``while_waiting`` is unused (it is there to match RowParallelLinear.finish)."""
+    def finish(self, y: torch.Tensor) -> torch.Tensor:
+        """The output from X W^T computed elsewhere (the native decode kernels): add the bias."""
         return y if self.bias is None else y + self.bias
 
 
@@ -155,10 +153,9 @@ class RowParallelLinear(ParallelModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.finish(linear(x, self.weight))
 
-    def finish(self, y: torch.Tensor, while_waiting: Callable[[], bool] | None = None) -> torch.Tensor:
-        """Sum the partial products X_i W_i^T of every rank (the layer's one collective), then add the bias.
-        ``while_waiting``: see Communicator.all_reduce."""
-        self.comm.all_reduce(y, while_waiting)
+    def finish(self, y: torch.Tensor) -> torch.Tensor:
+        """Sum the partial products X_i W_i^T of every rank (the layer's one collective), then add the bias."""
+        self.comm.all_reduce(y)
         return y if self.bias is None else y + self.bias
 
 

@@ -45,7 +45,6 @@ import socket
 import sys
 import time
 import weakref
-from collections.abc import Callable
 from datetime import timedelta
 from multiprocessing import shared_memory
 from typing import Any
@@ -212,14 +211,11 @@ class ShmAllReduce:
         self._native: Any = None  # kernels.ShmGroup, see native_group
         self._finalizer = weakref.finalize(self, _Segment.close, self._segment) if self._segment else None
 
-    def all_reduce_(self, tensor: torch.Tensor, while_waiting: Callable[[], bool] | None = None) -> torch.Tensor:
-        """Sum ``tensor`` over the ranks, in place; bitwise identical on every rank. Returns it.
-
-        ``while_waiting``, if given, is called instead of yielding the core while peers are late, until it returns
-        False (short useful work, e.g. prefetching the weights the caller reads next)."""
+    def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum ``tensor`` over the ranks, in place; bitwise identical on every rank. Returns it."""
         plan = self._plans.get((tensor.dtype, tensor.shape))
         if plan is not None and tensor.is_cpu:
-            self._exchange(plan, tensor, while_waiting)
+            self._exchange(plan, tensor)
             self.calls += 1
             self.bytes += plan[2]
             return tensor
@@ -276,7 +272,7 @@ class ShmAllReduce:
         plan = self._plans[key] = (slots[0], slots[1], nbytes)
         return plan
 
-    def _exchange(self, plan: tuple, tensor: torch.Tensor, while_waiting: Callable[[], bool] | None = None) -> None:
+    def _exchange(self, plan: tuple, tensor: torch.Tensor) -> None:
         """One round: publish own data, wait for everyone's, sum in rank order into ``tensor``.
 
         Double buffering: round k uses slot k % 2. A rank enters round k + 2 (the same slot again)
@@ -288,16 +284,15 @@ class ShmAllReduce:
         views = plan[round_ & 1]
         views[0].copy_(tensor)
         self._seq[self._own_index] = round_  # publish after the data (stores are ordered on x86 TSO)
-        self._collect(views, tensor, round_, while_waiting)
+        self._collect(views, tensor, round_)
 
-    def _collect(self, views: tuple, tensor: torch.Tensor, round_: int,
-                 while_waiting: Callable[[], bool] | None = None) -> None:
+    def _collect(self, views: tuple, tensor: torch.Tensor, round_: int) -> None:
         """Wait until every rank has published ``round_``, then sum its slots in rank order into ``tensor``."""
         _, first, second, rest, scratch = views
         seq = self._seq
         for index in self._peer_indices:
             if seq[index] < round_:
-                self._wait(round_, while_waiting)
+                self._wait(round_)
                 break
         if scratch is None:
             torch.add(first, second, out=tensor)
@@ -349,18 +344,14 @@ class ShmAllReduce:
         self._round = round_
         self._collect(self._plan(tensor.dtype, tensor.shape)[round_ & 1], tensor, round_)
 
-    def _wait(self, round_: int, while_waiting: Callable[[], bool] | None = None) -> None:
-        """Until every counter reaches ``round_``: the caller's work, spin, then yield, then sleep with backoff."""
+    def _wait(self, round_: int) -> None:
+        """Until every counter reaches ``round_``: spin, then yield, then sleep with backoff."""
         seq = self._seq
         start = time.monotonic()
         spins = 0
         sleep_s = _FIRST_SLEEP_S
         for index in self._peer_indices:
             while seq[index] < round_:
-                if while_waiting is not None:
-                    if while_waiting():
-                        continue
-                    while_waiting = None
                 spins += 1
                 if spins <= self._spins:
                     continue
