@@ -5,20 +5,25 @@ import torch
 import torch.nn.functional as F
 
 from helpers import run_ranks
-from tpinfer.parallel.layers import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
+from tpinfer.parallel.layers import ParallelLMHead, VocabParallelEmbedding, linear_layer
+from tpinfer.parallel.spec import COLWISE, ROWWISE, Linear, packed, units
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
 
+def _rows(piece) -> torch.Tensor:
+    return torch.cat([torch.arange(start, start + length) for start, length in piece.ranges])[: piece.valid]
+
+
 def _fill(layer, full: dict[str, torch.Tensor]) -> None:
-    for name, shard in layer.shards.items():
+    for name, piece in layer.shards.items():
         param = getattr(layer, name)
         if param is None:
             continue
         tensor = full[name]
-        if shard is not None:
-            tensor = tensor.narrow(shard.dim, shard.start, shard.valid)
-            param.data.narrow(shard.dim, 0, shard.valid).copy_(tensor)
+        if piece is not None:
+            tensor = tensor.index_select(piece.dim, _rows(piece))
+            param.data.narrow(piece.dim, 0, piece.valid).copy_(tensor)
         else:
             param.data.copy_(tensor)
 
@@ -32,16 +37,24 @@ def _layers_on_rank(ctx, seed):
     ids = torch.randint(0, 37, (3, 5))
     dtype = torch.float32
 
-    col = ColumnParallelLinear(32, 48, ctx, True, dtype)
+    col = linear_layer(Linear("col", units(32), units(48), True), COLWISE, ctx, dtype)
     _fill(col, {"weight": w_col, "bias": b_col})
     local = col(x)
     full_col = ctx.comm.all_gather(local, dim=-1)
 
-    row = RowParallelLinear(48, 32, ctx, True, dtype)
+    row = linear_layer(Linear("row", units(48), units(32), True), ROWWISE, ctx, dtype)
     _fill(row, {"weight": w_row, "bias": b_row})
-    start, length = row.shards["weight"].start, row.shards["weight"].length
     h = F.linear(x, w_col, b_col)
-    row_out = row(h[..., start : start + length].contiguous())
+    row_out = row(h.index_select(-1, _rows(row.shards["weight"])).contiguous())
+
+    # Packed (a fused qkv_proj): 4 query heads and 2 KV heads (replicated at 4 ranks) of 4 features, [q | k | v].
+    heads, kv = units(4, 4, "attention heads"), units(2, 4, "KV heads", replicable=True)
+    w_qkv = torch.randn(32, 32)
+    qkv = linear_layer(Linear("qkv", units(32), packed(heads, kv, kv)), COLWISE, ctx, dtype)
+    _fill(qkv, {"weight": w_qkv})
+    rows = _rows(qkv.shards["weight"])
+    packed_err = (qkv(x) - F.linear(x, w_qkv[rows])).abs().max().item()
+    first_kv = 16 + kv.parts[0].local(ctx.rank, ctx.world_size)[0]
 
     vocab = VocabParallelEmbedding(37, 32, ctx, dtype)
     _fill(vocab, {"weight": emb})
@@ -54,6 +67,8 @@ def _layers_on_rank(ctx, seed):
         "emb": (emb_out - F.embedding(ids, emb)).abs().max().item(),
         "head": (logits - F.linear(x, emb)).abs().max().item(),
         "head_shape": tuple(logits.shape),
+        "packed": packed_err, "packed_sizes": qkv.part_sizes, "first_kv_row": int(rows[4 // ctx.world_size * 4]),
+        "expected_kv_row": first_kv,
         "calls": dict(ctx.comm.stats.calls),
     }
 
@@ -68,5 +83,9 @@ def test_parallel_layers_equal_their_dense_versions(world):
         assert r["col"] < 1e-5 and r["emb"] == 0.0
         assert r["row"] < 1e-4 and r["head"] < 1e-4
         assert r["head_shape"] == (3, 5, 37)
+        # Each rank's packed slice is its q heads, then its KV head(s) for k and for v, read from the fused rows.
+        assert r["packed"] < 1e-5
+        assert r["packed_sizes"] == (16 // world, max(4, 8 // world), max(4, 8 // world))
+        assert r["first_kv_row"] == r["expected_kv_row"]
         # one all-reduce per row-parallel layer and per embedding; one all-gather per LM head (+ the test's own)
         assert r["calls"]["all_reduce"] == 2 and r["calls"]["all_gather"] == 2

@@ -19,8 +19,8 @@ def _decode_both_ways(ctx, path, dtype, late_rank):
 
     torch.set_num_threads(1)
     engine = load_engine(EngineSpec(str(path), tensor_parallel_size=ctx.world_size, dtype=dtype), ctx)
-    model, cache, comm = engine.model, engine.generator.cache, ctx.comm
-    assert kernels.available() and model.model.decode_kernels
+    forward, cache, comm = engine.forward, engine.generator.cache, ctx.comm
+    assert kernels.available() and engine.native_decode
     engine.generator.generate([[1, 5, 9, 13], [1, 7]], SamplingParams(max_new_tokens=3, temperature=0.0))
     finished = []
     finish_native = comm.finish_native
@@ -33,13 +33,13 @@ def _decode_both_ways(ctx, path, dtype, late_rank):
             steps = []
             for step in range(3):
                 batch = Batch.build([[20 + step], [30 + step]], [7 + step, 5 + step], [0, 1], torch.device("cpu"))
-                stack = model.model._decode_stack(cache, model.lm_head.weight)
+                stack = forward.stack(cache)
                 if name == "stack_again" and ctx.rank == late_rank and step == 1:
                     # Late inside the stack (after the embedding's all-reduce): the others' first native all-reduce
                     # waits past native code's budget and Python finishes that round.
                     run = stack.run
                     stack.run = lambda *args, run=run: (time.sleep(0.05), run(*args))[1]
-                steps.append(model(batch, cache).float())
+                steps.append(forward(batch, cache).float())
                 stack.__dict__.pop("run", None)
             outs[name] = torch.stack(steps)
     calls = comm.stats.snapshot().get("all_reduce", {}).get("calls", 0)
@@ -75,5 +75,5 @@ def _count_all_reduces(ctx, path):
         max_new_tokens=2, temperature=0.0))
     ctx.comm.stats.reset()
     with torch.inference_mode():
-        engine.model(Batch.build([[4]], [3], [0], torch.device("cpu")), engine.generator.cache)
+        engine.forward(Batch.build([[4]], [3], [0], torch.device("cpu")), engine.generator.cache)
     return ctx.comm.stats.snapshot().get("all_reduce", {}).get("calls", 0), engine.config.num_hidden_layers

@@ -38,13 +38,15 @@ def test_rope_scaling_in_both_config_formats(raw):
 
 
 def test_unsupported_model_type_lists_supported():
-    with pytest.raises(ConfigError, match="'gpt2' is not supported; supported: llama, mistral, qwen2"):
+    with pytest.raises(ConfigError, match="'gpt2' is not supported; supported: llama, mistral, qwen2, qwen3, gemma2, "
+                                          "gemma3_text, phi3"):
         ModelConfig.from_dict({**LLAMA, "model_type": "gpt2"})
 
 
 def test_unsupported_rope_type_lists_supported():
-    with pytest.raises(ConfigError, match="'yarn' is not supported; supported: default, linear, llama3"):
-        ModelConfig.from_dict({**LLAMA, "rope_scaling": {"rope_type": "yarn", "factor": 2.0}})
+    with pytest.raises(ConfigError, match="'mrope' is not supported; supported: default, linear, dynamic, llama3, "
+                                          "yarn, longrope"):
+        ModelConfig.from_dict({**LLAMA, "rope_scaling": {"rope_type": "mrope", "factor": 2.0}})
 
 
 def test_missing_and_invalid_config(tmp_path):

@@ -166,7 +166,7 @@ def test_model_decode_native_equals_torch_path(checkpoints, monkeypatch, variant
     from tpinfer.parallel.context import ParallelContext
 
     engine = load_engine(EngineSpec(str(checkpoints[variant]), dtype="float32"), ParallelContext.single())
-    assert engine.model.model.decode_kernels  # the auto plan is one the fused layer kernels implement
+    assert engine.native_decode  # the auto plan is one the fused layer kernels implement
     prompts = [[1, 10, 20, 30, 40][: 5 - b] for b in range(batch)]  # different lengths: different positions
     params = SamplingParams(max_new_tokens=10, temperature=0.0, ignore_eos=True)
     native = engine.generator.generate(prompts, params)

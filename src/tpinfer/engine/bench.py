@@ -1,7 +1,7 @@
 """Measurements every rank takes part in, for ``tpinfer bench``.
 
-Rank 0 calls ``collect(engine, kind, **args)``: it broadcasts ``{"op": "bench", "kind": ..., ...}``,
-every rank runs ``run_op`` on the same message, and each rank's result is gathered to rank 0.
+Rank 0 calls ``collect(engine, kind, **args)``: it sends ``messages.Bench(kind, args)``, every rank runs
+``run_op`` on the same message, and each rank's result is gathered to rank 0.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from tpinfer import kernels
+from tpinfer.engine import messages
 from tpinfer.engine.runtime import RankEngine
 from tpinfer.loading import hugepages
 
@@ -40,8 +41,7 @@ def _stats(engine: RankEngine, reset: bool = False, timed: bool | None = None) -
         "pid": os.getpid(),
         "threads": torch.get_num_threads(),
         # Whether decode steps run the native kernels: built here, and a plan the model's kernels implement.
-        "native_kernels": kernels.available() and engine.ctx.device.type == "cpu"
-        and getattr(engine.model.model, "decode_kernels", False),
+        "native_kernels": engine.native_decode,
         "peak_rss_bytes": peak_rss_bytes(),
         "param_bytes": engine.param_bytes,
         # Anonymous memory in transparent huge pages (the weight arena, see tpinfer.loading.hugepages), or None.
@@ -110,15 +110,12 @@ def _all_reduce_latency(engine: RankEngine, numel: int, iters: int = 300) -> dic
 OPS = {"stats": _stats, "bandwidth": _bandwidth, "all_reduce_latency": _all_reduce_latency}
 
 
-def run_op(engine: RankEngine, message: dict[str, Any]) -> list[Any]:
+def run_op(engine: RankEngine, message: messages.Bench) -> list[Any]:
     """Every rank: run the measurement and gather every rank's result (rank order)."""
-    args = {k: v for k, v in message.items() if k not in ("op", "kind")}
-    result = OPS[message["kind"]](engine, **args)
+    result = OPS[message.kind](engine, **message.args)
     return engine.ctx.comm.all_gather_object(result)
 
 
 def collect(engine: RankEngine, kind: str, **args: Any) -> list[Any]:
     """Rank 0: have every rank run ``kind`` and return their results."""
-    message = {"op": "bench", "kind": kind, **args}
-    engine.ctx.comm.broadcast_json(message)
-    return run_op(engine, message)
+    return run_op(engine, messages.send(engine.ctx.comm, messages.Bench(kind, args)))

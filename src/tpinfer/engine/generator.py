@@ -46,8 +46,9 @@ class GenerationStats:
 class Generator:
     """Runs batches of prompts through one rank's model with a preallocated KV cache."""
 
-    def __init__(self, model, eos_token_ids: tuple[int, ...], max_batch_size: int = 8) -> None:
+    def __init__(self, model, eos_token_ids: tuple[int, ...], max_batch_size: int = 8, forward=None) -> None:
         self.model = model
+        self.forward = forward or model  # the model's forward, or a fast decode adapter around it
         self.ctx = model.ctx
         self.eos_token_ids = tuple(eos_token_ids)
         self.cache: KVCache = model.new_cache(max_batch_size)
@@ -97,7 +98,7 @@ class Generator:
 
         start = time.perf_counter()
         batch = Batch.build(prompts, [0] * len(prompts), list(range(len(prompts))), device)
-        tokens, logprobs = self._choose(self.model(batch, self.cache), params, generator)
+        tokens, logprobs = self._choose(self.forward(batch, self.cache), params, generator)
         self.stats.prefill_s += time.perf_counter() - start
         self.stats.prompt_tokens += sum(len(p) for p in prompts)
 
@@ -125,7 +126,7 @@ class Generator:
             )
             if self.fault_step is not None and self.stats.decode_steps >= self.fault_step:
                 raise RuntimeError(f"rank {self.ctx.rank}: injected fault at decode step {self.stats.decode_steps}")
-            tokens, logprobs = self._choose(self.model(batch, self.cache), params, generator)
+            tokens, logprobs = self._choose(self.forward(batch, self.cache), params, generator)
             self.stats.decode_steps += 1
         self.stats.decode_s += time.perf_counter() - start
         return outputs

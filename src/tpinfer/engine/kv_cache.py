@@ -1,13 +1,15 @@
 """A KV cache preallocated per rank for its local KV heads.
 
-Layout per layer: (max_seqs, local_kv_heads, max_seq_len, head_dim). A sequence owns one slot;
-its token at position p lives at [slot, :, p]. A query at position p attends positions <= p of
-its slot, so stale entries past a sequence's length are never read.
+Layout per layer: (max_seqs, local_kv_heads, length, head_dim). A sequence owns one slot. In a layer that attends
+every earlier position, length is max_seq_len and the token at position p lives at [slot, :, p]; a query at
+position p attends positions <= p of its slot, so stale entries past a sequence's length are never read. A
+sliding-window layer whose window W is shorter than max_seq_len keeps only W positions, as a ring: position p lives
+at [slot, :, p mod W] (see ``tpinfer.models.attention``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -15,7 +17,7 @@ import torch
 class KVCache:
     def __init__(
         self,
-        num_layers: int,
+        lengths: list[int],
         max_seqs: int,
         num_local_kv_heads: int,
         max_seq_len: int,
@@ -23,9 +25,11 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
-        shape = (max_seqs, num_local_kv_heads, max_seq_len, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        shapes = [(max_seqs, num_local_kv_heads, length, head_dim) for length in lengths]
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
+        # Per layer: the ring's size W for a sliding-window layer shorter than max_seq_len, else None.
+        self.ring = [length if length < max_seq_len else None for length in lengths]
         self.max_seqs, self.max_seq_len = max_seqs, max_seq_len
 
     @property
@@ -39,7 +43,8 @@ class Batch:
 
     ``slots`` are cache slots per row; ``positions`` (B, T) per token. ``kv_len`` is how many cache
     positions the step attends (max position + 1). ``contiguous`` marks slots = first..first+B-1,
-    which lets attention read the cache as a view instead of gathering it.
+    which lets attention read the cache as a view instead of gathering it. ``lengths`` are each row's real
+    tokens (the rest of a row is padding).
     """
 
     input_ids: torch.Tensor  # (B, T)
@@ -49,6 +54,9 @@ class Batch:
     contiguous: bool
     logits_index: torch.Tensor | None = None  # (B,) token index per row whose logits are wanted
     single_row_start: tuple[int, int] | None = None  # (slot, first position) when B == 1
+    lengths: tuple[int, ...] = ()
+    all_logits: bool = False  # logits of every position (scoring), not only logits_index
+    masks: dict = field(default_factory=dict, repr=False)  # attention masks built once per step, by kind
 
     @classmethod
     def build(
@@ -58,6 +66,7 @@ class Batch:
         slots: list[int],
         device: torch.device,
         pad_id: int = 0,
+        all_logits: bool = False,
     ) -> Batch:
         """Rows of new tokens, right-padded; row b's tokens sit at start_positions[b], +1, ..."""
         width = max(len(t) for t in token_ids)
@@ -77,4 +86,6 @@ class Batch:
             contiguous,
             last.to(device),
             (slots[0], start_positions[0]) if len(slots) == 1 else None,
+            tuple(len(t) for t in token_ids),
+            all_logits,
         )

@@ -1,7 +1,8 @@
-"""One rank's engine: the loaded model, its generator, and the loop workers run.
+"""One rank's engine: the loaded model, its forward (the model's, or a family's fast decode adapter), its
+generator, and the loop workers run.
 
-Rank 0 owns I/O. It sends each request to the other ranks as one JSON message (``broadcast_json``),
-then every rank runs the same ``Generator.generate``. Workers loop on messages until "stop".
+Rank 0 owns I/O. It sends each operation to the other ranks as one message (``tpinfer.engine.messages``), then
+every rank runs the same operation. Workers loop on messages until ``Stop``.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,13 +18,14 @@ from typing import Any
 import torch
 
 from tpinfer.config import ModelConfig
+from tpinfer.engine import messages
 from tpinfer.engine.generator import GenerationOutput, Generator
 from tpinfer.engine.sampling import SamplingParams
 from tpinfer.loading.checkpoint import Checkpoint, load_weights, resolve_dtype
 from tpinfer.models import build_model
 from tpinfer.parallel.context import ParallelContext
 from tpinfer.parallel.plan import ResolvedPlan, resolve_plan
-from tpinfer.parallel.shard import parameter_shapes
+from tpinfer.parallel.shard import parameter_shapes, shape_notes
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +46,8 @@ class EngineSpec:
     timeout_s: float = 120.0
     # Threads per rank; None = this host's cores divided by the ranks on it.
     threads: int | None = None
+    # Run the family's fast decode adapter where it applies (False: the model's plain torch forward for every step).
+    native_decode: bool = True
     # Internal, for tests of failure handling: {"rank": r, "step": s} makes rank r raise at decode step s.
     fault: dict[str, int] | None = None
 
@@ -64,9 +69,16 @@ class RankEngine:
     ctx: ParallelContext
     config: ModelConfig
     model: torch.nn.Module
+    # model(batch, cache), or the family's fast decode adapter around it (same contract, see kernels.decode_adapter)
+    forward: Callable[..., torch.Tensor]
     generator: Generator
     load_s: float
     load_stats: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def native_decode(self) -> bool:
+        """Whether decode steps run a fast adapter rather than the model's plain forward."""
+        return self.forward is not self.model
 
     @property
     def param_bytes(self) -> int:
@@ -84,31 +96,38 @@ class RankEngine:
 
     def run(self, prompts: list[list[int]], params: SamplingParams) -> list[GenerationOutput]:
         """Rank 0: send the request to every rank, then generate alongside them."""
-        self.ctx.comm.broadcast_json({"op": "generate", "prompts": prompts, "params": params.to_dict()})
+        messages.send(self.ctx.comm, messages.Generate(prompts, params))
         return self.generator.generate(prompts, params)
 
+    def score(self, sequences: list[list[int]]) -> list[torch.Tensor]:
+        """Rank 0: teacher-forced full logits (len, vocab) float32 of each sequence, computed by every rank."""
+        from tpinfer.engine.scoring import run_score
+
+        return run_score(self, messages.send(self.ctx.comm, messages.Score(sequences)))
+
     def stop_workers(self) -> None:
-        self.ctx.comm.broadcast_json({"op": "stop"})
+        messages.send(self.ctx.comm, messages.Stop())
 
     def serve_forever(self) -> None:
         """Workers: run what rank 0 sends until it says stop."""
         while True:
-            message = self.ctx.comm.broadcast_json(None)
-            op = message["op"]
-            if op == "stop":
+            message = messages.receive(self.ctx.comm)
+            if isinstance(message, messages.Stop):
                 return
-            if op == "generate":
-                self.generator.generate(message["prompts"], SamplingParams.from_dict(message["params"]))
-            elif op == "bench":  # measurements for tpinfer bench (tpinfer.engine.bench)
+            if isinstance(message, messages.Generate):
+                self.generator.generate(message.prompts, message.params)
+            elif isinstance(message, messages.Bench):  # measurements for tpinfer bench (tpinfer.engine.bench)
                 from tpinfer.engine.bench import run_op
 
                 run_op(self, message)
-            elif op == "step":  # the server's continuous batching (tpinfer.engine.scheduler)
+            elif isinstance(message, messages.Step):  # the server's continuous batching (tpinfer.engine.scheduler)
                 from tpinfer.engine.scheduler import run_step
 
                 run_step(self, message)
-            else:
-                raise RuntimeError(f"rank {self.ctx.rank}: unknown message {op!r}")
+            elif isinstance(message, messages.Score):  # tpinfer verify (tpinfer.engine.scoring)
+                from tpinfer.engine.scoring import run_score
+
+                run_score(self, message)
 
 
 def load_engine(spec: EngineSpec, ctx: ParallelContext, progress: bool = False) -> RankEngine:
@@ -124,17 +143,19 @@ def load_engine(spec: EngineSpec, ctx: ParallelContext, progress: bool = False) 
     model = build_model(config, ctx, plan, dtype, max_len)
     ignore = ("lm_head.weight",) if config.tie_word_embeddings else ()
     stats = load_weights(model, checkpoint, parameter_shapes(config, 1, 0, padded=False), progress and ctx.is_first,
-                         ignore)
+                         ignore, shape_notes(config))
     model.eval()
+    adapter = config.family.decode_adapter
+    forward = (adapter(model) if adapter is not None and spec.native_decode else None) or model
     eos = config.eos_token_id or _tokenizer_eos(spec.model)
-    generator = Generator(model, eos, spec.max_batch_size)
+    generator = Generator(model, eos, spec.max_batch_size, forward)
     if spec.fault and spec.fault.get("rank") == ctx.rank:
         generator.fault_step = int(spec.fault.get("step", 0))
     load_s = time.perf_counter() - start
     if ctx.is_first and progress:
         print(f"tpinfer: loaded {Path(spec.model).name} at tp={ctx.world_size} ({str(dtype).removeprefix('torch.')}, "
               f"{stats['bytes'] / 2**20:.1f} MiB read by rank 0) in {load_s:.2f}s", file=sys.stderr, flush=True)
-    return RankEngine(spec, ctx, config, model, generator, load_s, stats)
+    return RankEngine(spec, ctx, config, model, forward, generator, load_s, stats)
 
 
 def _tokenizer_eos(path: str) -> tuple[int, ...]:

@@ -1,8 +1,8 @@
 """Continuous batching on rank 0, and the step every rank runs.
 
-Each step, rank 0 admits waiting sequences into free KV-cache slots and sends every rank one message:
-
-    {"op": "step", "prefill": [[slot, [token ids]], ...], "decode": [[slot, token id, position], ...]}
+Each step, rank 0 admits waiting sequences into free KV-cache slots and sends every rank one message
+(``messages.Step``): the prompts of the newly admitted sequences as (slot, token ids), and the last token of every
+running one as (slot, token id, position).
 
 Every rank then runs the same two forwards (``run_step``): the prompts of the newly admitted sequences
 (each from position 0, right-padded to the longest) and the running sequences' last tokens. Only slots,
@@ -26,6 +26,7 @@ from typing import Protocol
 
 import torch
 
+from tpinfer.engine import messages
 from tpinfer.engine.kv_cache import Batch
 from tpinfer.engine.runtime import RankEngine
 from tpinfer.engine.sampling import SamplingParams, make_generator, sample
@@ -66,22 +67,22 @@ class Sequence:
 
 
 @torch.inference_mode()
-def run_step(engine: RankEngine, message: dict) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def run_step(engine: RankEngine, message: messages.Step) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Every rank: the forwards of one step message. Full logits (rows, V) of the prefills and of the decodes.
 
     Workers discard the logits; they compute them because the vocabulary-parallel head's all-gather is a
     collective every rank must join.
     """
-    model, cache, device = engine.model, engine.generator.cache, engine.ctx.device
+    model, forward, cache, device = engine.model, engine.forward, engine.generator.cache, engine.ctx.device
     prefill_logits = decode_logits = None
-    if message["prefill"]:
-        slots, prompts = (list(column) for column in zip(*message["prefill"], strict=True))
+    if message.prefill:
+        slots, prompts = (list(column) for column in zip(*message.prefill, strict=True))
         batch = Batch.build(prompts, [0] * len(prompts), slots, device)
-        prefill_logits = model.gather_logits(model(batch, cache))
-    if message["decode"]:
-        slots, tokens, positions = (list(column) for column in zip(*message["decode"], strict=True))
+        prefill_logits = model.gather_logits(forward(batch, cache))
+    if message.decode:
+        slots, tokens, positions = (list(column) for column in zip(*message.decode, strict=True))
         batch = Batch.build([[t] for t in tokens], positions, slots, device)
-        decode_logits = model.gather_logits(model(batch, cache))
+        decode_logits = model.gather_logits(forward(batch, cache))
     return prefill_logits, decode_logits
 
 
@@ -144,7 +145,7 @@ class Scheduler:
 
     def heartbeat(self) -> None:
         """An empty step: idle workers wait in a broadcast whose timeout is the collective timeout."""
-        self.engine.ctx.comm.broadcast_json({"op": "step", "prefill": [], "decode": []})
+        messages.send(self.engine.ctx.comm, messages.Step())
 
     def step(self) -> bool:
         """Admit, run one step on every rank, sample, retire. False when there was nothing to run."""
@@ -153,12 +154,9 @@ class Scheduler:
         admitted = self._admit()
         if not admitted and not decoding:
             return False
-        message = {
-            "op": "step",
-            "prefill": [[seq.slot, seq.prompt_ids] for seq in admitted],
-            "decode": [[seq.slot, seq.token_ids[-1], seq.last_position] for seq in decoding],
-        }
-        self.engine.ctx.comm.broadcast_json(message)  # the workers' whole input for this step
+        message = messages.Step([(seq.slot, seq.prompt_ids) for seq in admitted],
+                                [(seq.slot, seq.token_ids[-1], seq.last_position) for seq in decoding])
+        messages.send(self.engine.ctx.comm, message)  # the workers' whole input for this step
         prefill_logits, decode_logits = run_step(self.engine, message)
         if prefill_logits is not None:
             self._advance(admitted, prefill_logits)

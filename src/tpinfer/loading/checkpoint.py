@@ -19,7 +19,8 @@ from safetensors import safe_open
 from torch import nn
 
 from tpinfer.loading.hugepages import place_in_huge_pages
-from tpinfer.parallel.layers import ParallelModule, Shard
+from tpinfer.parallel.layers import ParallelModule
+from tpinfer.parallel.spec import Slice
 
 log = logging.getLogger(__name__)
 
@@ -103,14 +104,21 @@ class Checkpoint:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._slice(name).get_shape())
 
-    def read(self, name: str, shard: Shard | None) -> torch.Tensor:
-        """The tensor, or only the rows/columns ``shard`` names, read lazily from disk."""
+    def read(self, name: str, piece: Slice | None) -> torch.Tensor:
+        """The tensor, or only the rows/columns ``piece`` names (its ranges, concatenated), read lazily from disk."""
         tensor_slice = self._slice(name)
         try:
-            if shard is None:
+            if piece is None:
                 return tensor_slice[:]
-            index = slice(shard.start, shard.start + shard.valid)
-            return tensor_slice[index] if shard.dim == 0 else tensor_slice[:, index]
+            parts, remaining = [], piece.valid
+            for start, length in piece.ranges:
+                take = min(length, remaining)
+                if take <= 0:
+                    break
+                index = slice(start, start + take)
+                parts.append(tensor_slice[index] if piece.dim == 0 else tensor_slice[:, index])
+                remaining -= take
+            return parts[0] if len(parts) == 1 else torch.cat(parts, dim=piece.dim)
         except Exception as exc:
             raise CheckpointError(f"{self.files[name]}: cannot read tensor {name} ({exc})") from exc
 
@@ -120,9 +128,9 @@ class Checkpoint:
         self._handles.clear()
 
 
-def expected_tensors(model: nn.Module) -> dict[str, tuple[nn.Parameter, Shard | None]]:
+def expected_tensors(model: nn.Module) -> dict[str, tuple[nn.Parameter, Slice | None]]:
     """Checkpoint name -> (parameter to fill, slice it holds) for every parameter the model loads."""
-    expected: dict[str, tuple[nn.Parameter, Shard | None]] = {}
+    expected: dict[str, tuple[nn.Parameter, Slice | None]] = {}
     for module_name, module in model.named_modules():
         if not isinstance(module, ParallelModule):
             continue
@@ -139,12 +147,15 @@ def load_weights(
     full_shapes: dict[str, tuple[int, ...]],
     progress: bool = False,
     ignore: tuple[str, ...] = (),
+    notes: dict[str, str] | None = None,
 ) -> dict[str, int]:
     """Fill ``model``'s parameters with their slices; returns {"tensors": n, "bytes": read}.
 
-    ``full_shapes`` are the checkpoint shapes the config implies; ``ignore`` names tensors the
-    checkpoint may carry that the model does not load (e.g. lm_head.weight when embeddings are tied).
+    ``full_shapes`` are the checkpoint shapes the config implies (``notes`` say how, for fused tensors);
+    ``ignore`` names tensors the checkpoint may carry that the model does not load (e.g. lm_head.weight when
+    embeddings are tied).
     """
+    notes = notes or {}
     expected = expected_tensors(model)
     available = set(checkpoint.files)
     missing = sorted(set(expected) - available)
@@ -173,9 +184,10 @@ def load_weights(
             param, shard = expected[name]
             shape = checkpoint.shape(name)
             if name in full_shapes and shape != full_shapes[name]:
+                note = f" ({notes[name]})" if name in notes else ""
                 raise CheckpointError(
                     f"{checkpoint.files[name]}: tensor {name} has shape {list(shape)}, "
-                    f"config.json implies {list(full_shapes[name])}"
+                    f"config.json implies {list(full_shapes[name])}{note}"
                 )
             tensor = checkpoint.read(name, shard)
             target = param.data if shard is None or shard.valid == shard.length else param.data.narrow(

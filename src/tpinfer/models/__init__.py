@@ -1,17 +1,46 @@
-"""Model families. Each is one file built from ``tpinfer.parallel``; ``build_model`` picks by model_type."""
+"""Model families: one module each, declaring itself with a ``FAMILY`` (see ``family.py``).
+
+Adding a family is adding a module and a line to ``FAMILY_MODULES``.
+"""
 
 from __future__ import annotations
 
-import torch
+import importlib
+from typing import TYPE_CHECKING
 
-from tpinfer.config import ModelConfig
-from tpinfer.parallel.context import ParallelContext
-from tpinfer.parallel.plan import ResolvedPlan
+if TYPE_CHECKING:
+    import torch
+
+    from tpinfer.config import ModelConfig
+    from tpinfer.models.family import Family
+    from tpinfer.parallel.context import ParallelContext
+    from tpinfer.parallel.plan import ResolvedPlan
+
+# model_type -> the module that declares its family
+FAMILY_MODULES = {
+    "llama": "tpinfer.models.llama",
+    "mistral": "tpinfer.models.llama",
+    "qwen2": "tpinfer.models.llama",
+    "qwen3": "tpinfer.models.qwen3",
+    "gemma2": "tpinfer.models.gemma",
+    "gemma3_text": "tpinfer.models.gemma",
+    "phi3": "tpinfer.models.phi3",
+}
+SUPPORTED_MODEL_TYPES = tuple(FAMILY_MODULES)
 
 
-def build_model(config: ModelConfig, ctx: ParallelContext, plan: ResolvedPlan, dtype: torch.dtype, max_seq_len: int):
+def family_for(model_type: str | None) -> Family:
+    from tpinfer.config import ConfigError
+
+    if model_type not in FAMILY_MODULES:
+        hint = " (a multimodal Gemma 3 checkpoint: tpinfer runs its text-only form, gemma3_text)" if (
+            model_type == "gemma3") else ""
+        raise ConfigError(f"model_type {model_type!r} is not supported{hint}; supported: "
+                          f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+    return importlib.import_module(FAMILY_MODULES[model_type]).FAMILY
+
+
+def build_model(config: ModelConfig, ctx: ParallelContext, plan: ResolvedPlan, dtype: torch.dtype,
+                max_seq_len: int) -> torch.nn.Module:
     """The model for ``config.model_type`` with this rank's (empty) parameters allocated."""
-    from tpinfer.models.llama import LlamaForCausalLM
-
-    families = {"llama": LlamaForCausalLM, "mistral": LlamaForCausalLM, "qwen2": LlamaForCausalLM}
-    return families[config.model_type](config, ctx, plan, dtype, max_seq_len)
+    return family_for(config.model_type).model(config, ctx, plan, dtype, max_seq_len)

@@ -6,15 +6,13 @@ Weights use nn.Linear's layout: (out_features, in_features), Y = X W^T.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from tpinfer import kernels
 from tpinfer.parallel.context import ParallelContext
-from tpinfer.parallel.shard import shard_range, vocab_range
+from tpinfer.parallel.spec import COLWISE, REPLICATE, Embedding, Head, Linear, Slice, vocab_slice
 
 # CPUs without native bfloat16 arithmetic (no AVX512-BF16/AMX) run bf16 GEMMs several times slower than
 # float32 ones once more than a few rows share the weight (measured here: 2.5x at 32 rows, 3.7x at 128),
@@ -61,36 +59,20 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return out.to(torch.bfloat16)
 
 
-@dataclass(frozen=True)
-class Shard:
-    """The slice of a full tensor a rank holds: ``length`` items from ``start`` along ``dim``.
-
-    ``valid`` (<= length) is how many of those exist in the checkpoint; the rest is padding
-    (only the last ranks of a padded vocabulary have any).
-    """
-
-    dim: int
-    start: int
-    length: int
-    valid: int
-
-
-def _full(size: int) -> Shard:
-    return Shard(0, 0, size, size)
-
-
 class ParallelModule(nn.Module):
     """A module whose parameters are slices: ``shards[name]`` says which slice (None = whole tensor)."""
 
-    shards: dict[str, Shard | None]
+    shards: dict[str, Slice | None]
 
 
 class ReplicatedLinear(ParallelModule):
     """Y = X W^T + b with the whole W on every rank; no communication."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device: torch.device):
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device: torch.device,
+                 part_sizes: tuple[int, ...] | None = None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        self.part_sizes = part_sizes or (out_features,)
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype, device=device), False)
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), False) if bias else None
         self.shards = {"weight": None, "bias": None}
@@ -106,25 +88,26 @@ class ReplicatedLinear(ParallelModule):
 class ColumnParallelLinear(ParallelModule):
     """Y_i = X W_i^T with W = [W_1 | ... | W_n] split by output features; output stays sharded.
 
-    ``out_shard`` (start, length) in output features defaults to an equal split; attention passes
-    head-aligned ranges (and a replicated KV head when TP exceeds the KV heads).
+    ``out_ranges`` (start, length) in output features are this rank's rows: one range for a plain projection, one
+    per group for a packed one (q, k and v of a fused qkv_proj); ``part_sizes`` are their lengths.
     """
 
     def __init__(
         self,
         in_features: int,
-        out_features: int,
+        out_ranges: tuple[tuple[int, int], ...],
         ctx: ParallelContext,
         bias: bool,
         dtype: torch.dtype,
-        out_shard: tuple[int, int] | None = None,
     ):
         super().__init__()
-        start, length = out_shard or shard_range(out_features, ctx.rank, ctx.world_size)
-        self.in_features, self.out_features, self.local_out_features = in_features, out_features, length
+        self.part_sizes = tuple(length for _, length in out_ranges)
+        length = sum(self.part_sizes)
+        self.in_features, self.local_out_features = in_features, length
         self.weight = nn.Parameter(torch.empty(length, in_features, dtype=dtype, device=ctx.device), False)
         self.bias = nn.Parameter(torch.empty(length, dtype=dtype, device=ctx.device), False) if bias else None
-        self.shards = {"weight": Shard(0, start, length, length), "bias": Shard(0, start, length, length)}
+        piece = Slice(0, tuple(out_ranges), length)
+        self.shards = {"weight": piece, "bias": piece}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
@@ -135,20 +118,19 @@ class RowParallelLinear(ParallelModule):
 
     def __init__(
         self,
-        in_features: int,
+        in_ranges: tuple[tuple[int, int], ...],
         out_features: int,
         ctx: ParallelContext,
         bias: bool,
         dtype: torch.dtype,
-        in_shard: tuple[int, int] | None = None,
     ):
         super().__init__()
-        start, length = in_shard or shard_range(in_features, ctx.rank, ctx.world_size)
-        self.in_features, self.out_features, self.local_in_features = in_features, out_features, length
+        length = sum(n for _, n in in_ranges)
+        self.out_features, self.local_in_features = out_features, length
         self.comm = ctx.comm
         self.weight = nn.Parameter(torch.empty(out_features, length, dtype=dtype, device=ctx.device), False)
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=ctx.device), False) if bias else None
-        self.shards = {"weight": Shard(1, start, length, length), "bias": None}
+        self.shards = {"weight": Slice(1, tuple(in_ranges), length), "bias": None}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.finish(linear(x, self.weight))
@@ -167,12 +149,12 @@ class VocabParallelEmbedding(ParallelModule):
 
     def __init__(self, vocab_size: int, hidden_size: int, ctx: ParallelContext, dtype: torch.dtype):
         super().__init__()
-        start, length = vocab_range(vocab_size, ctx.rank, ctx.world_size)
+        piece = vocab_slice(vocab_size, ctx.rank, ctx.world_size)
+        (start, length), = piece.ranges
         self.vocab_size, self.start, self.length = vocab_size, start, length
         self.comm = ctx.comm
         self.weight = nn.Parameter(torch.zeros(length, hidden_size, dtype=dtype, device=ctx.device), False)
-        valid = max(0, min(vocab_size - start, length))
-        self.shards = {"weight": Shard(0, start, length, valid)}
+        self.shards = {"weight": piece}
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.comm.world_size == 1:
@@ -201,7 +183,8 @@ class ParallelLMHead(ParallelModule):
         tied_to: VocabParallelEmbedding | None = None,
     ):
         super().__init__()
-        start, length = vocab_range(vocab_size, ctx.rank, ctx.world_size)
+        piece = vocab_slice(vocab_size, ctx.rank, ctx.world_size)
+        (start, length), = piece.ranges
         self.vocab_size, self.start, self.length = vocab_size, start, length
         self.comm = ctx.comm
         if tied_to is not None:
@@ -209,7 +192,7 @@ class ParallelLMHead(ParallelModule):
             self.shards = {}
         else:
             self.weight = nn.Parameter(torch.zeros(length, hidden_size, dtype=dtype, device=ctx.device), False)
-            self.shards = {"weight": Shard(0, start, length, max(0, min(vocab_size - start, length)))}
+            self.shards = {"weight": piece}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Local logits (..., vocab rows of this rank)."""
@@ -264,3 +247,31 @@ class RMSNorm(ParallelModule):
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused op, same result
         normed = F.rms_norm(x.float(), self.weight.shape, None, self.eps)
         return self.weight * normed.to(x.dtype)
+
+
+def linear_layer(module: Linear, strategy: str, ctx: ParallelContext, dtype: torch.dtype) -> ParallelModule:
+    """The layer for a declared projection under its plan strategy, holding only this rank's slice."""
+    rank, tp = ctx.rank, ctx.world_size
+    if strategy == COLWISE:
+        return ColumnParallelLinear(module.in_features.total, module.out_features.ranges(rank, tp), ctx, module.bias,
+                                    dtype)
+    if strategy == REPLICATE:
+        sizes = tuple(p.features for p in module.out_features.parts)
+        return ReplicatedLinear(module.in_features.total, module.out_features.total, module.bias, dtype, ctx.device,
+                                sizes)
+    return RowParallelLinear(module.in_features.ranges(rank, tp), module.out_features.total, ctx, module.bias, dtype)
+
+
+def embedding_layer(module: Embedding, strategy: str, ctx: ParallelContext, dtype: torch.dtype) -> ParallelModule:
+    if strategy == REPLICATE:
+        return ReplicatedEmbedding(module.vocab_size, module.hidden_size, ctx, dtype)
+    return VocabParallelEmbedding(module.vocab_size, module.hidden_size, ctx, dtype)
+
+
+def head_layer(module: Head, strategy: str, ctx: ParallelContext, dtype: torch.dtype,
+               tied_to: ParallelModule | None = None) -> ParallelModule:
+    if tied_to is not None and isinstance(tied_to, VocabParallelEmbedding) != (strategy != REPLICATE):
+        raise ValueError("tied embeddings need embed_tokens and lm_head to share a strategy")
+    cls = ReplicatedLMHead if strategy == REPLICATE else ParallelLMHead
+    return cls(module.vocab_size, module.hidden_size, ctx, dtype, tied_to=tied_to)
+

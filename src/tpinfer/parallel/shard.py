@@ -1,8 +1,9 @@
-"""Shard arithmetic: pure functions of (size, rank, world).
+"""Shard arithmetic: pure functions of (size, rank, world), and the shapes they give a model.
 
-This module is the one source of truth for how tpinfer splits a model. The parallel layers take
-their per-rank sizes from here, the loader takes its slices from here, and ``tpinfer info`` and the
-planner count bytes from here, so the three cannot disagree.
+This module and the family declarations it reads (``tpinfer.parallel.spec``, ``tpinfer.models``) are the one
+source of truth for how tpinfer splits a model. The parallel layers take their per-rank sizes from here, the
+loader takes its slices from here, and ``tpinfer info`` and the planner count bytes from here, so the three
+cannot disagree.
 """
 
 from __future__ import annotations
@@ -43,10 +44,20 @@ def kv_head_range(num_kv_heads: int, rank: int, world: int) -> tuple[int, int]:
     return rank // (world // num_kv_heads), 1
 
 
-def tp_failure_reason(config: ModelConfig, tp: int) -> str | None:
-    """Why ``tp`` cannot shard ``config``, naming the numbers; None when it can."""
+def tp_failure_reason(config, tp: int) -> str | None:  # noqa: ANN001
+    """Why ``tp`` cannot shard ``config`` under its family's "auto" plan, naming the numbers; None when it can.
+
+    A model the engine does not run (the planner's catalogue-only architectures) is held to the Megatron rule
+    every family shares: attention heads, KV heads (or a multiple of them) and the FFN divisible by ``tp``.
+    """
     if tp < 1:
         return f"tp={tp} must be at least 1"
+    if _is_engine_config(config):
+        from tpinfer.parallel.plan import strategies_for, tp_failure
+
+        family = config.family
+        modules = family.modules(config)
+        return tp_failure(modules, strategies_for(config, family.auto_plan, modules), tp)
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     if heads % tp:
         return f"{heads} attention heads are not divisible by tp={tp}"
@@ -57,50 +68,40 @@ def tp_failure_reason(config: ModelConfig, tp: int) -> str | None:
     return None
 
 
-def valid_tp_sizes(config: ModelConfig) -> list[int]:
+def valid_tp_sizes(config) -> list[int]:  # noqa: ANN001
+    if _is_engine_config(config):
+        from tpinfer.parallel.plan import strategies_for, valid_sizes
+
+        family = config.family
+        modules = family.modules(config)
+        return valid_sizes(modules, strategies_for(config, family.auto_plan, modules), config.num_attention_heads)
     return [tp for tp in range(1, config.num_attention_heads + 1) if tp_failure_reason(config, tp) is None]
 
 
-def o_proj_has_bias(config: ModelConfig) -> bool:
-    # qwen2 has q/k/v biases but none on o_proj; llama's attention_bias covers all four.
-    return config.attention_bias and config.model_type != "qwen2"
+def _is_engine_config(config) -> bool:  # noqa: ANN001
+    from tpinfer.config import ModelConfig
+
+    return isinstance(config, ModelConfig)
 
 
-def parameter_shapes(config: ModelConfig, tp: int, rank: int, padded: bool = True) -> dict[str, tuple[int, ...]]:
-    """HF parameter name -> shape held by ``rank`` under the "auto" plan at ``tp``.
+def parameter_shapes(config: ModelConfig, tp: int, rank: int, padded: bool = True,
+                     strategies: dict[str, str] | None = None) -> dict[str, tuple[int, ...]]:
+    """HF parameter name -> shape held by ``rank`` at ``tp``, under ``strategies`` (default: the "auto" plan).
 
-    With ``tp=1, padded=False`` these are the checkpoint's full shapes.
+    Read from the family's declaration of its modules. With ``tp=1, padded=False`` these are the checkpoint's
+    full shapes.
     """
-    hidden, head_dim = config.hidden_size, config.head_dim
-    vocab_rows = vocab_range(config.vocab_size, rank, tp)[1] if padded else config.vocab_size
-    local_q = shard_range(config.num_attention_heads, rank, tp)[1] * head_dim
-    local_kv = kv_head_range(config.num_key_value_heads, rank, tp)[1] * head_dim
-    local_ffn = shard_range(config.intermediate_size, rank, tp)[1]
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab_rows, hidden)}
-    for i in range(config.num_hidden_layers):
-        p = f"model.layers.{i}."
-        shapes[p + "self_attn.q_proj.weight"] = (local_q, hidden)
-        shapes[p + "self_attn.k_proj.weight"] = (local_kv, hidden)
-        shapes[p + "self_attn.v_proj.weight"] = (local_kv, hidden)
-        if config.attention_bias:
-            shapes[p + "self_attn.q_proj.bias"] = (local_q,)
-            shapes[p + "self_attn.k_proj.bias"] = (local_kv,)
-            shapes[p + "self_attn.v_proj.bias"] = (local_kv,)
-        shapes[p + "self_attn.o_proj.weight"] = (hidden, local_q)
-        if o_proj_has_bias(config):
-            shapes[p + "self_attn.o_proj.bias"] = (hidden,)
-        shapes[p + "mlp.gate_proj.weight"] = (local_ffn, hidden)
-        shapes[p + "mlp.up_proj.weight"] = (local_ffn, hidden)
-        shapes[p + "mlp.down_proj.weight"] = (hidden, local_ffn)
-        if config.mlp_bias:
-            shapes[p + "mlp.gate_proj.bias"] = (local_ffn,)
-            shapes[p + "mlp.up_proj.bias"] = (local_ffn,)
-            shapes[p + "mlp.down_proj.bias"] = (hidden,)
-        shapes[p + "input_layernorm.weight"] = (hidden,)
-        shapes[p + "post_attention_layernorm.weight"] = (hidden,)
-    shapes["model.norm.weight"] = (hidden,)
-    if not config.tie_word_embeddings:
-        shapes["lm_head.weight"] = (vocab_rows, hidden)
+    from tpinfer.parallel.plan import strategies_for
+    from tpinfer.parallel.spec import parameters
+
+    family = config.family
+    modules = family.modules(config)
+    if strategies is None:
+        strategies = strategies_for(config, family.auto_plan, modules)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for module in modules:
+        for name, (shape, _) in parameters(module, strategies[module.name], rank, tp, padded).items():
+            shapes[f"{module.name}.{name}"] = shape
     return shapes
 
 
@@ -117,6 +118,36 @@ def rank_parameter_bytes(config: ModelConfig, tp: int, rank: int, bytes_per_elem
 
 
 def kv_cache_bytes_per_token(config: ModelConfig, tp: int, rank: int, bytes_per_element: int) -> int:
-    """KV-cache bytes one token costs on ``rank``: K and V for its local KV heads in every layer."""
+    """KV-cache bytes one token costs on ``rank``: K and V for its local KV heads in every layer (sliding-window
+    layers stop growing at their window: ``kv_cache_bytes`` counts them exactly)."""
     local_kv = kv_head_range(config.num_key_value_heads, rank, tp)[1]
     return 2 * config.num_hidden_layers * local_kv * config.head_dim * bytes_per_element
+
+
+def kv_cache_lengths(config: ModelConfig, max_seq_len: int) -> list[int]:
+    """Cache positions each layer keeps for a sequence of up to ``max_seq_len`` tokens: all of them, or for a
+    sliding-window layer whose window is shorter, the window (a ring: position p lives at p mod window)."""
+    lengths = []
+    for layer in range(config.num_hidden_layers):
+        window = config.window(layer)
+        lengths.append(window if window is not None and window < max_seq_len else max_seq_len)
+    return lengths
+
+
+def kv_cache_bytes(config: ModelConfig, tp: int, rank: int, max_seqs: int, max_seq_len: int,
+                   bytes_per_element: int) -> int:
+    """Bytes of the KV cache ``rank`` allocates for ``max_seqs`` sequences of ``max_seq_len`` tokens."""
+    local_kv = kv_head_range(config.num_key_value_heads, rank, tp)[1]
+    return 2 * max_seqs * sum(kv_cache_lengths(config, max_seq_len)) * local_kv * config.head_dim * bytes_per_element
+
+
+
+def shape_notes(config: ModelConfig) -> dict[str, str]:
+    """For fused checkpoint tensors, how their declared shape is made up ("rows: 64 (attention heads) + ...")."""
+    from tpinfer.parallel.spec import Linear
+
+    notes = {}
+    for module in config.family.modules(config):
+        if isinstance(module, Linear) and len(module.out_features.parts) > 1:
+            notes[f"{module.name}.weight"] = f"rows: {module.out_features.describe()}"
+    return notes

@@ -1,0 +1,140 @@
+"""The native decode step as an adapter: it takes a built Llama-structured model and returns a step callable.
+
+``native_decode(model)`` checks once what the fused kernels implement (this module owns those checks): a CPU rank
+with the kernels built, q/k/v and gate/up local (column-parallel or replicated) and o/down row-parallel or
+replicated, head_dim within the attention kernel's buffer, one rope table for every step that rotates whole
+heads, and no sliding-window ring in the cache. If the model qualifies it returns a ``NativeDecode``; otherwise
+None, and the engine calls the model's own forward. A ``NativeDecode`` runs decode steps (one new token per
+row, up to ``NATIVE_MAX_ROWS`` rows, float32/bfloat16 activations) through the kernels and hands any other step
+to the model: the model file stays the plain-torch reference these kernels are tested against.
+
+With the shared-memory all-reduce, the whole decoder stack of a step is one native call (``kernels.DecodeStack``),
+its all-reduces done in C; over gloo or NCCL, two native calls per layer with the all-reduces in between.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tpinfer import kernels
+from tpinfer.engine.kv_cache import Batch, KVCache
+from tpinfer.parallel.layers import NATIVE_MAX_ROWS, ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
+from tpinfer.parallel.shard import kv_cache_lengths
+
+LOCAL = (ColumnParallelLinear, ReplicatedLinear)
+REDUCED = (RowParallelLinear, ReplicatedLinear)
+
+
+def unsupported_reason(model: torch.nn.Module) -> str | None:
+    """Why the fused kernels cannot run this model's decode; None when they can."""
+    if model.ctx.device.type != "cpu":
+        return f"the kernels are CPU kernels; this rank runs on {model.ctx.device}"
+    if not kernels.available():
+        return kernels.unavailable_reason()
+    if model.config.query_pre_attn_scalar is not None or model.config.attn_logit_softcapping is not None:
+        return "the attention kernel scales by 1/sqrt(head_dim) and does not soft-cap"
+    ropes = list(model.model.rotary_emb.values())
+    if len(ropes) != 1 or not ropes[0].static or ropes[0].rotary_dim != model.config.head_dim:
+        return "the kernels take one rope table that rotates whole heads"
+    if any(length < model.max_seq_len for length in kv_cache_lengths(model.config, model.max_seq_len)):
+        return "a sliding-window layer keeps a ring cache, which the attention kernel does not read"
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        if not all(isinstance(m, LOCAL) for m in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj)):
+            return "q/k/v and gate/up must be column-parallel or replicated"
+        if not all(isinstance(m, REDUCED) for m in (attn.o_proj, mlp.down_proj)):
+            return "o_proj and down_proj must be row-parallel or replicated"
+        if attn.head_dim > kernels.MAX_HEAD_DIM:
+            return f"head_dim {attn.head_dim} exceeds the attention kernel's {kernels.MAX_HEAD_DIM}"
+    return None
+
+
+def native_decode(model: torch.nn.Module) -> NativeDecode | None:
+    """The fused decode step for ``model``, or None when the kernels cannot run it (see ``unsupported_reason``)."""
+    return None if unsupported_reason(model) else NativeDecode(model)
+
+
+class NativeDecode:
+    """``model(batch, cache)`` with decode steps through the native kernels; every other step goes to the model."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.ctx = model.ctx
+        self.layers = model.model.layers
+        self.rope = next(iter(model.model.rotary_emb.values()))
+        self.world_size = model.ctx.world_size
+        self._described: dict[int, tuple[torch.Tensor, kernels.DecodeLayer]] = {}  # per layer, see _layer
+        self._stack: tuple[torch.Tensor, kernels.DecodeStack] | None = None  # see stack
+
+    def __call__(self, batch: Batch, cache: KVCache) -> torch.Tensor:
+        """Local logits, as the model's forward returns them."""
+        hidden = self.decode(batch, cache)
+        if hidden is None:
+            return self.model(batch, cache)
+        return self.model.logits(hidden)
+
+    def takes(self, batch: Batch) -> bool:
+        """One new token per row, few enough rows, activations the kernels read (the model's dtype)."""
+        weight = self.model.model.embed_tokens.weight
+        return (batch.input_ids.shape[1] == 1 and not batch.all_logits
+                and batch.input_ids.shape[0] <= NATIVE_MAX_ROWS.get(weight.dtype, 0) and kernels.usable(weight))
+
+    def decode(self, batch: Batch, cache: KVCache) -> torch.Tensor | None:
+        """Final hidden states (B, hidden) of a decode step, or None when this step is not one the kernels take."""
+        if not self.takes(batch):
+            return None
+        x = self.model.model.embed_tokens(batch.input_ids)
+        # The kernels index the cache without bounds checks: check the step's slots and positions once here.
+        if batch.kv_len > cache.max_seq_len or int(batch.slots.max()) >= cache.max_seqs:
+            raise IndexError(f"decode step outside the KV cache: positions up to {batch.kv_len - 1} and slots up "
+                             f"to {int(batch.slots.max())} for {cache.max_seqs} slots x {cache.max_seq_len}")
+        cos, sin = self.rope.tables(batch.kv_len)
+        x = x.view(x.shape[0], -1)
+        positions = batch.positions.view(-1)
+        usable, group = self.ctx.comm.native_group(x.numel() * x.element_size())
+        if usable:  # every layer in one native call, all-reduces included
+            x, delta = self.stack(cache).run(x, cos, sin, batch.slots, positions, group, self._finish_half)
+            self.ctx.comm.native_done()
+        else:  # the sums go through gloo/NCCL: two native calls per layer, all-reduces in between
+            delta = None
+            for i, layer in enumerate(self.layers):
+                described = self._layer(i, cache)
+                partial = kernels.layer_attention(described, x, delta, cos, sin, batch.slots, positions)
+                attn_out = layer.self_attn.o_proj.finish(partial)
+                delta = layer.mlp.down_proj.finish(kernels.layer_mlp(described, x, attn_out))
+        norm = self.model.model.norm
+        return kernels.add_rms_norm(x, delta, norm.weight, norm.eps)[1]
+
+    def stack(self, cache: KVCache) -> kernels.DecodeStack:
+        """The whole stack described for ``cache``; the LM head is its tail (prefetched while the last all-reduce
+        waits)."""
+        if self._stack is None or self._stack[0] is not cache.keys[0]:  # a new cache: describe the layers again
+            layers = [self._layer(i, cache) for i in range(len(self.layers))]
+            self._stack = (cache.keys[0], kernels.DecodeStack(layers, self.model.lm_head.weight))
+        return self._stack[1]
+
+    def _finish_half(self, half: int, out: torch.Tensor) -> None:
+        """Half-layer ``half``'s all-reduce, left open by the native stack for a late peer, and its bias."""
+        self.ctx.comm.finish_native(out)
+        layer = self.layers[half // 2]
+        bias = layer.self_attn.o_proj.bias if half % 2 == 0 else layer.mlp.down_proj.bias
+        if bias is not None:
+            out.add_(bias)
+
+    def _layer(self, i: int, cache: KVCache) -> kernels.DecodeLayer:
+        k_cache, v_cache = cache.keys[i], cache.values[i]
+        described = self._described.get(i)
+        if described is None or described[0] is not k_cache:  # a new cache (more slots): describe again
+            layer = self.layers[i]
+            attn, mlp = layer.self_attn, layer.mlp
+            modules = {"q": attn.q_proj, "k": attn.k_proj, "v": attn.v_proj, "o": attn.o_proj, "g": mlp.gate_proj,
+                       "u": mlp.up_proj, "d": mlp.down_proj}
+            norm1, norm2 = layer.input_layernorm, layer.post_attention_layernorm
+            several = self.world_size > 1
+            reduce = (several and isinstance(attn.o_proj, RowParallelLinear),
+                      several and isinstance(mlp.down_proj, RowParallelLinear))
+            description = kernels.decode_layer(norm1.weight, norm2.weight, norm1.eps, norm2.eps,
+                                               {k: (m.weight, m.bias) for k, m in modules.items()}, k_cache, v_cache,
+                                               reduce)
+            self._described[i] = described = (k_cache, description)
+        return described[1]

@@ -1,0 +1,57 @@
+"""A model family, declared once in its own module under ``tpinfer.models``.
+
+The declaration says which config fields the family reads (``read_config``), its modules with their HF names and
+features (``layer``: one decoder layer's projections and norms; the embedding, final norm and head are the same
+for every decoder), its ``"auto"`` tensor-parallel plan and the column->row pairs that plan must respect, the model
+class built from it, and optionally a fast decode path. Plan resolution, shard arithmetic, the loader,
+``tpinfer info`` and the planner read this declaration; none of them knows a family by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from tpinfer.parallel.spec import VOCAB, Embedding, Head, Module, Norm, Pair
+
+if TYPE_CHECKING:
+    from tpinfer.config import ModelConfig
+
+LAYER_PREFIX = "model.layers.{}."
+EMBED, FINAL_NORM, LM_HEAD = "model.embed_tokens", "model.norm", "lm_head"
+# The embedding and head split the vocabulary under every family's auto plan.
+VOCAB_PLAN = {EMBED: VOCAB, LM_HEAD: VOCAB}
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    model_types: tuple[str, ...]
+    read_config: Callable[[dict[str, Any]], dict[str, Any]]  # config.json -> ModelConfig fields
+    layer: Callable[[ModelConfig, int], dict[str, Module]]  # short name ("self_attn.q_proj") -> module
+    auto_plan: dict[str, str]  # module pattern ("model.layers.*.mlp.up_proj") -> strategy
+    pairs: tuple[Pair, ...]
+    model: Callable[..., Any]  # (config, ctx, plan, dtype, max_seq_len) -> the rank's nn.Module
+    # Optional fast decode: takes the built model, returns a step callable or None when it does not apply.
+    decode_adapter: Callable[[Any], Any] | None = None
+    notes: dict[str, str] = field(default_factory=dict)
+
+    def modules(self, config: ModelConfig) -> list[Module]:
+        """Every module of the model in registration order, with full HF names."""
+        out: list[Module] = [Embedding(EMBED, config.vocab_size, config.hidden_size)]
+        for i in range(config.num_hidden_layers):
+            out += self.layer(config, i).values()
+        out.append(Norm(FINAL_NORM, config.hidden_size))
+        out.append(Head(LM_HEAD, config.vocab_size, config.hidden_size,
+                        EMBED if config.tie_word_embeddings else None))
+        return out
+
+    def layer_pairs(self, layer: int) -> list[tuple[list[str], str]]:
+        """This layer's pairs with full module names."""
+        prefix = LAYER_PREFIX.format(layer)
+        return [([prefix + name for name in pair.inputs], prefix + pair.output) for pair in self.pairs]
+
+
+def decoder_layer_name(layer: int, short: str) -> str:
+    return LAYER_PREFIX.format(layer) + short
