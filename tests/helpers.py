@@ -55,6 +55,41 @@ VARIANTS = {
     },
     # qwen2: q/k/v biases, 4 KV heads, untied
     "qwen2": {"model_type": "qwen2", "num_key_value_heads": 4, "tie_word_embeddings": False, "rope_theta": 1e6},
+    # qwen3: q/k norms per head, explicit head_dim, sliding window (8) from layer 1 on: a ring cache
+    "qwen3": {
+        "model_type": "qwen3", "head_dim": 16, "tie_word_embeddings": False, "rope_theta": 1e6,
+        "use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1,
+    },
+    # gemma2: a single KV head (replicated at TP > 1), query_pre_attn_scalar != head_dim, score and logit caps,
+    # alternating sliding (window 8) and global layers
+    "gemma2": {
+        "model_type": "gemma2", "num_key_value_heads": 1, "head_dim": 16, "query_pre_attn_scalar": 24,
+        "sliding_window": 8, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
+        "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True,
+    },
+    # gemma3_text: q/k norms, a local rope (theta 1e4) and a global one with linear scaling, sliding window 8
+    "gemma3_text": {
+        "model_type": "gemma3_text", "num_key_value_heads": 2, "head_dim": 16, "query_pre_attn_scalar": 16,
+        "sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"],
+        "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                            "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6}},
+        "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True,
+    },
+    # phi3: fused qkv_proj and gate_up_proj, partial rotary (0.75 of head_dim 16), longrope whose original length
+    # (24) the generation crosses, so both factor sets are used
+    "phi3": {
+        "model_type": "phi3", "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": False,
+        "partial_rotary_factor": 0.75, "original_max_position_embeddings": 24,
+        "rope_scaling": {"type": "longrope", "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
+                         "long_factor": [1.5, 2.0, 3.0, 4.5, 6.0, 9.0]},
+        "pad_token_id": 0,
+    },
+    # llama variants for the other rope types and a mistral whose window (8) is shorter than the context: a ring
+    "llama-yarn": {"model_type": "llama", "rope_scaling": {"rope_type": "yarn", "factor": 4.0,
+                                                           "original_max_position_embeddings": 64}},
+    "llama-dynamic": {"model_type": "llama", "max_position_embeddings": 24,
+                      "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}},
+    "mistral-window": {"model_type": "mistral", "sliding_window": 8, "tie_word_embeddings": False},
 }
 
 
@@ -86,6 +121,10 @@ def make_checkpoint(path: Path, variant: str = "llama", seed: int = 0, shards: i
     config = config_cls(**{k: v for k, v in raw.items() if k != "model_type"})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    with torch.no_grad():  # norms start at exactly 1 (or 0 for (1 + w) norms): make them matter
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.add_(0.2 * torch.randn_like(param))
     model = model.to(dtype)
     path.mkdir(parents=True, exist_ok=True)
     total = sum(p.numel() * p.element_size() for p in model.parameters())

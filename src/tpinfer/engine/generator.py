@@ -80,6 +80,29 @@ class Generator:
             self.ctx.comm.broadcast(tokens, src=0)
         return tokens, logprobs
 
+    def _decode(self, outputs: list[GenerationOutput], slots: list[int], params: SamplingParams,
+                generator) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
+        """The next token of each sequence: one decode forward, except that a sequence reaching the model's
+        ``recompute_length`` is run again whole from position 0 (its cache is recomputed, as HF does for Phi-3's
+        switch to long rope factors)."""
+        device = self.ctx.device
+        lengths = [len(o.prompt_token_ids) + len(o.token_ids) for o in outputs]
+        again = [i for i, n in enumerate(lengths) if n == self.model.recompute_length]
+        if not again:
+            batch = Batch.build([[o.token_ids[-1]] for o in outputs], [n - 1 for n in lengths], slots, device)
+            return self._choose(self.forward(batch, self.cache), params, generator)
+        tokens = torch.empty(len(outputs), dtype=torch.long, device=device)
+        logprobs = torch.empty(len(outputs), dtype=torch.float32, device=device)
+        rest = [i for i in range(len(outputs)) if i not in again]
+        batch = Batch.build([outputs[i].prompt_token_ids + outputs[i].token_ids for i in again], [0] * len(again),
+                            [slots[i] for i in again], device)
+        tokens[again], logprobs[again] = self._choose(self.forward(batch, self.cache), params, generator)
+        if rest:
+            batch = Batch.build([[outputs[i].token_ids[-1]] for i in rest], [lengths[i] - 1 for i in rest],
+                                [slots[i] for i in rest], device)
+            tokens[rest], logprobs[rest] = self._choose(self.forward(batch, self.cache), params, generator)
+        return tokens, logprobs
+
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[GenerationOutput]:
         if not prompts or any(len(p) == 0 for p in prompts):
@@ -118,15 +141,9 @@ class Generator:
             if not still:
                 break
             active = still
-            batch = Batch.build(
-                [[outputs[b].token_ids[-1]] for b in active],
-                [len(outputs[b].prompt_token_ids) + len(outputs[b].token_ids) - 1 for b in active],
-                active,
-                device,
-            )
             if self.fault_step is not None and self.stats.decode_steps >= self.fault_step:
                 raise RuntimeError(f"rank {self.ctx.rank}: injected fault at decode step {self.stats.decode_steps}")
-            tokens, logprobs = self._choose(self.forward(batch, self.cache), params, generator)
+            tokens, logprobs = self._decode([outputs[b] for b in active], active, params, generator)
             self.stats.decode_steps += 1
         self.stats.decode_s += time.perf_counter() - start
         return outputs

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from tpinfer.config import ModelConfig
+from tpinfer.config import ConfigError, ModelConfig
 from tpinfer.engine import messages
 from tpinfer.engine.generator import GenerationOutput, Generator
 from tpinfer.engine.sampling import SamplingParams
@@ -60,6 +60,7 @@ class EngineSpec:
         plan = resolve_plan(config, self.tensor_parallel_size, self.tp_plan)
         Checkpoint(self.model)
         resolve_dtype(self.dtype, config.torch_dtype)
+        max_model_len(config, self.max_model_len)
         return config, plan
 
 
@@ -130,6 +131,22 @@ class RankEngine:
                 run_score(self, message)
 
 
+def max_model_len(config: ModelConfig, requested: int | None) -> int:
+    """The longest prompt + generation a sequence may have: ``requested``, or min(2048, the model's context).
+
+    Past ``max_position_embeddings`` only a dynamic (NTK) rope is meant to run; anything else is refused."""
+    context = config.max_position_embeddings
+    if requested is None:
+        return min(DEFAULT_MAX_MODEL_LEN, context)
+    if requested < 1:
+        raise ConfigError(f"max_model_len must be at least 1, got {requested}")
+    dynamic = any(p["rope_type"] == "dynamic" for p in config.rope_parameters.values())
+    if requested > context and not dynamic:
+        raise ConfigError(f"max_model_len {requested} exceeds the model's context of {context} tokens "
+                          "(max_position_embeddings in config.json)")
+    return requested
+
+
 def load_engine(spec: EngineSpec, ctx: ParallelContext, progress: bool = False) -> RankEngine:
     """Build this rank's model at its per-rank sizes and read its slices of the checkpoint."""
     start = time.perf_counter()
@@ -138,7 +155,7 @@ def load_engine(spec: EngineSpec, ctx: ParallelContext, progress: bool = False) 
     config = ModelConfig.from_pretrained(spec.model)
     plan = resolve_plan(config, ctx.world_size, spec.tp_plan)
     dtype = resolve_dtype(spec.dtype, config.torch_dtype)
-    max_len = min(spec.max_model_len or DEFAULT_MAX_MODEL_LEN, config.max_position_embeddings)
+    max_len = max_model_len(config, spec.max_model_len)
     checkpoint = Checkpoint(spec.model)
     model = build_model(config, ctx, plan, dtype, max_len)
     ignore = ("lm_head.weight",) if config.tie_word_embeddings else ()

@@ -103,6 +103,7 @@ class Scheduler:
         self.max_seq_len = min(cache.max_seq_len, engine.model.max_seq_len)
         self.prefill_tokens_per_step = prefill_tokens_per_step
         self.eos_token_ids = frozenset(engine.generator.eos_token_ids)
+        self.recompute_length = engine.model.recompute_length
         self.steps = 0
         self._free = list(range(max_num_seqs - 1, -1, -1))  # pop() hands out the lowest slot
         self._waiting: deque[Sequence] = deque()
@@ -154,12 +155,17 @@ class Scheduler:
         admitted = self._admit()
         if not admitted and not decoding:
             return False
-        message = messages.Step([(seq.slot, seq.prompt_ids) for seq in admitted],
+        # A sequence reaching the model's recompute length runs again whole, as a prefill (see Phi-3).
+        again = [seq for seq in decoding if seq.last_position + 1 == self.recompute_length]
+        if again:
+            decoding = [seq for seq in decoding if seq not in again]
+        message = messages.Step([(seq.slot, seq.prompt_ids) for seq in admitted]
+                                + [(seq.slot, seq.prompt_ids + seq.token_ids) for seq in again],
                                 [(seq.slot, seq.token_ids[-1], seq.last_position) for seq in decoding])
         messages.send(self.engine.ctx.comm, message)  # the workers' whole input for this step
         prefill_logits, decode_logits = run_step(self.engine, message)
         if prefill_logits is not None:
-            self._advance(admitted, prefill_logits)
+            self._advance(admitted + again, prefill_logits)
         if decode_logits is not None:
             self._advance(decoding, decode_logits)
         self._retire()

@@ -88,7 +88,7 @@ class NativeDecode:
         if batch.kv_len > cache.max_seq_len or int(batch.slots.max()) >= cache.max_seqs:
             raise IndexError(f"decode step outside the KV cache: positions up to {batch.kv_len - 1} and slots up "
                              f"to {int(batch.slots.max())} for {cache.max_seqs} slots x {cache.max_seq_len}")
-        cos, sin = self.rope.tables(batch.kv_len)
+        cos, sin = self.rope.cos, self.rope.sin
         x = x.view(x.shape[0], -1)
         positions = batch.positions.view(-1)
         usable, group = self.ctx.comm.native_group(x.numel() * x.element_size())

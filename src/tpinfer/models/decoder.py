@@ -53,7 +53,10 @@ class DecoderModel(nn.Module):
         x = self.embed_tokens(batch.input_ids)
         if self.embed_scale is not None:
             x = x * self.embed_scale
-        ropes = {t: rope(batch.positions, x.dtype, batch.kv_len) for t, rope in self.rotary_emb.items()}
+        seq_lens = None
+        if any(rope.limit is not None for rope in self.rotary_emb.values()):  # tables that depend on the length
+            seq_lens = [int(start) + n for start, n in zip(batch.positions[:, 0].tolist(), batch.lengths, strict=True)]
+        ropes = {t: rope(batch.positions, x.dtype, seq_lens) for t, rope in self.rotary_emb.items()}
         for layer, kind in zip(self.layers, self.layer_types, strict=True):
             x = layer(x, ropes[kind], batch, cache)
         return self.norm(x)
@@ -71,6 +74,8 @@ class CausalLM(nn.Module):
         head = Head(LM_HEAD, config.vocab_size, config.hidden_size, EMBED if tied is not None else None)
         self.lm_head = head_layer(head, plan.strategy(LM_HEAD), ctx, dtype, tied_to=tied)
         self.num_local_kv_heads = model.layers[0].self_attn.num_local_kv_heads
+        # A sequence reaching this length has its cache recomputed from position 0 (see Phi-3); None: never.
+        self.recompute_length: int | None = None
 
     def new_cache(self, max_seqs: int, max_seq_len: int | None = None) -> KVCache:
         length = max_seq_len or self.max_seq_len

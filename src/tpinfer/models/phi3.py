@@ -124,6 +124,11 @@ class Phi3ForCausalLM(CausalLM):
                              lambda i: Phi3DecoderLayer(config, i, ctx, plan, dtype),
                              lambda size: RMSNorm(size, config.rms_norm_eps, dtype, ctx.device))
         super().__init__(config, ctx, plan, dtype, max_seq_len, model)
+        # HF's Phi-3 recomputes a sequence's cache once, when it first grows past the original length: from then on
+        # every position, the prompt's included, is rotated with the long factors.
+        rope = model.rotary_emb["full_attention" if "full_attention" in model.rotary_emb else "sliding_attention"]
+        if rope.long is not None:
+            self.recompute_length = rope.original + 1
 
 
 FAMILY = Family(

@@ -111,9 +111,11 @@ def _tables(freqs: torch.Tensor, scaling: float, positions: torch.Tensor) -> tup
 class Rope(nn.Module):
     """cos/sin for positions [0, max_seq_len) of one layer type, looked up per token.
 
-    Static types keep one float32 table. ``longrope`` keeps two, chosen per forward by the longest sequence in it
-    (as HF does: short factors while every position is within the original length). ``dynamic`` uses the plain
-    table up to ``max_position_embeddings`` and recomputes its frequencies for the step beyond it.
+    Static types keep one float32 table. ``longrope`` keeps two: a sequence uses the short factors while it is
+    within the original length and the long ones once it is longer (as HF decides per forward of one sequence).
+    ``dynamic`` uses the plain table up to ``max_position_embeddings`` and, for a sequence longer than that,
+    frequencies recomputed for its length. Both decide per sequence, so a batch gives each row what it would get
+    alone.
     """
 
     def __init__(self, params: dict[str, Any], head_dim: int, max_position_embeddings: int, max_seq_len: int,
@@ -132,26 +134,29 @@ class Rope(nn.Module):
         if self.kind == "longrope" and max_seq_len > self.original:
             long, _ = inv_freq(params, head_dim, max_position_embeddings, seq_len=self.original + 1)
             self.long = tuple(t.to(device) for t in _tables(long, self.scaling, positions))
+        self.limit = self.original if self.long is not None else (
+            max_position_embeddings if self.kind == "dynamic" else None)  # sequences longer than this change tables
 
     @property
     def static(self) -> bool:
-        """Whether one table serves every step (the native decode kernels take it as given)."""
-        return self.kind not in ("dynamic", "longrope") or (self.kind == "longrope" and self.long is None)
+        """Whether one table serves every sequence (the native decode kernels take it as given)."""
+        return self.limit is None or self.cos.shape[0] <= self.limit
 
-    def tables(self, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin) (max_seq_len, rotary_dim) float32 for a step whose longest sequence has ``kv_len`` positions."""
-        if self.long is not None and kv_len > self.original:
-            return self.long
-        return self.cos, self.sin
-
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin (B, 1, T, rotary_dim) in ``dtype``, broadcast over heads."""
-        if self.kind == "dynamic" and kv_len > self.max_position_embeddings:
-            freqs, _ = inv_freq(self.params, self.head_dim, self.max_position_embeddings, seq_len=kv_len)
-            cos, sin = _tables(freqs.to(positions.device), self.scaling, positions)
-        else:
-            cos, sin = self.tables(kv_len)
-            cos, sin = cos[positions], sin[positions]
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype,
+                seq_lens: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (B, 1, T, rotary_dim) in ``dtype``, broadcast over heads; ``seq_lens`` are the rows' lengths
+        (their last real position + 1), which decide the tables of longrope and dynamic rope."""
+        cos, sin = self.cos[positions], self.sin[positions]
+        if self.limit is not None and seq_lens is not None and max(seq_lens) > self.limit:
+            cos, sin = cos.clone(), sin.clone()
+            for row, length in enumerate(seq_lens):
+                if length <= self.limit:
+                    continue
+                if self.long is not None:
+                    cos[row], sin[row] = self.long[0][positions[row]], self.long[1][positions[row]]
+                else:
+                    freqs, _ = inv_freq(self.params, self.head_dim, self.max_position_embeddings, seq_len=length)
+                    cos[row], sin[row] = _tables(freqs.to(positions.device), self.scaling, positions[row])
         return cos.unsqueeze(1).to(dtype), sin.unsqueeze(1).to(dtype)
 
 
