@@ -16,11 +16,15 @@ import torch
 from tpinfer.engine.generator import GenerationOutput
 from tpinfer.engine.launcher import Launcher, RankFailure
 from tpinfer.engine.runtime import EngineSpec, RankEngine, load_engine
+from tpinfer.engine.runtime import max_model_len as max_model_len_for
 from tpinfer.engine.sampling import SamplingParams
+from tpinfer.generation import GenerationDefaults
 from tpinfer.parallel.context import ParallelContext
 from tpinfer.tokenizer import Tokenizer, TokenizerError
 
 log = logging.getLogger(__name__)
+
+DEFAULT_MAX_NEW_TOKENS = 64  # when neither the caller nor generation_config.json says
 
 
 def _dtype_name(dtype: str | torch.dtype) -> str:
@@ -168,21 +172,61 @@ class LLM:
             fault=_fault,
         )
         self.config, _ = self.spec.check()  # refuse impossible layouts before starting any process
+        self.max_model_len = max_model_len_for(self.config, max_model_len)
+        # The checkpoint's generation_config.json: end-of-sequence ids and sampling defaults.
+        self.defaults = GenerationDefaults.from_pretrained(model, self.config.eos_token_id)
         # A checkpoint without tokenizer files still serves prompts given as token ids.
-        self.tokenizer = Tokenizer.from_pretrained(model) if (Path(model) / "tokenizer.json").is_file() else None
+        has_tokenizer = any((Path(model) / name).is_file() for name in ("tokenizer.json", "tokenizer.model"))
+        self.tokenizer = Tokenizer.from_pretrained(model) if has_tokenizer else None
         self.launcher = Launcher(self.spec)
         self.engine = self.launcher.start(progress)
+
+    def sampling_params(self, max_new_tokens: int | None = None, temperature: float | None = None,
+                        top_p: float | None = None, top_k: int | None = None,
+                        longest_prompt: int = 0, **rest: object) -> SamplingParams:
+        """SamplingParams with what the caller leaves as None taken from the checkpoint's generation defaults
+        (greedy when they say nothing); a default max_new_tokens is cut to the room the context leaves."""
+        d = self.defaults
+        if max_new_tokens is None:
+            room = self.max_model_len - longest_prompt
+            if room < 1:
+                raise ValueError(f"a prompt of {longest_prompt} tokens leaves no room for new tokens in the maximum "
+                                 f"sequence length {self.max_model_len} (--max-model-len)")
+            max_new_tokens = min(d.max_new_tokens or DEFAULT_MAX_NEW_TOKENS, room)
+        temperature = temperature if temperature is not None else (d.temperature or 0.0)
+        return SamplingParams(
+            max_new_tokens=max_new_tokens, temperature=temperature,
+            top_p=top_p if top_p is not None else (d.top_p if d.top_p is not None else 1.0),
+            top_k=top_k if top_k is not None else (d.top_k if d.top_k is not None else 0), **rest)
+
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        if not isinstance(prompt, str):
+            return list(prompt)
+        if self.tokenizer is None:
+            raise TokenizerError(f"{self.spec.model} has no tokenizer: pass prompts as lists of token ids")
+        return self.tokenizer.encode(prompt)
+
+    def encode_chat(self, messages: list[dict[str, str]], tools: list[dict] | None = None) -> list[int]:
+        """A conversation's prompt ids, rendered with the checkpoint's chat template (generation prompt added)."""
+        if self.tokenizer is None:
+            raise TokenizerError(f"{self.spec.model} has no tokenizer, so it has no chat template")
+        return self.tokenizer.encode_chat(messages, tools=tools)
+
+    def chat(self, conversations: list[dict[str, str]] | list[list[dict[str, str]]],
+             sampling_params: SamplingParams | None = None) -> list[RequestOutput]:
+        """One reply per conversation (a list of {"role", "content"} messages), like vLLM's ``LLM.chat``."""
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]  # type: ignore[list-item]
+        return self.generate([self.encode_chat(c) for c in conversations], sampling_params)
 
     def generate(
         self, prompts: str | list[str] | list[list[int]], sampling_params: SamplingParams | None = None
     ) -> list[RequestOutput]:
-        params = sampling_params or SamplingParams()
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         texts = [p if isinstance(p, str) else None for p in prompts]
-        if self.tokenizer is None and any(texts):
-            raise TokenizerError(f"{self.spec.model} has no tokenizer.json: pass prompts as lists of token ids")
-        token_ids = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        token_ids = [self.encode(p) for p in prompts]
+        params = sampling_params or self.sampling_params(longest_prompt=max(map(len, token_ids), default=0))
         try:
             outputs: list[GenerationOutput] = self.engine.run(token_ids, params)
         except Exception as exc:

@@ -1,17 +1,22 @@
-"""A thin tokenizer over the ``tokenizers`` library, reading an HF checkpoint's tokenizer files.
+"""A checkpoint's tokenizer exactly as HF transformers loads it (``AutoTokenizer``), with what tpinfer needs.
 
-Gives what tpinfer's scripts, CLI and server need: encode/decode, special tokens, batched calls
-that return tensors (``tokenizer(prompt, return_tensors="pt").to(device)``), and chat templates.
+Prompt ids are ``AutoTokenizer.from_pretrained(dir)(prompt).input_ids``: special tokens as the tokenizer config says
+(``add_bos_token`` and the post-processor), and never padded or truncated, whatever padding or truncation the
+``tokenizer.json`` carries (a prompt too long for the model is the engine's error to report, not the tokenizer's to
+cut). Chat prompts are ``apply_chat_template`` renderings (system/user/assistant turns, ``add_generation_prompt``,
+``tools``, ``strftime_now`` and ``raise_exception`` in templates), tokenized as HF does it: the rendered text
+without adding special tokens again. Only rank 0 loads a tokenizer.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
-from tokenizers import Tokenizer as _Tokenizer
+
+# Files a checkpoint's tokenizer may come from; one of them must be there.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "tokenizer_config.json")
 
 
 class TokenizerError(ValueError):
@@ -31,60 +36,65 @@ class BatchEncoding(dict):
             raise AttributeError(name) from exc
 
 
-def _token_text(value: Any) -> str | None:
-    if isinstance(value, dict):
-        return value.get("content")
-    return value
-
-
 class Tokenizer:
-    def __init__(self, tokenizer: _Tokenizer, config: dict[str, Any], model_config: dict[str, Any]) -> None:
-        self._tok = tokenizer
-        self.chat_template: str | None = config.get("chat_template")
-        self.bos_token = _token_text(config.get("bos_token"))
-        self.eos_token = _token_text(config.get("eos_token"))
-        self.pad_token = _token_text(config.get("pad_token"))
-        self.bos_token_id = self._id(self.bos_token, model_config.get("bos_token_id"))
-        eos = model_config.get("eos_token_id")
-        self.eos_token_id = self._id(self.eos_token, eos[0] if isinstance(eos, list) else eos)
-        self.pad_token_id = self._id(self.pad_token, None)
-        if self.pad_token_id is None:
-            self.pad_token_id = self.eos_token_id if self.eos_token_id is not None else 0
-
-    def _id(self, token: str | None, fallback: int | None) -> int | None:
-        if token is not None:
-            found = self._tok.token_to_id(token)
-            if found is not None:
-                return found
-        return fallback
+    def __init__(self, hf: Any, path: Path) -> None:
+        self.hf, self.path = hf, path
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> Tokenizer:
         path = Path(path)
-        file = path / "tokenizer.json"
-        if not file.is_file():
-            raise TokenizerError(f"no tokenizer.json in {path} (tpinfer reads fast-tokenizer files)")
+        if not any((path / name).is_file() for name in TOKENIZER_FILES):
+            raise TokenizerError(f"no tokenizer in {path} (looked for {', '.join(TOKENIZER_FILES)})")
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            _check_json(path / name)
         try:
-            tok = _Tokenizer.from_file(str(file))
-        except Exception as exc:
-            raise TokenizerError(f"{file}: cannot load tokenizer ({exc})") from exc
-        config = _read_json(path / "tokenizer_config.json")
-        chat_file = path / "chat_template.jinja"
-        if "chat_template" not in config and chat_file.is_file():
-            config["chat_template"] = chat_file.read_text()
-        return cls(tok, config, _read_json(path / "config.json"))
+            import transformers
+            from transformers import AutoTokenizer
+        except ImportError as exc:
+            raise TokenizerError(f"reading tokenizers needs transformers ({exc})") from exc
+        transformers.logging.set_verbosity_error()  # no "sequence longer than model_max_length" noise on prompts
+        try:
+            hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        except Exception as exc:  # transformers and tokenizers raise many kinds; all mean this directory's files
+            files = ", ".join(n for n in TOKENIZER_FILES if (path / n).is_file())
+            raise TokenizerError(f"{path}: cannot load the tokenizer from {files} ({type(exc).__name__}: {exc})") from exc
+        return cls(hf, path)
 
     @property
     def vocab_size(self) -> int:
-        return self._tok.get_vocab_size(with_added_tokens=True)
+        return len(self.hf)
+
+    @property
+    def chat_template(self) -> str | None:
+        return getattr(self.hf, "chat_template", None)
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self.hf.bos_token_id
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.hf.eos_token_id
+
+    @property
+    def pad_token_id(self) -> int:
+        pad = self.hf.pad_token_id
+        if pad is None:
+            pad = self.eos_token_id if self.eos_token_id is not None else 0
+        return pad
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        """HF's ``tokenizer(text).input_ids``: no padding, no truncation."""
+        return list(self.hf(text, add_special_tokens=add_special_tokens, padding=False, truncation=False)["input_ids"])
 
     def decode(self, token_ids: list[int] | torch.Tensor, skip_special_tokens: bool = True) -> str:
         if isinstance(token_ids, torch.Tensor):
             token_ids = token_ids.tolist()
-        return self._tok.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+        return self.hf.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+
+    def token_text(self, token_id: int) -> str:
+        """One token's own text (for logprobs), special tokens included."""
+        return self.hf.decode([token_id], skip_special_tokens=False)
 
     def __call__(self, text: str | list[str], return_tensors: str | None = "pt") -> BatchEncoding:
         texts = [text] if isinstance(text, str) else list(text)
@@ -97,29 +107,30 @@ class Tokenizer:
             mask[row, width - len(toks) :] = 1
         return BatchEncoding(input_ids=input_ids, attention_mask=mask)
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """The prompt text for a chat, rendered with the checkpoint's own template (sandboxed jinja2)."""
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            tools: list[dict[str, Any]] | None = None, **kwargs: Any) -> str:
+        """The prompt text for a chat, rendered by HF with the checkpoint's own template."""
         if not self.chat_template:
-            raise TokenizerError("this model's tokenizer has no chat template")
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+            raise TokenizerError(f"the tokenizer in {self.path} has no chat template")
+        try:
+            return self.hf.apply_chat_template(messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                                               tokenize=False, **kwargs)
+        except Exception as exc:  # the template's own raise_exception, or a jinja2 error on these messages
+            raise TokenizerError(f"the chat template failed: {exc}") from exc
 
-        def raise_exception(message: str) -> None:
-            raise TokenizerError(f"chat template: {message}")
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
-        return env.from_string(self.chat_template).render(
-            messages=messages,
-            add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "",
-            eos_token=self.eos_token or "",
-        )
+    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                    tools: list[dict[str, Any]] | None = None, **kwargs: Any) -> list[int]:
+        """The chat's token ids, as ``apply_chat_template(..., tokenize=True)`` gives them."""
+        text = self.apply_chat_template(messages, add_generation_prompt, tools, **kwargs)
+        return self.encode(text, add_special_tokens=False)  # the template places BOS itself
 
 
-def _read_json(file: Path) -> dict[str, Any]:
+def _check_json(file: Path) -> None:
+    import json
+
     if not file.is_file():
-        return {}
+        return
     try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
+        json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise TokenizerError(f"{file} is not valid JSON: {exc}") from exc

@@ -14,9 +14,16 @@ EPILOG = """examples:
   tpinfer generate --model ./my-llama --tp 4 --dtype float32 --max-new-tokens 32 --temperature 0 \\
       --ignore-eos --json "Hello" "Tensor parallelism is"
 
+  tpinfer generate --model ./SmolLM2-135M-Instruct --tp 3 --chat --system "Answer briefly." \
+      "What is the capital of France?"
+
 With --json, stdout has exactly one JSON object per prompt:
   {"prompt", "prompt_token_ids", "token_ids", "text", "logprobs"}
-Logs, progress and the layout summary go to stderr."""
+Logs, progress and the layout summary go to stderr.
+
+Sampling options left out take the checkpoint's generation_config.json defaults (temperature, top_p, top_k,
+max_new_tokens), else greedy decoding of up to 64 tokens, cut to the room the context leaves. Generation stops
+at any end-of-sequence id that file (or config.json) lists, unless --ignore-eos."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -30,10 +37,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_model_args(parser)
     add_engine_args(parser)
-    parser.add_argument("--max-new-tokens", type=int, default=64, metavar="K", help="tokens to generate (default 64)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default 0)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1 = off)")
-    parser.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest (default 0 = off)")
+    parser.add_argument("--max-new-tokens", type=int, default=None, metavar="K",
+                        help="tokens to generate (default: generation_config.json's, else 64, within the context)")
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="0 = greedy (default: generation_config.json's, else 0)")
+    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (default 1 = off)")
+    parser.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest (default 0 = off)")
+    parser.add_argument("--chat", action="store_true",
+                        help="treat each PROMPT as a user message and render it with the model's chat template")
+    parser.add_argument("--system", default=None, metavar="TEXT", help="with --chat: a system message first")
     parser.add_argument("--seed", type=int, default=None, help="seed for sampling (same tokens every run)")
     parser.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
     parser.add_argument("--json", action="store_true", help="one JSON object per prompt on stdout")
@@ -43,16 +55,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from tpinfer.api import LLM
-    from tpinfer.engine.sampling import SamplingParams
 
-    params = SamplingParams(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        seed=args.seed,
-        ignore_eos=args.ignore_eos,
-    )
+    if args.system is not None and not args.chat:
+        raise ValueError("--system needs --chat")
     llm = LLM(
         model_path(args),
         tensor_parallel_size=args.tensor_parallel_size,
@@ -64,17 +69,31 @@ def run(args: argparse.Namespace) -> int:
         timeout_s=args.timeout,
     )
     try:
+        if args.chat:
+            system = [{"role": "system", "content": args.system}] if args.system is not None else []
+            prompts = [llm.encode_chat([*system, {"role": "user", "content": p}]) for p in args.prompts]
+        else:
+            prompts = [llm.encode(p) for p in args.prompts]
+        params = llm.sampling_params(args.max_new_tokens, args.temperature, args.top_p, args.top_k,
+                                     longest_prompt=max(len(p) for p in prompts), seed=args.seed,
+                                     ignore_eos=args.ignore_eos)
+        note = llm.defaults.describe()
+        if note:
+            print(f"tpinfer: {note}", file=sys.stderr, flush=True)
         comm = llm.engine.ctx.comm
         comm.stats.reset()
         gen_stats = llm.engine.generator.stats
         steps_before = gen_stats.decode_steps
         start = time.perf_counter()
-        outputs = llm.generate(args.prompts, params)
+        outputs = llm.generate(prompts, params)
         elapsed = time.perf_counter() - start
         forwards = 1 + gen_stats.decode_steps - steps_before
-        for out in outputs:
+        for text, out in zip(args.prompts, outputs, strict=True):
+            out.prompt = text
             if args.json:
                 print(json.dumps(out.to_json()), flush=True)
+            elif args.chat:
+                print(f"> {text}\n{out.text}\n", flush=True)
             else:
                 print(f"{out.prompt}{out.text}\n", flush=True)
         generated = sum(len(o.token_ids) for o in outputs)

@@ -21,6 +21,7 @@ from tpinfer.config import ConfigError, ModelConfig
 from tpinfer.engine import messages
 from tpinfer.engine.generator import GenerationOutput, Generator
 from tpinfer.engine.sampling import SamplingParams
+from tpinfer.generation import GenerationDefaults
 from tpinfer.loading.checkpoint import Checkpoint, load_weights, resolve_dtype
 from tpinfer.models import build_model
 from tpinfer.parallel.context import ParallelContext
@@ -75,6 +76,7 @@ class RankEngine:
     generator: Generator
     load_s: float
     load_stats: dict[str, int] = field(default_factory=dict)
+    defaults: GenerationDefaults = field(default_factory=GenerationDefaults)
 
     @property
     def native_decode(self) -> bool:
@@ -95,8 +97,24 @@ class RankEngine:
     def param_count(self) -> int:
         return sum(p.numel() for p in {id(p): p for p in self.model.parameters()}.values())
 
+    def check_prompts(self, prompts: list[list[int]], params: SamplingParams) -> None:
+        """Rank 0, before anything crosses ranks: every prompt has tokens of this vocabulary and fits the context."""
+        limit, vocab = self.model.max_seq_len, self.config.vocab_size
+        if not prompts:
+            raise ValueError("no prompts")
+        for i, prompt in enumerate(prompts):
+            if not prompt:
+                raise ValueError(f"prompt {i} is empty")
+            if min(prompt) < 0 or max(prompt) >= vocab:
+                raise ValueError(f"prompt {i}: token ids must be in [0, {vocab})")
+            if len(prompt) + params.max_new_tokens > limit:
+                raise ValueError(f"prompt {i} has {len(prompt)} tokens; with max_new_tokens {params.max_new_tokens} "
+                                 f"that is {len(prompt) + params.max_new_tokens}, beyond the maximum sequence length "
+                                 f"{limit} (--max-model-len)")
+
     def run(self, prompts: list[list[int]], params: SamplingParams) -> list[GenerationOutput]:
         """Rank 0: send the request to every rank, then generate alongside them."""
+        self.check_prompts(prompts, params)
         messages.send(self.ctx.comm, messages.Generate(prompts, params))
         return self.generator.generate(prompts, params)
 
@@ -164,22 +182,12 @@ def load_engine(spec: EngineSpec, ctx: ParallelContext, progress: bool = False) 
     model.eval()
     adapter = config.family.decode_adapter
     forward = (adapter(model) if adapter is not None and spec.native_decode else None) or model
-    eos = config.eos_token_id or _tokenizer_eos(spec.model)
-    generator = Generator(model, eos, spec.max_batch_size, forward)
+    defaults = GenerationDefaults.from_pretrained(spec.model, config.eos_token_id)
+    generator = Generator(model, defaults.eos_token_ids, spec.max_batch_size, forward)
     if spec.fault and spec.fault.get("rank") == ctx.rank:
         generator.fault_step = int(spec.fault.get("step", 0))
     load_s = time.perf_counter() - start
     if ctx.is_first and progress:
         print(f"tpinfer: loaded {Path(spec.model).name} at tp={ctx.world_size} ({str(dtype).removeprefix('torch.')}, "
               f"{stats['bytes'] / 2**20:.1f} MiB read by rank 0) in {load_s:.2f}s", file=sys.stderr, flush=True)
-    return RankEngine(spec, ctx, config, model, forward, generator, load_s, stats)
-
-
-def _tokenizer_eos(path: str) -> tuple[int, ...]:
-    from tpinfer.tokenizer import Tokenizer, TokenizerError
-
-    try:
-        eos = Tokenizer.from_pretrained(path).eos_token_id
-    except TokenizerError:
-        return ()
-    return () if eos is None else (eos,)
+    return RankEngine(spec, ctx, config, model, forward, generator, load_s, stats, defaults)

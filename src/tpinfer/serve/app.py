@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tpinfer.engine.sampling import SamplingParams
 from tpinfer.engine.scheduler import Scheduler, Sequence
+from tpinfer.generation import GenerationDefaults
 from tpinfer.serve import handlers
 from tpinfer.serve.handlers import APIError
 from tpinfer.serve.metrics import Metrics
@@ -44,6 +45,12 @@ class AppSettings:
     vocab_size: int
     api_key: str | None = None
     max_body_bytes: int = 1 << 20
+    defaults: GenerationDefaults = field(default_factory=GenerationDefaults)  # from generation_config.json
+
+
+def _pick(requested, default, fallback):  # noqa: ANN001, ANN202
+    """The request's value, else the checkpoint's default, else OpenAI's."""
+    return requested if requested is not None else default if default is not None else fallback
 
 
 class ServerState:
@@ -80,12 +87,15 @@ class ServerState:
             raise APIError(400, f"{len(prompts)} prompt(s) x n={req.n} = {count} sequences; this server runs at most "
                            f"{self.settings.max_num_seqs} at once (--max-num-seqs)", "n")
         stream = RequestStream(asyncio.get_running_loop(), sum(len(p) for p in prompts))
-        temperature = 0.0 if req.temperature < GREEDY_BELOW else req.temperature
+        d = self.settings.defaults
+        temperature = _pick(req.temperature, d.temperature, 1.0)
+        temperature = 0.0 if temperature < GREEDY_BELOW else temperature
+        top_p, top_k = _pick(req.top_p, d.top_p, 1.0), max(_pick(req.top_k, d.top_k, 0), 0)
         for p, (prompt, limit) in enumerate(zip(prompts, max_tokens, strict=True)):
             for i in range(req.n):
                 index = p * req.n + i
-                params = SamplingParams(max_new_tokens=limit, temperature=temperature, top_k=max(req.top_k, 0),
-                                        top_p=req.top_p, ignore_eos=req.ignore_eos,
+                params = SamplingParams(max_new_tokens=limit, temperature=temperature, top_k=top_k,
+                                        top_p=top_p, ignore_eos=req.ignore_eos,
                                         seed=None if req.seed is None else (req.seed + index) % 2**64)
                 output = ChoiceOutput(stream, index, self.tokenizer, self.metrics, req.stop_strings,
                                       top_logprobs is not None, req.stream)

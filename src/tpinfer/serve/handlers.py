@@ -124,12 +124,12 @@ async def create_chat_completion(raw: bytes, http: Request, state: ServerState) 
     if not state.tokenizer.chat_template:
         raise APIError(400, f"model {model!r} has no chat template, so it cannot serve chat completions; use "
                        "/v1/completions with a plain prompt", "messages", "no_chat_template")
-    messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in req.messages]
+    messages = [m.for_template() for m in req.messages]
     try:
-        text = state.tokenizer.apply_chat_template(messages)
+        prompt = state.tokenizer.encode_chat(messages, req.add_generation_prompt, req.tools,
+                                             **(req.chat_template_kwargs or {}))
     except Exception as exc:  # the template's own errors (raise_exception, jinja2): the messages do not fit it
         raise APIError(400, f"the chat template failed on these messages: {exc}", "messages") from None
-    prompt = state.tokenizer.encode(text, add_special_tokens=False)  # the template places BOS itself
     if not prompt:
         raise APIError(400, "the messages render to an empty prompt", "messages")
     requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
