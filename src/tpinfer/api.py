@@ -238,6 +238,18 @@ class LLM:
             for text, o in zip(texts, outputs, strict=True)
         ]
 
+    def score(self, sequences: list[list[int]]) -> list[torch.Tensor]:
+        """Teacher-forced logits (len, vocab) float32 of every position of each token sequence."""
+        for i, sequence in enumerate(sequences):
+            if not sequence or len(sequence) > self.engine.model.max_seq_len:
+                raise ValueError(f"sequence {i} has {len(sequence)} tokens; scoring takes 1 to "
+                                 f"{self.engine.model.max_seq_len} (--max-model-len)")
+        try:
+            return self.engine.score(sequences)
+        except Exception as exc:
+            self.launcher.raise_failure(exc)
+            raise
+
     def close(self) -> None:
         self.launcher.shutdown(self.engine)
 

@@ -12,7 +12,7 @@ import importlib
 import logging
 import sys
 
-SUBCOMMANDS = ("generate", "info", "plan", "check", "bench", "serve")
+SUBCOMMANDS = ("generate", "info", "plan", "check", "bench", "serve", "verify")
 
 EPILOG = """examples:
   tpinfer generate --tensor-parallel-size 2 "The function returns"
