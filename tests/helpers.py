@@ -27,7 +27,7 @@ BASE = {
     "num_hidden_layers": 2,
     "num_attention_heads": 8,
     "num_key_value_heads": 2,
-    "max_position_embeddings": 256,
+    "max_position_embeddings": 512,
     "rms_norm_eps": 1e-5,
     "initializer_range": 0.15,  # peaked distributions: greedy choices with clear margins
     "bos_token_id": 1,
@@ -107,7 +107,7 @@ def write_tokenizer(path: Path) -> None:
     tok.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(
         json.dumps({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-                    "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 256})
+                    "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 512})
     )
 
 
@@ -134,11 +134,36 @@ def make_checkpoint(path: Path, variant: str = "llama", seed: int = 0, shards: i
     return path
 
 
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
+
+
 def hf_model(path: Path, dtype: torch.dtype = torch.float32):
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     return model.eval()
+
+
+def hf_greedy(model, prompt: list[int], new: int) -> tuple[list[int], float]:
+    """HF's own greedy continuation (never stopping early: no end-of-sequence id) and the first token's logprob."""
+    import transformers
+
+    config = transformers.GenerationConfig(max_new_tokens=new, do_sample=False, eos_token_id=[], pad_token_id=0)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), generation_config=config)
+        tokens = out[0, len(prompt):].tolist()
+        first = model(torch.tensor([prompt])).logits[0, -1].float().log_softmax(-1)[tokens[0]].item()
+    return tokens, first
+
+
+def prompt_of(tokenizer, tokens: int) -> str:
+    """Corpus text of about ``tokens`` tokens (at least that many) under ``tokenizer`` (HF's)."""
+    words = (CORPUS * 4).split()
+    for count in range(1, len(words) + 1):
+        text = " ".join(words[:count])
+        if len(tokenizer(text).input_ids) >= tokens:
+            return text
+    raise ValueError(f"the corpus has fewer than {tokens} tokens")
 
 
 def env() -> dict[str, str]:
@@ -206,3 +231,77 @@ def _rank_entry(rank, world, init, fn, args, results) -> None:
         results.put((rank, True, value))
     except BaseException:
         results.put((rank, False, traceback.format_exc()))
+
+
+def write_gguf(checkpoint: Path, file: Path, quantize: tuple[str, ...] = ()) -> Path:
+    """``checkpoint`` (a llama written by ``make_checkpoint``) as a GGUF file laid out as llama.cpp's converter lays
+    it out: its tensor names, q/k rows permuted for its rope, the tokenizer in ``tokenizer.ggml.*``; tensors whose
+    GGUF name contains one of ``quantize`` are stored as Q8_0."""
+    import gguf
+    import numpy as np
+    from safetensors.torch import load_file
+
+    config = json.loads((checkpoint / "config.json").read_text())
+    tok = json.loads((checkpoint / "tokenizer.json").read_text())
+    writer = gguf.GGUFWriter(str(file), "llama")
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(config["num_attention_heads"])
+    writer.add_head_count_kv(config["num_key_value_heads"])
+    writer.add_key_length(config["head_dim"])
+    writer.add_value_length(config["head_dim"])
+    writer.add_rope_dimension_count(config["head_dim"])
+    writer.add_rope_freq_base(config.get("rope_theta", 10000.0))
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_vocab_size(config["vocab_size"])
+    ids = [*tok["model"]["vocab"].values(), *(a["id"] for a in tok["added_tokens"])]
+    tokens = [""] * (max(ids) + 1)
+    for text, i in tok["model"]["vocab"].items():
+        tokens[i] = text
+    for added in tok["added_tokens"]:
+        tokens[added["id"]] = added["content"]
+    special = {a["content"] for a in tok["added_tokens"]}
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([0.0] * len(tokens))
+    writer.add_token_types([3 if t in special else 1 for t in tokens])
+    writer.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in tok["model"]["merges"]])
+    writer.add_bos_token_id(1)
+    writer.add_add_bos_token(True)
+    writer.add_eos_token_id(2)
+    writer.add_chat_template("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}")
+    top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+           "lm_head.weight": "output.weight"}
+    layer = {"input_layernorm.weight": "attn_norm.weight", "self_attn.q_proj.weight": "attn_q.weight",
+             "self_attn.k_proj.weight": "attn_k.weight", "self_attn.v_proj.weight": "attn_v.weight",
+             "self_attn.o_proj.weight": "attn_output.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+             "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
+             "mlp.down_proj.weight": "ffn_down.weight"}
+    weights = {}
+    for path in sorted(checkpoint.glob("*.safetensors")):
+        weights.update(load_file(str(path)))
+    for name, tensor in weights.items():
+        if name in top:
+            target = top[name]
+        else:
+            _, _, index, rest = name.split(".", 3)
+            target = f"blk.{index}.{layer[rest]}"
+        array = tensor.float().numpy()
+        if name.endswith(("q_proj.weight", "k_proj.weight")):  # llama.cpp's order: rope pairs interleaved per head
+            heads = config["num_attention_heads" if "q_proj" in name else "num_key_value_heads"]
+            array = array.reshape(heads, 2, array.shape[0] // heads // 2, *array.shape[1:]).swapaxes(1, 2)
+            array = array.reshape(tensor.shape)
+        array = np.ascontiguousarray(array)
+        if any(q in target for q in quantize):
+            kind = gguf.GGMLQuantizationType.Q8_0
+            writer.add_tensor(target, gguf.quants.quantize(array, kind), raw_dtype=kind)
+        else:
+            writer.add_tensor(target, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return file

@@ -223,18 +223,18 @@ def read_rope(raw: dict[str, Any], layer_types: tuple[str, ...], *, default_thet
     ``rope_local_base_freq``); transformers-4 ``rope_scaling`` then applies to full-attention layers only.
     ``original_max``: a family-level original_max_position_embeddings that wins over the rope dict's (Phi-3)."""
     types = tuple(dict.fromkeys(layer_types or (FULL,)))
-    given = raw.get("rope_parameters")
-    if given is not None and not isinstance(given, dict):
-        raise ConfigError(f"rope_parameters must be an object, got {given!r}")
+    given = raw.get("rope_parameters") or {}
+    scaling = raw.get("rope_scaling") or {}
+    for key, value in (("rope_parameters", given), ("rope_scaling", scaling)):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be an object, got {value!r}")
     theta = raw.get("rope_theta", default_theta)
-    nested = bool(given) and any(key in LAYER_TYPES for key in given)
-    if nested:
+    if any(key in LAYER_TYPES for key in given):  # nested by layer type; rope_scaling, if any, is the global one's
         per_type = {t: dict(given.get(t) or {"rope_type": "default"}) for t in types}
-    elif given:
-        per_type = {t: dict(given) for t in types}
-    else:
-        scaling = dict(raw.get("rope_scaling") or {})
-        per_type = {t: dict(scaling) for t in types}
+        if scaling and FULL in per_type:
+            per_type[FULL].update(scaling)
+    else:  # one dict for every layer type; as in HF, a transformers-4 rope_scaling wins over rope_parameters
+        per_type = {t: dict(scaling or given) for t in types}
         if local_theta is not None and SLIDING in per_type:
             per_type[SLIDING] = {"rope_theta": local_theta}
     for layer_type, params in per_type.items():

@@ -1,4 +1,4 @@
-"""TP=1 reproduces HF transformers' own model classes on the same weights (llama, mistral, qwen2)."""
+"""TP=1 reproduces HF transformers' own model classes on the same weights: every family and rope variant."""
 
 import pytest
 import torch
@@ -8,21 +8,30 @@ from tpinfer.engine.runtime import EngineSpec, load_engine
 from tpinfer.engine.sampling import SamplingParams
 from tpinfer.parallel.context import ParallelContext
 
-PROMPTS = [[1, 17, 29, 33, 41, 52, 60, 71, 80], [1, 200, 13], [1, 5, 99, 140, 7, 7]]
+# Different lengths in one batch (padding must not leak between rows); the 20-token prompt runs past the sliding
+# windows (8), the dynamic rope's max_position_embeddings (24) and Phi-3's original length (24, where its cache is
+# recomputed with the long rope factors) while the others have not.
+PROMPTS = [[1, 17, 29, 33, 41, 52, 60, 71, 80], [1, 200, 13], [1, 5, 99, 140, 7, 7], list(range(3, 23))]
 NEW = 16
+VARIANTS = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "llama-yarn", "llama-dynamic",
+            "mistral-window"]
 
 
-@pytest.mark.parametrize("variant", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_tp1_matches_hf_tokens_and_logprobs(checkpoints, variant):
+    import transformers
+
     path = checkpoints[variant]
-    engine = load_engine(EngineSpec(str(path)), ParallelContext.single())
-    # One batch of prompts with different lengths: padding must not leak between rows.
+    # The dynamic rope exists to run past max_position_embeddings; nothing else may (see max_model_len).
+    extra = {"max_model_len": 64} if variant == "llama-dynamic" else {}
+    engine = load_engine(EngineSpec(str(path), **extra), ParallelContext.single())
     outputs = engine.generator.generate(PROMPTS, SamplingParams(max_new_tokens=NEW, temperature=0, ignore_eos=True))
     hf = hf_model(path)
+    greedy = transformers.GenerationConfig(max_new_tokens=NEW, do_sample=False, eos_token_id=[], pad_token_id=0)
     for prompt, out in zip(PROMPTS, outputs, strict=True):
         with torch.no_grad():
-            ref = hf.generate(torch.tensor([prompt]), max_new_tokens=NEW, do_sample=False, eos_token_id=None,
-                              pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+            ref = hf.generate(torch.tensor([prompt]), generation_config=greedy, output_logits=True,
+                              return_dict_in_generate=True)
         ref_tokens = ref.sequences[0, len(prompt):].tolist()
         assert out.token_ids == ref_tokens
         ref_logprobs = torch.stack([s[0].float().log_softmax(-1)[t] for s, t in zip(ref.logits, ref_tokens, strict=True)])
@@ -32,14 +41,14 @@ def test_tp1_matches_hf_tokens_and_logprobs(checkpoints, variant):
         assert torch.allclose(torch.tensor(out.logprobs), ref_logprobs, atol=1e-4), (out.logprobs, ref_logprobs)
 
 
-@pytest.mark.parametrize("variant", ["llama", "qwen2"])
+@pytest.mark.parametrize("variant", ["llama", "qwen2", "gemma2", "phi3"])
 def test_prefill_logits_match_hf(checkpoints, variant):
     from tpinfer.engine.kv_cache import Batch
 
     path = checkpoints[variant]
     engine = load_engine(EngineSpec(str(path)), ParallelContext.single())
     model = engine.model
-    batch = Batch.build(PROMPTS, [0] * 3, [0, 1, 2], torch.device("cpu"))
+    batch = Batch.build(PROMPTS, [0] * len(PROMPTS), list(range(len(PROMPTS))), torch.device("cpu"))
     with torch.inference_mode():
         logits = model.gather_logits(model(batch, engine.generator.cache))
     hf = hf_model(path)

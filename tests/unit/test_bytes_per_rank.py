@@ -26,7 +26,7 @@ def allocated_bytes(config: ModelConfig, tp: int, rank: int, dtype: torch.dtype)
     return sum(p.numel() * p.element_size() for p in unique)
 
 
-@pytest.mark.parametrize("variant", ["demo", "llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("variant", ["demo", "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_info_bytes_equal_engine_allocation_at_every_valid_size(checkpoints, variant, dtype):
     path = demo_model_path() if variant == "demo" else checkpoints[variant]
