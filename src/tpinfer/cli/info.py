@@ -63,6 +63,8 @@ def model_info(path: str, dtype: str = "auto") -> dict:
             "num_key_value_heads": config.num_key_value_heads,
             "head_dim": config.head_dim,
             "tie_word_embeddings": config.tie_word_embeddings,
+            "sliding_window": config.sliding_window,
+            "sliding_layers": sum(1 for i in range(config.num_hidden_layers) if config.window(i) is not None),
         },
         "valid_tp_sizes": [s["tp"] for s in sizes if s["valid"]],
         "tp_sizes": sizes,
@@ -80,6 +82,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"  hidden {s['hidden_size']}, {s['num_hidden_layers']} layers, {s['num_attention_heads']} heads "
           f"({s['num_key_value_heads']} KV heads, head_dim {s['head_dim']}), FFN {s['intermediate_size']}, "
           f"vocab {s['vocab_size']}{', tied embeddings' if s['tie_word_embeddings'] else ''}")
+    if s["sliding_layers"]:
+        print(f"  {s['sliding_layers']} of {s['num_hidden_layers']} layers attend a sliding window of "
+              f"{s['sliding_window']} positions (their KV cache stops growing there; KV cache/token below counts "
+              "every layer)")
     print(f"  valid TP sizes: {', '.join(map(str, info['valid_tp_sizes']))}")
     print(f"\n  {'tp':>3}  {'heads/rank':>10}  {'kv/rank':>7}  {'bytes/rank':>12}  {'KV cache/token':>14}")
     for e in info["tp_sizes"]:

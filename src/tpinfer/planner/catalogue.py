@@ -1,7 +1,7 @@
 """Well-known architectures as config data; parameter counts are computed from them, never typed in.
 
-Llama-family entries are the HF ``config.json`` shape keys, read by ``ModelConfig.from_dict`` exactly like a
-user's file. The others are ``Architecture`` descriptions. ``load_model`` takes a catalogue name (any case,
+Entries of the engine's families (llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3) are the HF
+``config.json`` shape keys, read by ``ModelConfig.from_dict`` exactly like a user's file. The others are ``Architecture`` descriptions. ``load_model`` takes a catalogue name (any case,
 with or without the HF organisation) or a directory holding ``config.json``.
 """
 
@@ -40,6 +40,12 @@ def _llama(vocab: int, hidden: int, ffn: int, layers: int, heads: int, kv: int, 
         "hidden_act": "silu",
         **extra,
     }
+
+
+def _gemma(vocab: int, hidden: int, ffn: int, layers: int, heads: int, kv: int, max_pos: int, **extra: Any) -> dict:
+    """HF config.json keys of a Gemma 3 text model (Gemma 2 entries override model_type)."""
+    return {**_llama(vocab, hidden, ffn, layers, heads, kv, max_pos), "model_type": "gemma3_text",
+            "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True, **extra}
 
 
 def _moe(name: str, vocab: int, hidden: int, ffn: int, layers: int, heads: int, kv: int, max_pos: int) -> Architecture:
@@ -119,6 +125,37 @@ CATALOGUE: dict[str, tuple[tuple[str, ...], dict[str, Any] | Architecture]] = {
     "qwen2-72b": (
         ("Qwen/Qwen2-72B", "Qwen/Qwen2-72B-Instruct"),
         {**_llama(152064, 8192, 29568, 80, 64, 8, 32768, rope_theta=1e6, rms_norm_eps=1e-6), "model_type": "qwen2"},
+    ),
+    "qwen3-8b": (
+        ("Qwen/Qwen3-8B",),
+        {**_llama(151936, 4096, 12288, 36, 32, 8, 40960, head_dim=128, rope_theta=1e6), "model_type": "qwen3"},
+    ),
+    "qwen3-32b": (
+        ("Qwen/Qwen3-32B",),
+        {**_llama(151936, 5120, 25600, 64, 64, 8, 40960, head_dim=128, rope_theta=1e6), "model_type": "qwen3"},
+    ),
+    "gemma-2-9b": (
+        ("google/gemma-2-9b", "google/gemma-2-9b-it"),
+        {**_gemma(256000, 3584, 14336, 42, 16, 8, 8192, head_dim=256, query_pre_attn_scalar=256), "model_type": "gemma2"},
+    ),
+    "gemma-2-27b": (
+        ("google/gemma-2-27b", "google/gemma-2-27b-it"),
+        {**_gemma(256000, 4608, 36864, 46, 32, 16, 8192, head_dim=128, query_pre_attn_scalar=144),
+         "model_type": "gemma2"},
+    ),
+    "gemma-3-1b": (
+        ("google/gemma-3-1b-pt", "google/gemma-3-1b-it"),
+        _gemma(262144, 1152, 6912, 26, 4, 1, 32768, head_dim=256, query_pre_attn_scalar=256, sliding_window=512),
+    ),
+    "gemma-3-27b": (
+        ("google/gemma-3-27b-pt", "google/gemma-3-27b-it"),  # the text model of the multimodal checkpoint
+        _gemma(262208, 5376, 21504, 62, 32, 16, 131072, head_dim=128, query_pre_attn_scalar=168, sliding_window=1024,
+               rope_scaling={"rope_type": "linear", "factor": 8.0}),
+    ),
+    "phi-3-mini-4k": (
+        ("microsoft/Phi-3-mini-4k-instruct",),
+        {**_llama(32064, 3072, 8192, 32, 32, 32, 4096, sliding_window=2047, original_max_position_embeddings=4096),
+         "model_type": "phi3"},
     ),
     "mixtral-8x7b": (
         ("mistralai/Mixtral-8x7B-v0.1", "mistralai/Mixtral-8x7B-Instruct-v0.1"),
