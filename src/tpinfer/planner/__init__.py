@@ -1,4 +1,6 @@
-"""The planner: pure arithmetic on a model's config and a cluster's description. No torch, no GPU.
+"""The planner: pure arithmetic on a model's config and a cluster's description. No GPU, no process group; an
+engine model's shapes come from its family's declaration (``tpinfer.models``), whose file also holds its torch
+modules, so torch is imported but nothing is allocated.
 
     model = load_model("llama-3-70b")                  # or a directory with config.json
     plan = make_plan(model, build_request(model, gpu="h100-80gb", gpus_per_node=8))
