@@ -27,10 +27,10 @@ from tpinfer.engine.kv_cache import Batch, KVCache
 from tpinfer.models.attention import cached_attention
 from tpinfer.models.decoder import CausalLM, DecoderModel, build_linear
 from tpinfer.models.family import Family, decoder_layer_name
-from tpinfer.models.llama import AUTO_PLAN, PAIRS
+from tpinfer.models.llama import AUTO_PLAN, PAIRS, LlamaAttention
 from tpinfer.models.rope import apply_rope
 from tpinfer.parallel.layers import ParallelModule
-from tpinfer.parallel.spec import Linear, Module, Norm, units
+from tpinfer.parallel.spec import Linear, Module, Norm, decoder_features
 
 ACTIVATIONS = {"gelu_pytorch_tanh": "tanh", "gelu": "none"}  # HF name -> F.gelu's approximate=
 
@@ -67,10 +67,8 @@ def read_config(raw: dict[str, Any]) -> dict[str, Any]:
 
 def layer_modules(config, layer: int) -> dict[str, Module]:  # noqa: ANN001
     name = lambda short: decoder_layer_name(layer, short)  # noqa: E731
-    hidden = units(config.hidden_size)
-    heads = units(config.num_attention_heads, config.head_dim, "attention heads")
-    kv_heads = units(config.num_key_value_heads, config.head_dim, "KV heads", replicable=True)
-    ffn = units(config.intermediate_size, name="intermediate_size")
+    f = decoder_features(config)
+    hidden, heads, kv_heads, ffn = f.hidden, f.heads, f.kv_heads, f.ffn
     bias = config.attention_bias
     modules: dict[str, Module] = {
         "self_attn.q_proj": Linear(name("self_attn.q_proj"), hidden, heads, bias),
@@ -105,16 +103,11 @@ class GemmaRMSNorm(ParallelModule):
         return (normed * (1.0 + self.weight.float())).type_as(x)
 
 
-class GemmaAttention(nn.Module):
+class GemmaAttention(LlamaAttention):
+    """Llama's projections; Gemma's scale, score cap and (Gemma 3) q/k norms."""
+
     def __init__(self, config, modules: dict[str, Module], layer: int, ctx, plan, dtype):  # noqa: ANN001
-        super().__init__()
-        self.layer, self.head_dim = layer, config.head_dim
-        self.q_proj = build_linear(modules["self_attn.q_proj"], plan, ctx, dtype)
-        self.k_proj = build_linear(modules["self_attn.k_proj"], plan, ctx, dtype)
-        self.v_proj = build_linear(modules["self_attn.v_proj"], plan, ctx, dtype)
-        self.o_proj = build_linear(modules["self_attn.o_proj"], plan, ctx, dtype)
-        self.num_local_heads = self.q_proj.weight.shape[0] // self.head_dim
-        self.num_local_kv_heads = self.k_proj.weight.shape[0] // self.head_dim
+        super().__init__(config, modules, layer, ctx, plan, dtype)
         self.scale, self.softcap = config.attention_scale, config.attn_logit_softcapping
         if "self_attn.q_norm" in modules:
             self.q_norm = GemmaRMSNorm(config.head_dim, config.rms_norm_eps, dtype, ctx.device)

@@ -21,7 +21,7 @@ from tpinfer.models.decoder import CausalLM, DecoderModel, build_linear
 from tpinfer.models.family import VOCAB_PLAN, Family, decoder_layer_name
 from tpinfer.models.rope import apply_rope
 from tpinfer.parallel.layers import RMSNorm
-from tpinfer.parallel.spec import COLWISE, ROWWISE, Linear, Module, Norm, Pair, units
+from tpinfer.parallel.spec import COLWISE, ROWWISE, Linear, Module, Norm, Pair, decoder_features
 
 
 def read_config(raw: dict[str, Any]) -> dict[str, Any]:
@@ -51,10 +51,8 @@ def qwen_sliding_layers(raw: dict[str, Any], layers: int) -> tuple[int | None, t
 def layer_modules(config, layer: int) -> dict[str, Module]:  # noqa: ANN001
     """One decoder layer's projections and norms."""
     name = lambda short: decoder_layer_name(layer, short)  # noqa: E731
-    hidden = units(config.hidden_size)
-    heads = units(config.num_attention_heads, config.head_dim, "attention heads")
-    kv_heads = units(config.num_key_value_heads, config.head_dim, "KV heads", replicable=True)
-    ffn = units(config.intermediate_size, name="intermediate_size")
+    f = decoder_features(config)
+    hidden, heads, kv_heads, ffn = f.hidden, f.heads, f.kv_heads, f.ffn
     qkv_bias = config.attention_bias
     o_bias = config.attention_bias and config.model_type != "qwen2"
     mlp_bias = config.mlp_bias
@@ -111,7 +109,7 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     """down(silu(gate(x)) * up(x)): gate/up column-parallel, down row-parallel."""
 
-    def __init__(self, modules: dict[str, Module], ctx, plan, dtype):  # noqa: ANN001
+    def __init__(self, config, modules: dict[str, Module], ctx, plan, dtype):  # noqa: ANN001
         super().__init__()
         self.gate_proj = build_linear(modules["mlp.gate_proj"], plan, ctx, dtype)
         self.up_proj = build_linear(modules["mlp.up_proj"], plan, ctx, dtype)
@@ -122,13 +120,17 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, layer: int, ctx, plan, dtype):  # noqa: ANN001
+    """The pre-norm layer: x + attn(norm(x)), then the same around the MLP. Qwen3 and Phi-3 build it with their own
+    attention and MLP classes and module declarations."""
+
+    def __init__(self, config, layer: int, ctx, plan, dtype, attention: type = None, mlp: type = None,  # noqa: ANN001
+                 modules: dict[str, Module] | None = None):
         super().__init__()
-        modules = layer_modules(config, layer)
+        modules = modules if modules is not None else layer_modules(config, layer)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, ctx.device)
-        self.self_attn = LlamaAttention(config, modules, layer, ctx, plan, dtype)
+        self.self_attn = (attention or LlamaAttention)(config, modules, layer, ctx, plan, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, ctx.device)
-        self.mlp = LlamaMLP(modules, ctx, plan, dtype)
+        self.mlp = (mlp or LlamaMLP)(config, modules, ctx, plan, dtype)
 
     def forward(self, x: torch.Tensor, rope, batch: Batch, cache: KVCache) -> torch.Tensor:  # noqa: ANN001
         h = x + self.self_attn(self.input_layernorm(x), rope, batch, cache)

@@ -20,9 +20,10 @@ from tpinfer.engine.kv_cache import Batch, KVCache
 from tpinfer.models.attention import cached_attention
 from tpinfer.models.decoder import CausalLM, DecoderModel, build_linear
 from tpinfer.models.family import VOCAB_PLAN, Family, decoder_layer_name
+from tpinfer.models.llama import LlamaDecoderLayer
 from tpinfer.models.rope import apply_rope
 from tpinfer.parallel.layers import RMSNorm
-from tpinfer.parallel.spec import COLWISE, ROWWISE, Linear, Module, Norm, Pair, packed, units
+from tpinfer.parallel.spec import COLWISE, ROWWISE, Linear, Module, Norm, Pair, decoder_features, packed
 
 
 def read_config(raw: dict[str, Any]) -> dict[str, Any]:
@@ -44,10 +45,8 @@ def read_config(raw: dict[str, Any]) -> dict[str, Any]:
 
 def layer_modules(config, layer: int) -> dict[str, Module]:  # noqa: ANN001
     name = lambda short: decoder_layer_name(layer, short)  # noqa: E731
-    hidden = units(config.hidden_size)
-    heads = units(config.num_attention_heads, config.head_dim, "attention heads")
-    kv_heads = units(config.num_key_value_heads, config.head_dim, "KV heads", replicable=True)
-    ffn = units(config.intermediate_size, name="intermediate_size")
+    f = decoder_features(config)
+    hidden, heads, kv_heads, ffn = f.hidden, f.heads, f.kv_heads, f.ffn
     return {
         "self_attn.qkv_proj": Linear(name("self_attn.qkv_proj"), hidden, packed(heads, kv_heads, kv_heads)),
         "self_attn.o_proj": Linear(name("self_attn.o_proj"), heads, hidden),
@@ -94,7 +93,7 @@ class Phi3Attention(nn.Module):
 class Phi3MLP(nn.Module):
     """down(up * silu(gate)) with [gate | up] from one fused projection."""
 
-    def __init__(self, modules: dict[str, Module], ctx, plan, dtype):  # noqa: ANN001
+    def __init__(self, config, modules: dict[str, Module], ctx, plan, dtype):  # noqa: ANN001
         super().__init__()
         self.gate_up_proj = build_linear(modules["mlp.gate_up_proj"], plan, ctx, dtype)
         self.down_proj = build_linear(modules["mlp.down_proj"], plan, ctx, dtype)
@@ -104,24 +103,11 @@ class Phi3MLP(nn.Module):
         return self.down_proj(up * F.silu(gate))
 
 
-class Phi3DecoderLayer(nn.Module):
-    def __init__(self, config, layer: int, ctx, plan, dtype):  # noqa: ANN001
-        super().__init__()
-        modules = layer_modules(config, layer)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, ctx.device)
-        self.self_attn = Phi3Attention(config, modules, layer, ctx, plan, dtype)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, ctx.device)
-        self.mlp = Phi3MLP(modules, ctx, plan, dtype)
-
-    def forward(self, x: torch.Tensor, rope, batch: Batch, cache: KVCache) -> torch.Tensor:  # noqa: ANN001
-        h = x + self.self_attn(self.input_layernorm(x), rope, batch, cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
-
-
 class Phi3ForCausalLM(CausalLM):
     def __init__(self, config, ctx, plan, dtype: torch.dtype, max_seq_len: int):  # noqa: ANN001
         model = DecoderModel(config, ctx, plan, dtype, max_seq_len,
-                             lambda i: Phi3DecoderLayer(config, i, ctx, plan, dtype),
+                             lambda i: LlamaDecoderLayer(config, i, ctx, plan, dtype, attention=Phi3Attention,
+                                                         mlp=Phi3MLP, modules=layer_modules(config, i)),
                              lambda size: RMSNorm(size, config.rms_norm_eps, dtype, ctx.device))
         super().__init__(config, ctx, plan, dtype, max_seq_len, model)
         # HF's Phi-3 recomputes a sequence's cache once, when it first grows past the original length: from then on

@@ -9,14 +9,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
 from tpinfer.config import decoder_fields, read_rope
 from tpinfer.engine.kv_cache import Batch, KVCache
 from tpinfer.models.attention import cached_attention
 from tpinfer.models.decoder import CausalLM, DecoderModel
 from tpinfer.models.family import Family, decoder_layer_name
-from tpinfer.models.llama import AUTO_PLAN, PAIRS, LlamaAttention, LlamaMLP, qwen_sliding_layers
+from tpinfer.models.llama import AUTO_PLAN, PAIRS, LlamaAttention, LlamaDecoderLayer, qwen_sliding_layers
 from tpinfer.models.llama import layer_modules as llama_layer_modules
 from tpinfer.models.rope import apply_rope
 from tpinfer.parallel.layers import RMSNorm
@@ -54,24 +53,11 @@ class Qwen3Attention(LlamaAttention):
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_local_heads * self.head_dim))
 
 
-class Qwen3DecoderLayer(nn.Module):
-    def __init__(self, config, layer: int, ctx, plan, dtype):  # noqa: ANN001
-        super().__init__()
-        modules = layer_modules(config, layer)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, ctx.device)
-        self.self_attn = Qwen3Attention(config, modules, layer, ctx, plan, dtype)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, ctx.device)
-        self.mlp = LlamaMLP(modules, ctx, plan, dtype)
-
-    def forward(self, x: torch.Tensor, rope, batch: Batch, cache: KVCache) -> torch.Tensor:  # noqa: ANN001
-        h = x + self.self_attn(self.input_layernorm(x), rope, batch, cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
-
-
 class Qwen3ForCausalLM(CausalLM):
     def __init__(self, config, ctx, plan, dtype: torch.dtype, max_seq_len: int):  # noqa: ANN001
         model = DecoderModel(config, ctx, plan, dtype, max_seq_len,
-                             lambda i: Qwen3DecoderLayer(config, i, ctx, plan, dtype),
+                             lambda i: LlamaDecoderLayer(config, i, ctx, plan, dtype, attention=Qwen3Attention,
+                                                         modules=layer_modules(config, i)),
                              lambda size: RMSNorm(size, config.rms_norm_eps, dtype, ctx.device))
         super().__init__(config, ctx, plan, dtype, max_seq_len, model)
 

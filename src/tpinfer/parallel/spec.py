@@ -85,6 +85,25 @@ def units(count: int, size: int = 1, name: str = "features", replicable: bool = 
     return Features((Units(count, size, name, replicable),))
 
 
+@dataclass(frozen=True)
+class DecoderFeatures:
+    """The feature groups a decoder layer's projections map between (``decoder_features(config)``)."""
+
+    hidden: Features  # never split: the residual stream every rank holds whole
+    heads: Features  # query heads (and o_proj's input)
+    kv_heads: Features  # key/value heads, replicated when TP exceeds them
+    ffn: Features  # the MLP's intermediate features
+
+
+def decoder_features(config) -> DecoderFeatures:  # noqa: ANN001  (a ModelConfig)
+    return DecoderFeatures(
+        hidden=units(config.hidden_size),
+        heads=units(config.num_attention_heads, config.head_dim, "attention heads"),
+        kv_heads=units(config.num_key_value_heads, config.head_dim, "KV heads", replicable=True),
+        ffn=units(config.intermediate_size, name="intermediate_size"),
+    )
+
+
 def packed(*groups: Features) -> Features:
     """Groups stored as one tensor, one after another (q, k, v in a fused qkv_proj)."""
     return Features(tuple(part for group in groups for part in group.parts))
