@@ -90,6 +90,8 @@ VARIANTS = {
     "llama-dynamic": {"model_type": "llama", "max_position_embeddings": 24,
                       "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}},
     "mistral-window": {"model_type": "mistral", "sliding_window": 8, "tie_word_embeddings": False},
+    # a window (24) too long for a ring at max_model_len 40: a full cache masked to the window
+    "mistral-long-window": {"model_type": "mistral", "sliding_window": 24, "tie_word_embeddings": False},
 }
 
 

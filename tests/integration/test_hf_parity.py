@@ -14,7 +14,8 @@ from tpinfer.parallel.context import ParallelContext
 PROMPTS = [[1, 17, 29, 33, 41, 52, 60, 71, 80], [1, 200, 13], [1, 5, 99, 140, 7, 7], list(range(3, 23))]
 NEW = 16
 VARIANTS = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "llama-yarn", "llama-dynamic",
-            "mistral-window"]
+            "mistral-window", "mistral-long-window"]
+MAX_MODEL_LEN = {"llama-dynamic": 64, "mistral-long-window": 40}
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -22,9 +23,10 @@ def test_tp1_matches_hf_tokens_and_logprobs(checkpoints, variant):
     import transformers
 
     path = checkpoints[variant]
-    # The dynamic rope exists to run past max_position_embeddings; nothing else may (see max_model_len).
-    extra = {"max_model_len": 64} if variant == "llama-dynamic" else {}
-    engine = load_engine(EngineSpec(str(path), **extra), ParallelContext.single())
+    # The dynamic rope runs past max_position_embeddings (24 here); a window of 24 in 40 positions is masked in a full
+    # cache rather than kept in a ring.
+    engine = load_engine(EngineSpec(str(path), max_model_len=MAX_MODEL_LEN.get(variant)), ParallelContext.single())
+    assert (engine.generator.cache.window[0] is not None) == (variant == "mistral-long-window")
     outputs = engine.generator.generate(PROMPTS, SamplingParams(max_new_tokens=NEW, temperature=0, ignore_eos=True))
     hf = hf_model(path)
     greedy = transformers.GenerationConfig(max_new_tokens=NEW, do_sample=False, eos_token_id=[], pad_token_id=0)

@@ -102,3 +102,13 @@ def test_longrope_frequencies_are_hf_bit_for_bit(seq_len):
     got, got_scale = inv_freq(ours.rope_parameters["full_attention"], ours.head_dim, ours.max_position_embeddings,
                               seq_len=seq_len)
     assert torch.equal(got, want) and got_scale == want_scale
+
+
+def test_a_window_too_long_for_a_ring_masks_a_full_cache(checkpoints):
+    config = ModelConfig.from_pretrained(checkpoints["mistral-long-window"])  # window 24
+    assert kv_cache_lengths(config, 48) == [24, 24]  # half the context or less: a ring
+    assert kv_cache_lengths(config, 40) == [40, 40]  # a ring would save 16 positions of 40: masked instead
+    windows = [config.window(i) for i in range(config.num_hidden_layers)]
+    cache = KVCache(kv_cache_lengths(config, 40), 1, 2, 40, config.head_dim, torch.float32, torch.device("cpu"),
+                    windows)
+    assert cache.ring == [None, None] and cache.window == [24, 24]

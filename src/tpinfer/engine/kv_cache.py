@@ -3,8 +3,9 @@
 Layout per layer: (max_seqs, local_kv_heads, length, head_dim). A sequence owns one slot. In a layer that attends
 every earlier position, length is max_seq_len and the token at position p lives at [slot, :, p]; a query at
 position p attends positions <= p of its slot, so stale entries past a sequence's length are never read. A
-sliding-window layer whose window W is shorter than max_seq_len keeps only W positions, as a ring: position p lives
-at [slot, :, p mod W] (see ``tpinfer.models.attention``).
+sliding-window layer whose window W is at most half of max_seq_len keeps only W positions, as a ring: position p
+lives at [slot, :, p mod W]; one with a longer window keeps every position and masks to the window (see
+``tpinfer.models.attention``).
 """
 
 from __future__ import annotations
@@ -24,12 +25,17 @@ class KVCache:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device,
+        windows: list[int | None] | None = None,
     ) -> None:
         shapes = [(max_seqs, num_local_kv_heads, length, head_dim) for length in lengths]
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
-        # Per layer: the ring's size W for a sliding-window layer shorter than max_seq_len, else None.
+        # Per layer: the ring's size W for a sliding-window layer that keeps only its window, else None.
         self.ring = [length if length < max_seq_len else None for length in lengths]
+        # Per layer: a sliding window that a full-length cache masks to (shorter than max_seq_len), else None.
+        windows = windows or [None] * len(lengths)
+        self.window = [w if ring is None and w is not None and w < max_seq_len else None
+                       for w, ring in zip(windows, self.ring, strict=True)]
         self.max_seqs, self.max_seq_len = max_seqs, max_seq_len
 
     @property

@@ -3,7 +3,7 @@
 ``native_decode(model)`` checks once what the fused kernels implement (this module owns those checks): a CPU rank
 with the kernels built, q/k/v and gate/up local (column-parallel or replicated) and o/down row-parallel or
 replicated, head_dim within the attention kernel's buffer, one rope table for every step that rotates whole
-heads, and no sliding-window ring in the cache. If the model qualifies it returns a ``NativeDecode``; otherwise
+heads, and no sliding window shorter than the context. If the model qualifies it returns a ``NativeDecode``; otherwise
 None, and the engine calls the model's own forward. A ``NativeDecode`` runs decode steps (one new token per
 row, up to ``NATIVE_MAX_ROWS`` rows, float32/bfloat16 activations) through the kernels and hands any other step
 to the model: the model file stays the plain-torch reference these kernels are tested against.
@@ -19,7 +19,6 @@ import torch
 from tpinfer import kernels
 from tpinfer.engine.kv_cache import Batch, KVCache
 from tpinfer.parallel.layers import NATIVE_MAX_ROWS, ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
-from tpinfer.parallel.shard import kv_cache_lengths
 
 LOCAL = (ColumnParallelLinear, ReplicatedLinear)
 REDUCED = (RowParallelLinear, ReplicatedLinear)
@@ -36,8 +35,9 @@ def unsupported_reason(model: torch.nn.Module) -> str | None:
     ropes = list(model.model.rotary_emb.values())
     if len(ropes) != 1 or not ropes[0].static or ropes[0].rotary_dim != model.config.head_dim:
         return "the kernels take one rope table that rotates whole heads"
-    if any(length < model.max_seq_len for length in kv_cache_lengths(model.config, model.max_seq_len)):
-        return "a sliding-window layer keeps a ring cache, which the attention kernel does not read"
+    windows = [model.config.window(i) for i in range(model.config.num_hidden_layers)]
+    if any(w is not None and w < model.max_seq_len for w in windows):
+        return "a sliding window shorter than the context: the attention kernel attends every cached position"
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         if not all(isinstance(m, LOCAL) for m in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj)):

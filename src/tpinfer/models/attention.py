@@ -3,8 +3,9 @@
 Two cache layouts (``tpinfer.engine.kv_cache``):
 
 * **full**: position p at index p. The step's keys and values are written first, then a query attends indices
-  [0, kv_len) with a causal mask (none at all for a lone sequence's prefill from position 0 or its decode).
-* **ring**: a sliding-window layer of window W < max_seq_len keeps W entries, position p at p mod W. A query
+  [0, kv_len) with a causal mask (none at all for a lone sequence's prefill from position 0 or its decode),
+  restricted to the last W positions for a sliding-window layer whose window W is too long for a ring.
+* **ring**: a sliding-window layer of window W <= max_seq_len / 2 keeps W entries, position p at p mod W. A query
   attends the ring as it was before the step (entries of the W positions before the row's first new token) plus
   the step's own keys, masked to positions in (q - W, q]; afterwards the last W real tokens of each row are
   written. Padding is never written into a ring (it would evict a position the next query still needs).
@@ -46,22 +47,29 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: i
     else:
         keys = k_cache.index_select(0, batch.slots)[:, :, : batch.kv_len]
         values = v_cache.index_select(0, batch.slots)[:, :, : batch.kv_len]
-    mask = _full_mask(batch)
+    mask = _full_mask(batch, cache.window[layer])
     # A lone sequence's prefill from position 0 is plain causal attention (SDPA's fused causal kernel).
     causal = mask is None and T > 1
     return attend(q, keys, values, mask, causal, scale, softcap)
 
 
-def _full_mask(batch: Batch) -> torch.Tensor | None:
+def _full_mask(batch: Batch, window: int | None) -> torch.Tensor | None:
     T = batch.input_ids.shape[1]
-    if batch.single_row_start is not None and (T == 1 or batch.single_row_start[1] == 0):
+    if window is not None and batch.kv_len <= window:
+        window = None  # every position of this step is within the window
+    if window is None and batch.single_row_start is not None and (T == 1 or batch.single_row_start[1] == 0):
         # One sequence: a single new token sees every cached position; a prefill from position 0 is
         # causal over exactly its own tokens (kv_len == T). Either way no mask tensor is needed.
         return None
-    if "full" not in batch.masks:
-        key_positions = torch.arange(batch.kv_len, device=batch.positions.device)
-        batch.masks["full"] = (key_positions[None, None, :] <= batch.positions[:, :, None]).unsqueeze(1)  # (B,1,T,L)
-    return batch.masks["full"]
+    key = ("full", window)
+    if key not in batch.masks:
+        k_pos = torch.arange(batch.kv_len, device=batch.positions.device)[None, None, :]
+        q_pos = batch.positions[:, :, None]
+        mask = k_pos <= q_pos
+        if window is not None:
+            mask &= k_pos > q_pos - window
+        batch.masks[key] = mask.unsqueeze(1)  # (B, 1, T, L)
+    return batch.masks[key]
 
 
 def _ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, cache: KVCache, batch: Batch,

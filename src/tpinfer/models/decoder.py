@@ -79,8 +79,9 @@ class CausalLM(nn.Module):
 
     def new_cache(self, max_seqs: int, max_seq_len: int | None = None) -> KVCache:
         length = max_seq_len or self.max_seq_len
+        windows = [self.config.window(i) for i in range(self.config.num_hidden_layers)]
         return KVCache(kv_cache_lengths(self.config, length), max_seqs, self.num_local_kv_heads, length,
-                       self.config.head_dim, self.dtype, self.ctx.device)
+                       self.config.head_dim, self.dtype, self.ctx.device, windows)
 
     def forward(self, batch: Batch, cache: KVCache) -> torch.Tensor:
         """Local logits of the tokens at ``batch.logits_index``: (B, local vocab); (B, T, local vocab) with

@@ -126,11 +126,13 @@ def kv_cache_bytes_per_token(config: ModelConfig, tp: int, rank: int, bytes_per_
 
 def kv_cache_lengths(config: ModelConfig, max_seq_len: int) -> list[int]:
     """Cache positions each layer keeps for a sequence of up to ``max_seq_len`` tokens: all of them, or for a
-    sliding-window layer whose window is shorter, the window (a ring: position p lives at p mod window)."""
+    sliding-window layer whose window is at most half of that, only the window (a ring: position p lives at p mod
+    window). A window longer than that saves too little to pay for the ring; such a layer keeps every position and
+    masks to its window instead."""
     lengths = []
     for layer in range(config.num_hidden_layers):
         window = config.window(layer)
-        lengths.append(window if window is not None and window < max_seq_len else max_seq_len)
+        lengths.append(window if window is not None and 2 * window <= max_seq_len else max_seq_len)
     return lengths
 
 

@@ -110,7 +110,8 @@ async def create_completion(raw: bytes, http: Request, state: ServerState) -> Re
     req = parse(CompletionRequest, raw)
     model = state.check_model(req.model)
     prompts = _completion_prompts(state, req.prompt)
-    limits = [_max_new_tokens(state, len(p), req.max_tokens, DEFAULT_COMPLETION_TOKENS, "prompt") for p in prompts]
+    default = state.settings.defaults.max_new_tokens or DEFAULT_COMPLETION_TOKENS  # generation_config.json's first
+    limits = [_max_new_tokens(state, len(p), req.max_tokens, default, "prompt") for p in prompts]
     stream = state.submit(prompts, limits, req, req.logprobs)
     render = CompletionRenderer(stream, model, req.logprobs)
     if req.stream:
@@ -133,7 +134,7 @@ async def create_chat_completion(raw: bytes, http: Request, state: ServerState) 
     if not prompt:
         raise APIError(400, "the messages render to an empty prompt", "messages")
     requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    limit = _max_new_tokens(state, len(prompt), requested, None, "messages")
+    limit = _max_new_tokens(state, len(prompt), requested, state.settings.defaults.max_new_tokens, "messages")
     top = (req.top_logprobs or 0) if req.logprobs else None
     stream = state.submit([prompt], [limit], req, top)
     render = ChatRenderer(stream, model, req.logprobs)
