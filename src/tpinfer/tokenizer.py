@@ -92,10 +92,6 @@ class Tokenizer:
             token_ids = token_ids.tolist()
         return self.hf.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
 
-    def token_text(self, token_id: int) -> str:
-        """One token's own text (for logprobs), special tokens included."""
-        return self.hf.decode([token_id], skip_special_tokens=False)
-
     def __call__(self, text: str | list[str], return_tensors: str | None = "pt") -> BatchEncoding:
         texts = [text] if isinstance(text, str) else list(text)
         ids = [self.encode(t) for t in texts]

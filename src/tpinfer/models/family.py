@@ -10,7 +10,7 @@ class built from it, and optionally a fast decode path. Plan resolution, shard a
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from tpinfer.parallel.spec import VOCAB, Embedding, Head, Module, Norm, Pair
@@ -35,7 +35,6 @@ class Family:
     model: Callable[..., Any]  # (config, ctx, plan, dtype, max_seq_len) -> the rank's nn.Module
     # Optional fast decode: takes the built model, returns a step callable or None when it does not apply.
     decode_adapter: Callable[[Any], Any] | None = None
-    notes: dict[str, str] = field(default_factory=dict)
 
     def modules(self, config: ModelConfig) -> list[Module]:
         """Every module of the model in registration order, with full HF names."""

@@ -42,11 +42,6 @@ class PlanError(ConfigError):
     """A tp_plan that cannot be applied to this model at this TP size."""
 
 
-def module_names(config: ModelConfig) -> list[str]:
-    """Every plannable module of the model, by HF name."""
-    return [m.name for m in config.family.modules(config)]
-
-
 def _pattern(name: str) -> re.Pattern[str]:
     return re.compile("^" + re.escape(name).replace(r"\*", r"[^.]+") + "$")
 
@@ -172,11 +167,3 @@ def valid_sizes(modules: list[Module], strategies: dict[str, str], default_limit
     counts = [p.count for m, s in splits for p in (m.out_features if s == COLWISE else m.in_features).parts]
     limit = min(max(counts, default=default_limit), MAX_LISTED_SIZE)
     return [t for t in range(1, limit + 1) if all(size_failure(m, s, t) is None for m, s in splits)]
-
-
-def kv_rows(config: ModelConfig, rank: int, tp: int) -> tuple[int, int]:
-    """(start, length) in k_proj/v_proj output features held by ``rank``."""
-    from tpinfer.parallel.shard import kv_head_range
-
-    first, count = kv_head_range(config.num_key_value_heads, rank, tp)
-    return first * config.head_dim, count * config.head_dim

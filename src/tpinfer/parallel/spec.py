@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tpinfer.parallel.shard import kv_head_range, numel, shard_range, vocab_range
+from tpinfer.parallel.shard import kv_head_range, shard_range, vocab_range
 
 COLWISE, ROWWISE, REPLICATE, VOCAB = "colwise", "rowwise", "replicate", "vocab"
 
@@ -71,9 +71,6 @@ class Features:
             out.append((offset + start, length))
             offset += part.features
         return tuple(out)
-
-    def local_sizes(self, rank: int, tp: int) -> tuple[int, ...]:
-        return tuple(length for _, length in self.ranges(rank, tp))
 
     def describe(self) -> str:
         if len(self.parts) == 1:
@@ -218,7 +215,3 @@ def size_failure(module: Module, strategy: str, tp: int) -> str | None:
         if strategy == ROWWISE:
             return module.in_features.failure(tp)
     return None
-
-
-def count_elements(shapes: dict[str, tuple[int, ...]]) -> int:
-    return sum(numel(s) for s in shapes.values())
