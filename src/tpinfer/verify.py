@@ -9,7 +9,10 @@ the same weights is scored and generated the same way, and every size is also co
 
 Why sizes differ at all: a row-parallel layer sums partial products in another order, so float32 results differ in
 the last bits and bfloat16 results by a rounding step; a near-tie between the two likeliest tokens can then flip a
-greedy choice, after which the continuations part ways. The tolerances are per dtype (``TOLERANCES``).
+greedy choice, after which the continuations part ways. So a size passes when its greedy tokens agree, or when every
+place they first part is such a near-tie (the reference's logits of the two tokens within the logit tolerance;
+``divergences`` and ``divergences_at_ties`` count them), and its logits and KL are within the tolerances, which
+are per dtype (``TOLERANCES``).
 """
 
 from __future__ import annotations
@@ -39,10 +42,12 @@ class Comparison:
     max_logit_diff: float
     kl: float
     passed: bool
+    divergences: int = 0  # prompts whose greedy continuations part somewhere
+    ties: int = 0  # of those, parting at a near-tie: the reference's two tokens within the logit tolerance
 
     def to_json(self) -> dict[str, Any]:
         return {"greedy_agreement": self.greedy_agreement, "max_logit_diff": self.max_logit_diff, "kl": self.kl,
-                "passed": self.passed}
+                "passed": self.passed, "divergences": self.divergences, "divergences_at_ties": self.ties}
 
 
 @dataclass
@@ -74,10 +79,14 @@ class Run:
 def compare(run: Run, reference: Run, dtype: str, min_agreement: float = 1.0,
             max_logit_diff: float | None = None, max_kl: float | None = None) -> Comparison:
     logit_tol, kl_tol = tolerances(dtype, max_logit_diff, max_kl)
-    same = total = 0
-    for got, want in zip(run.tokens, reference.tokens, strict=True):
+    same = total = divergences = ties = 0
+    for got, want, logits in zip(run.tokens, reference.tokens, reference.logits, strict=True):
         total += len(want)
         same += sum(1 for a, b in zip(got, want, strict=False) if a == b)
+        first = next((i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), None)
+        if first is not None:  # after the first difference the contexts differ: only that position says why
+            divergences += 1
+            ties += bool(logits[first, want[first]] - logits[first, got[first]] <= logit_tol)
     worst, kls = 0.0, []
     for got, want in zip(run.logits, reference.logits, strict=True):
         worst = max(worst, (got - want).abs().max().item())
@@ -85,8 +94,10 @@ def compare(run: Run, reference: Run, dtype: str, min_agreement: float = 1.0,
         kls.append((p_log.exp() * (p_log - q_log)).sum(-1).clamp_min(0))
     kl = torch.cat(kls).mean().item() if kls else 0.0
     agreement = same / total if total else 1.0
-    passed = agreement >= min_agreement and worst <= logit_tol and kl <= kl_tol and math.isfinite(worst)
-    return Comparison(agreement, worst, kl, passed)
+    # Greedy tokens must agree, unless every place they part is a near-tie (rounding picks either token).
+    greedy_ok = agreement >= min_agreement or divergences == ties
+    passed = greedy_ok and worst <= logit_tol and kl <= kl_tol and math.isfinite(worst)
+    return Comparison(agreement, worst, kl, passed, divergences, ties)
 
 
 def engine_run(llm: LLM, prompts: list[list[int]], new_tokens: int, sequences: list[list[int]] | None) -> Run:
@@ -171,9 +182,11 @@ def table(results: list[SizeResult], dtype: str, logit_tol: float, kl_tol: float
         if r.against_hf is not None:
             h = r.against_hf
             line += f"  |  {h.greedy_agreement:>12.1%}  {h.max_logit_diff:>18.3g}  {h.kl:>9.2g}"
-        lines.append(line + f"  {'pass' if r.passed else 'FAIL'}")
+        notes = [f"{c.ties} of {c.divergences} divergence(s) at a near-tie{' vs HF' if c is r.against_hf else ''}"
+                 for c in (a, r.against_hf) if c is not None and c.divergences]
+        lines.append(line + f"  {'pass' if r.passed else 'FAIL'}" + (f"  ({'; '.join(notes)})" if notes else ""))
     passed = all(r.passed for r in results)
     lines.append(f"{'PASS' if passed else 'FAIL'}: every size {'agrees' if passed else 'must agree'} with TP=1"
-                 f"{' and HF' if hf else ''} ({dtype}: greedy tokens equal, logits within {logit_tol:g}, "
-                 f"mean KL within {kl_tol:g})")
+                 f"{' and HF' if hf else ''} ({dtype}: greedy tokens equal or parting only at near-ties, logits "
+                 f"within {logit_tol:g}, mean KL within {kl_tol:g})")
     return "\n".join(lines)

@@ -131,7 +131,8 @@ def test_verify_passes_tp_sizes_against_hf_and_fails_what_differs(tmp_path):
     report = json.loads(proc.stdout.splitlines()[-1])
     assert report["passed"] and [s["tp"] for s in report["sizes"]] == [1, 2]
     for size in report["sizes"]:
-        assert set(size) == {"tp", "greedy_agreement", "max_logit_diff", "kl", "passed", "hf"}
+        assert set(size) == {"tp", "greedy_agreement", "max_logit_diff", "kl", "passed", "divergences",
+                             "divergences_at_ties", "hf"}
         assert size["greedy_agreement"] == 1.0 and size["hf"]["greedy_agreement"] == 1.0
         assert size["max_logit_diff"] < 1e-4 and size["hf"]["max_logit_diff"] < 1e-4
     assert report["sizes"][0]["max_logit_diff"] == 0.0  # TP=1 against itself

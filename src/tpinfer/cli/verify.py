@@ -15,8 +15,10 @@ EPILOG = """examples:
 Per size: greedy_agreement (share of greedy tokens equal to TP=1's), max_logit_diff (largest |logit difference|
 on the TP=1 continuation, teacher-forced) and kl (mean KL(TP=1 || size) in nats); with --reference hf the same
 against HF transformers' own model on the same weights. --json ends with one JSON object:
-  {"model", "dtype", "sizes": [{"tp", "greedy_agreement", "max_logit_diff", "kl", "passed", "hf": {...}}],
-   "passed"}
+  {"model", "dtype", "sizes": [{"tp", "greedy_agreement", "max_logit_diff", "kl", "passed", "divergences",
+   "divergences_at_ties", "hf": {...}}], "passed"}
+Greedy tokens pass when they agree, or when every place they first part is a near-tie (the reference's logits
+of the two tokens within the logit tolerance), which rounding may decide either way.
 Exit status 0 when every size passes, 1 otherwise."""
 
 
