@@ -158,6 +158,7 @@ class LLM:
         all_reduce: str = "auto",
         timeout_s: float = 120.0,
         progress: bool = True,
+        quantization: str | None = None,
         _fault: dict[str, int] | None = None,
     ) -> None:
         self.spec = EngineSpec(
@@ -165,6 +166,7 @@ class LLM:
             tensor_parallel_size=tensor_parallel_size,
             dtype=_dtype_name(dtype),
             tp_plan=tp_plan,
+            quantization=quantization,
             max_model_len=max_model_len,
             max_batch_size=max_batch_size,
             all_reduce=all_reduce,

@@ -53,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
         model=model_path(args),
         dtype=args.dtype,
         tp_plan=tp_plan(args.tp_plan),
+        quantization=args.quantization,
         max_model_len=args.max_model_len or args.input_len + args.output_len + 8,
         max_batch_size=args.batch_size,
         all_reduce=args.all_reduce,

@@ -21,6 +21,10 @@ def add_model_args(parser: argparse.ArgumentParser, tp: bool = True) -> None:
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tp-plan", default="auto", metavar="auto|FILE.json",
                         help='"auto" or a JSON file mapping module patterns to colwise/rowwise/replicate')
+    parser.add_argument("--quantization", "-q", default=None, metavar="SCHEME",
+                        help="quantize the projections while loading, each rank its own slice: int8 (per channel), "
+                        "int4 (groups of 32 with offsets; int4-g64, int4-g128, int4-g32-sym), fp8 (e4m3, per "
+                        "channel; fp8-tensor)")
     parser.add_argument("--max-model-len", type=int, default=None, metavar="L",
                         help="longest prompt + generation per sequence (default min(2048, the model's))")
     parser.add_argument("--all-reduce", default="auto", choices=("auto", "shm", "gloo"),

@@ -67,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
         tensor_parallel_size=args.tensor_parallel_size,
         dtype=args.dtype,
         tp_plan=tp_plan(args.tp_plan),
+        quantization=args.quantization,
         max_model_len=args.max_model_len,
         all_reduce=args.all_reduce,
         timeout_s=args.timeout,

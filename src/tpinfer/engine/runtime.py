@@ -41,6 +41,8 @@ class EngineSpec:
     tensor_parallel_size: int = 1
     dtype: str = "auto"
     tp_plan: str | dict[str, str] = "auto"
+    # Quantize a float checkpoint's projections while loading: "int8", "int4", "int4-g128", "fp8", ... (None: as stored)
+    quantization: str | None = None
     max_model_len: int | None = None
     max_batch_size: int = 8
     all_reduce: str = "auto"
@@ -55,10 +57,16 @@ class EngineSpec:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def schemes(self):  # noqa: ANN201  (Scheme | None)
+        """The quantization asked for on the command line, parsed."""
+        from tpinfer.quant.formats import parse
+
+        return None if self.quantization is None else parse(self.quantization)
+
     def check(self) -> tuple[ModelConfig, ResolvedPlan]:
         """Validate config, plan and TP size without touching weights (fast, before any process starts)."""
         config = ModelConfig.from_pretrained(self.model)
-        plan = resolve_plan(config, self.tensor_parallel_size, self.tp_plan)
+        plan = resolve_plan(config, self.tensor_parallel_size, self.tp_plan, self.schemes())
         Checkpoint(self.model)
         resolve_dtype(self.dtype, config.torch_dtype)
         max_model_len(config, self.max_model_len)
@@ -171,7 +179,7 @@ def load_engine(spec: EngineSpec, ctx: ParallelContext, progress: bool = False) 
     if spec.threads:
         torch.set_num_threads(spec.threads)
     config = ModelConfig.from_pretrained(spec.model)
-    plan = resolve_plan(config, ctx.world_size, spec.tp_plan)
+    plan = resolve_plan(config, ctx.world_size, spec.tp_plan, spec.schemes())
     dtype = resolve_dtype(spec.dtype, config.torch_dtype)
     max_len = max_model_len(config, spec.max_model_len)
     checkpoint = Checkpoint(spec.model)

@@ -30,11 +30,12 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_decode.cpp")
+INCLUDES = (Path(__file__).with_name("cpu_quant.inc"),)  # compiled as part of SOURCE (#include)
 ENV_SWITCH = "TPINFER_NATIVE_KERNELS"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl")
 MAX_HEAD_DIM = 512  # the attention kernel keeps one query head in a stack buffer of this size
-ABI_VERSION = 3
+ABI_VERSION = 4
 
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _lock = threading.Lock()
@@ -88,7 +89,7 @@ def _build() -> ctypes.CDLL:
     if compiler is None:
         raise RuntimeError("no C++ compiler found (install g++ or set CXX)")
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
-    source = SOURCE.read_bytes()
+    source = b"".join(path.read_bytes() for path in (SOURCE, *INCLUDES))
     key = hashlib.sha256(
         b"\0".join([source, version.encode(), " ".join(FLAGS).encode(), _cpu_model().encode(),
                     " ".join(sorted(_cpu_flags())).encode()])
@@ -122,6 +123,8 @@ def _build() -> ctypes.CDLL:
     for fn in (lib.tpi_linear, lib.tpi_gated_linear, lib.tpi_decode_attention, lib.tpi_add_rms_norm,
                lib.tpi_layer_attention, lib.tpi_layer_mlp):
         fn.restype = None
+    lib.tpi_qlinear.argtypes = [p, i, p, p, p, i, i64, i, p, i, p, i, i64, i64, i64, i]
+    lib.tpi_qlinear.restype = None
     lib.tpi_decode_layer_size.restype = ctypes.c_int64
     lib.tpi_shm_group_size.restype = ctypes.c_int64
     lib.tpi_decode_stack.argtypes = [p, i64, i64, p, p, p, p, p, p, p, i64, i, ctypes.POINTER(ShmGroup), p, i64]
@@ -141,6 +144,9 @@ class DecodeLayer(ctypes.Structure):
     _fields_ += [(name, ctypes.c_int64) for name in ("hidden", "heads", "kv_heads", "head_dim", "ffn", "max_len")]
     _fields_ += [(name, ctypes.c_float) for name in ("eps1", "eps2", "scale")]
     _fields_ += [(name, ctypes.c_int32) for name in ("w_dtype", "act_dtype", "reduce_o", "reduce_d")]
+    _fields_ += [(name, ctypes.c_void_p) for name in (
+        "sq", "sk", "sv", "so", "sg", "su", "sd", "oq", "ok", "ov", "oo", "og", "ou", "od")]
+    _fields_ += [("q_group", ctypes.c_int64), ("q_kind", ctypes.c_int32), ("q_per_tensor", ctypes.c_int32)]
 
 
 class ShmGroup(ctypes.Structure):
@@ -210,6 +216,34 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return y
 
 
+QUANT_KINDS = {"int8": 0, "int4": 1, "fp8": 2}
+
+
+def quant_usable(x: torch.Tensor, scheme, tensors: dict[str, torch.Tensor]) -> bool:  # noqa: ANN001
+    """Whether ``quant_linear`` takes x and this quantized weight: the kernels built, CPU tensors, whole 16- (int8,
+    fp8) or 32-wide (int4) blocks and groups."""
+    if not usable(x) or tensors["q"].device.type != "cpu":
+        return False
+    K = x.shape[-1]
+    block = 32 if scheme.kind == "int4" else 16
+    group = scheme.group or K
+    return K % block == 0 and group % block == 0 and K % group == 0
+
+
+def quant_linear(x: torch.Tensor, scheme, tensors: dict[str, torch.Tensor],  # noqa: ANN001
+                 bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x W^T (+ bias) for a weight quantized in ``scheme`` (``tpinfer.quant.formats``), result in x's dtype."""
+    x = x.contiguous()
+    q = tensors["q"]
+    rows, K, N = x.numel() // x.shape[-1], x.shape[-1], q.shape[0]
+    y = torch.empty(*x.shape[:-1], N, dtype=x.dtype)
+    offset = tensors.get("offset")
+    library().tpi_qlinear(x.data_ptr(), _DTYPES[x.dtype], q.data_ptr(), tensors["scale"].data_ptr(), _ptr(offset),
+                          QUANT_KINDS[scheme.kind], scheme.group or K, int(scheme.per_tensor), _ptr(bias),
+                          _code(bias, x.dtype), y.data_ptr(), _DTYPES[y.dtype], rows, N, K, torch.get_num_threads())
+    return y
+
+
 def gated_linear(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, gate_bias: torch.Tensor | None = None,
                  up_bias: torch.Tensor | None = None) -> torch.Tensor:
     """silu(x Wg^T + bg) * (x Wu^T + bu), result in x's dtype."""
@@ -255,21 +289,34 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tens
 
 def decode_layer(norm1: torch.Tensor, norm2: torch.Tensor, eps1: float, eps2: float,
                  projections: dict[str, tuple[torch.Tensor, torch.Tensor | None]], k_cache: torch.Tensor,
-                 v_cache: torch.Tensor, reduce: tuple[bool, bool] = (False, False)) -> DecodeLayer:
+                 v_cache: torch.Tensor, reduce: tuple[bool, bool] = (False, False), scheme=None,  # noqa: ANN001
+                 quantized: dict[str, dict[str, torch.Tensor]] | None = None) -> DecodeLayer:
     """Describe a layer for ``layer_attention``/``layer_mlp`` and ``DecodeStack``: ``projections`` maps q, k, v, o,
     g, u, d to this rank's (weight, bias); o and d biases follow the all-reduce, so only ``DecodeStack`` applies
     them. ``reduce``: whether o's and d's outputs are partial sums to all-reduce (row-parallel over several
-    ranks). The tensors must outlive the description (they are the model's parameters and cache)."""
+    ranks). With ``scheme`` (``tpinfer.quant.formats.Scheme``), ``quantized`` maps each projection to its stored
+    tensors (q, scale, offset) and the weights are those. The tensors must outlive the description (they are the
+    model's parameters and cache)."""
     _, kv_heads, max_len, head_dim = k_cache.shape
-    wq = projections["q"][0]
+    q_rows = (quantized["q"]["q"] if scheme is not None else projections["q"][0]).shape[0]
+    ffn = (quantized["g"]["q"] if scheme is not None else projections["g"][0]).shape[0]
     layer = DecodeLayer(
         norm1=norm1.data_ptr(), norm2=norm2.data_ptr(), k_cache=k_cache.data_ptr(), v_cache=v_cache.data_ptr(),
-        hidden=norm1.shape[0], heads=wq.shape[0] // head_dim, kv_heads=kv_heads, head_dim=head_dim,
-        ffn=projections["g"][0].shape[0], max_len=max_len, eps1=eps1, eps2=eps2, scale=head_dim**-0.5,
-        w_dtype=_DTYPES[wq.dtype], act_dtype=_DTYPES[norm1.dtype], reduce_o=int(reduce[0]), reduce_d=int(reduce[1]),
+        hidden=norm1.shape[0], heads=q_rows // head_dim, kv_heads=kv_heads, head_dim=head_dim,
+        ffn=ffn, max_len=max_len, eps1=eps1, eps2=eps2, scale=head_dim**-0.5,
+        w_dtype=_DTYPES[norm1.dtype] if scheme is not None else _DTYPES[projections["q"][0].dtype],
+        act_dtype=_DTYPES[norm1.dtype], reduce_o=int(reduce[0]), reduce_d=int(reduce[1]),
+        q_kind=-1 if scheme is None else QUANT_KINDS[scheme.kind], q_group=0 if scheme is None else scheme.group or 0,
+        q_per_tensor=0 if scheme is None else int(scheme.per_tensor),
     )
     for key, (weight, bias) in projections.items():
-        setattr(layer, "w" + key, weight.data_ptr())
+        if scheme is not None:
+            stored = quantized[key]
+            setattr(layer, "w" + key, stored["q"].data_ptr())
+            setattr(layer, "s" + key, stored["scale"].data_ptr())
+            setattr(layer, "o" + key, _ptr(stored.get("offset")))
+        else:
+            setattr(layer, "w" + key, weight.data_ptr())
         setattr(layer, "b" + key, _ptr(bias))
     return layer
 

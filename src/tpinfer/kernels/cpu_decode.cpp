@@ -187,10 +187,11 @@ void gemv_dispatch(int B, const float *xs, const uint16_t *W, float *y, int64_t 
 // enough to balance two to a few dozen threads.
 constexpr int64_t kRowBlock = 64;
 
-// A per-thread float32 buffer of at least n elements, 64-byte aligned; `which` picks one of four.
+// A per-thread float32 buffer of at least n elements, 64-byte aligned; `which` picks one of six (0, 1: GEMV
+// outputs; 2: a quantized kernel's per-thread scales; 3: prepare_x; 4: group sums of x).
 float *scratch(int64_t n, int which) {
-  static thread_local float *buffers[4] = {nullptr, nullptr, nullptr, nullptr};
-  static thread_local int64_t capacity[4] = {0, 0, 0, 0};
+  static thread_local float *buffers[6] = {nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
+  static thread_local int64_t capacity[6] = {0, 0, 0, 0, 0, 0};
   if (capacity[which] < n) {
     free(buffers[which]);
     buffers[which] = static_cast<float *>(aligned_alloc(64, ((n * 4 + 63) / 64) * 64));
@@ -334,11 +335,46 @@ inline void store16_any(void *p, int dtype, int64_t i, __m512 v) {
     _mm256_storeu_si256(reinterpret_cast<__m256i *>(static_cast<uint16_t *>(p) + i), to_bf16(v));
 }
 
+// y[r0 + b] = silu(g + bg) * (u + bu) in y's dtype; for bfloat16 y each projection is rounded to bfloat16 before
+// the product, as the unfused ops do.
+void gated_epilogue(const float *g, const float *u, const void *bg, const void *bu, int bias_dtype, void *y,
+                    int y_dtype, int64_t r0, int B, int64_t N) {
+  for (int b = 0; b < B; b++) {
+    int64_t n = 0;
+    for (; n + 16 <= N; n += 16) {  // the scalar loop below, 16 at a time
+      __m512 gv = _mm512_loadu_ps(g + b * N + n), uv = _mm512_loadu_ps(u + b * N + n);
+      if (bg) gv = _mm512_add_ps(gv, load16_any(bg, bias_dtype, n));
+      if (bu) uv = _mm512_add_ps(uv, load16_any(bu, bias_dtype, n));
+      if (y_dtype == kBF16) {
+        gv = round_bf16(silu16(round_bf16(gv)));
+        store16_any(y, y_dtype, (r0 + b) * N + n, _mm512_mul_ps(gv, round_bf16(uv)));
+      } else {
+        store16_any(y, y_dtype, (r0 + b) * N + n, _mm512_mul_ps(silu16(gv), uv));
+      }
+    }
+    for (; n < N; n++) {
+      float gv = g[b * N + n], uv = u[b * N + n];
+      if (bg) gv += load1(bg, bias_dtype, n);
+      if (bu) uv += load1(bu, bias_dtype, n);
+      if (y_dtype == kBF16) {
+        gv = bf16_to_f32(f32_to_bf16(gv));
+        uv = bf16_to_f32(f32_to_bf16(uv));
+        gv = bf16_to_f32(f32_to_bf16(silu(gv)));
+        store1(y, y_dtype, (r0 + b) * N + n, gv * uv);
+      } else {
+        store1(y, y_dtype, (r0 + b) * N + n, silu(gv) * uv);
+      }
+    }
+  }
+}
+
 }  // namespace
+
+#include "cpu_quant.inc"  // quantized GEMVs: qproject, quant_gated (namespace) and tpi_qlinear
 
 extern "C" {
 
-int tpi_abi_version() { return 3; }
+int tpi_abi_version() { return 4; }
 
 // y[rows, N] = x[rows, K] W[N, K]^T (+ bias[N]); any rows (passes of up to kMaxRows); dtypes 0/1 per operand.
 void tpi_linear(const void *x, int x_dtype, const void *W, int w_dtype, const void *bias, int bias_dtype, void *y,
@@ -374,33 +410,7 @@ void tpi_gated_linear(const void *x, int x_dtype, const void *Wg, const void *Wu
     float *g = scratch(B * N, 0), *u = scratch(B * N, 1);
     gemv_f32_out(xf, Wg, w_dtype, g, B, N, K, threads);
     gemv_f32_out(xf, Wu, w_dtype, u, B, N, K, threads);
-    for (int b = 0; b < B; b++) {
-      int64_t n = 0;
-      for (; n + 16 <= N; n += 16) {  // the scalar loop below, 16 at a time
-        __m512 gv = _mm512_loadu_ps(g + b * N + n), uv = _mm512_loadu_ps(u + b * N + n);
-        if (bg) gv = _mm512_add_ps(gv, load16_any(bg, bias_dtype, n));
-        if (bu) uv = _mm512_add_ps(uv, load16_any(bu, bias_dtype, n));
-        if (y_dtype == kBF16) {
-          gv = round_bf16(silu16(round_bf16(gv)));
-          store16_any(y, y_dtype, (r0 + b) * N + n, _mm512_mul_ps(gv, round_bf16(uv)));
-        } else {
-          store16_any(y, y_dtype, (r0 + b) * N + n, _mm512_mul_ps(silu16(gv), uv));
-        }
-      }
-      for (; n < N; n++) {
-        float gv = g[b * N + n], uv = u[b * N + n];
-        if (bg) gv += load1(bg, bias_dtype, n);
-        if (bu) uv += load1(bu, bias_dtype, n);
-        if (y_dtype == kBF16) {
-          gv = bf16_to_f32(f32_to_bf16(gv));
-          uv = bf16_to_f32(f32_to_bf16(uv));
-          gv = bf16_to_f32(f32_to_bf16(silu(gv)));
-          store1(y, y_dtype, (r0 + b) * N + n, gv * uv);
-        } else {
-          store1(y, y_dtype, (r0 + b) * N + n, silu(gv) * uv);
-        }
-      }
-    }
+    gated_epilogue(g, u, bg, bu, bias_dtype, y, y_dtype, r0, B, N);
   }
 }
 
@@ -560,9 +570,24 @@ struct DecodeLayer {
   float eps1, eps2, scale;
   int32_t w_dtype, act_dtype;
   int32_t reduce_o, reduce_d;               // o/down row-parallel: all-reduce their outputs (tpi_decode_stack)
+  // Quantized projections (q_kind >= 0: 0 int8, 1 int4, 2 fp8; the w* pointers then hold the quantized values):
+  const void *sq, *sk, *sv, *so, *sg, *su, *sd;  // scales
+  const void *oq, *ok, *ov, *oo, *og, *ou, *od;  // offsets, or null when symmetric
+  int64_t q_group;                               // inputs per scale; 0: one per output channel
+  int32_t q_kind, q_per_tensor;                  // q_kind -1: float weights of w_dtype
 };
 
 namespace {
+QuantWeight quant_weight(const DecodeLayer *L, const void *w, const void *scale, const void *offset) {
+  return QuantWeight{w, scale, offset, L->q_kind, L->q_group, L->q_per_tensor};
+}
+
+// Bytes of a rows x cols weight of this layer (what a prefetch of it covers).
+int64_t weight_bytes(const DecodeLayer *L, int64_t rows, int64_t cols) {
+  if (L->q_kind < 0) return rows * cols * (L->w_dtype == kF32 ? 4 : 2);
+  return L->q_kind == kQInt4 ? rows * cols / 2 : rows * cols;
+}
+
 // Activation-sized intermediates of a layer half, reused across calls (one arena per calling thread).
 char *arena(size_t bytes) {
   static thread_local std::vector<char> buffer;
@@ -590,13 +615,23 @@ void tpi_layer_attention(const DecodeLayer *L, void *x, const void *delta, void 
   char *normed = base, *q = normed + B * L->hidden * es, *k = q + B * q_rows * es, *v = k + B * kv_rows * es;
   char *attn = v + B * kv_rows * es;
   tpi_add_rms_norm(x, delta, L->norm1, x, normed, L->act_dtype, B, L->hidden, L->eps1);
-  const int bias_dtype = L->w_dtype;
-  tpi_linear3(normed, L->act_dtype, L->wq, L->wk, L->wv, L->w_dtype, L->bq, L->bk, L->bv, bias_dtype, q, k, v,
-              L->act_dtype, B, q_rows, kv_rows, kv_rows, L->hidden, threads);
+  if (L->q_kind >= 0) {  // biases are in the activation dtype
+    const int a = L->act_dtype;
+    qlinear(normed, a, quant_weight(L, L->wq, L->sq, L->oq), L->bq, a, q, a, B, q_rows, L->hidden, threads);
+    qlinear(normed, a, quant_weight(L, L->wk, L->sk, L->ok), L->bk, a, k, a, B, kv_rows, L->hidden, threads);
+    qlinear(normed, a, quant_weight(L, L->wv, L->sv, L->ov), L->bv, a, v, a, B, kv_rows, L->hidden, threads);
+  } else {
+    tpi_linear3(normed, L->act_dtype, L->wq, L->wk, L->wv, L->w_dtype, L->bq, L->bk, L->bv, L->w_dtype, q, k, v,
+                L->act_dtype, B, q_rows, kv_rows, kv_rows, L->hidden, threads);
+  }
   tpi_decode_attention(q, k, v, L->act_dtype, cos_table, sin_table, L->k_cache, L->v_cache, slots, positions, attn, B,
                        L->heads, L->kv_heads, L->head_dim, L->max_len, L->scale, threads);
-  tpi_linear(attn, L->act_dtype, L->wo, L->w_dtype, nullptr, bias_dtype, partial, L->act_dtype, B, L->hidden, q_rows,
-             threads);
+  if (L->q_kind >= 0)
+    qlinear(attn, L->act_dtype, quant_weight(L, L->wo, L->so, L->oo), nullptr, L->act_dtype, partial, L->act_dtype, B,
+            L->hidden, q_rows, threads);
+  else
+    tpi_linear(attn, L->act_dtype, L->wo, L->w_dtype, nullptr, L->w_dtype, partial, L->act_dtype, B, L->hidden,
+               q_rows, threads);
 }
 
 // x += delta; partial = (silu(RMSNorm(x) Wg^T) * RMSNorm(x) Wu^T) Wd^T for this rank's FFN slice.
@@ -605,6 +640,13 @@ void tpi_layer_mlp(const DecodeLayer *L, void *x, const void *delta, void *parti
   char *normed = arena(static_cast<size_t>(B * (L->hidden + L->ffn) * es));
   char *h = normed + B * L->hidden * es;
   tpi_add_rms_norm(x, delta, L->norm2, x, normed, L->act_dtype, B, L->hidden, L->eps2);
+  if (L->q_kind >= 0) {
+    const int a = L->act_dtype;
+    qgated(normed, a, quant_weight(L, L->wg, L->sg, L->og), quant_weight(L, L->wu, L->su, L->ou), L->bg, L->bu, a, h,
+           a, B, L->ffn, L->hidden, threads);
+    qlinear(h, a, quant_weight(L, L->wd, L->sd, L->od), nullptr, a, partial, a, B, L->hidden, L->ffn, threads);
+    return;
+  }
   tpi_gated_linear(normed, L->act_dtype, L->wg, L->wu, L->w_dtype, L->bg, L->bu, L->w_dtype, h, L->act_dtype, B,
                    L->ffn, L->hidden, threads);
   tpi_linear(h, L->act_dtype, L->wd, L->w_dtype, nullptr, L->w_dtype, partial, L->act_dtype, B, L->hidden, L->ffn,
@@ -754,19 +796,18 @@ int64_t tpi_decode_stack(const DecodeLayer *layers, int64_t n_layers, int64_t fi
     const DecodeLayer *L = layers + h / 2;
     void *delta = h == 0 ? nullptr : buffers[(h - 1) & 1];
     void *out = buffers[h & 1];
-    const int64_t w_es = L->w_dtype == kF32 ? 4 : 2;
     WaitPrefetch next;
     if (h % 2 == 0) {
       tpi_layer_attention(L, x, delta, out, cos_table, sin_table, slots, positions, B, threads);
-      next.add(L->wg, L->ffn * L->hidden * w_es);
-      next.add(L->wu, L->ffn * L->hidden * w_es);
+      next.add(L->wg, weight_bytes(L, L->ffn, L->hidden));
+      next.add(L->wu, weight_bytes(L, L->ffn, L->hidden));
     } else {
       tpi_layer_mlp(L, x, delta, out, B, threads);
       if (h / 2 + 1 < n_layers) {
         const DecodeLayer *N = L + 1;
-        next.add(N->wq, N->heads * N->head_dim * N->hidden * w_es);
-        next.add(N->wk, N->kv_heads * N->head_dim * N->hidden * w_es);
-        next.add(N->wv, N->kv_heads * N->head_dim * N->hidden * w_es);
+        next.add(N->wq, weight_bytes(N, N->heads * N->head_dim, N->hidden));
+        next.add(N->wk, weight_bytes(N, N->kv_heads * N->head_dim, N->hidden));
+        next.add(N->wv, weight_bytes(N, N->kv_heads * N->head_dim, N->hidden));
       } else if (tail) {
         next.add(tail, tail_bytes);
       }
@@ -774,9 +815,10 @@ int64_t tpi_decode_stack(const DecodeLayer *layers, int64_t n_layers, int64_t fi
     const bool reduce = (h % 2 == 0 ? L->reduce_o : L->reduce_d) && group && group->world > 1;
     if (reduce && exchange(group, out, L->act_dtype, B * L->hidden, &next)) return h;
     const void *bias = h % 2 == 0 ? L->bo : L->bd;
-    if (bias) add_bias(out, L->act_dtype, bias, L->w_dtype, B, L->hidden);
+    if (bias) add_bias(out, L->act_dtype, bias, L->q_kind >= 0 ? L->act_dtype : L->w_dtype, B, L->hidden);
   }
   return -1;
 }
 
 }  // extern "C"
+

@@ -2,7 +2,7 @@
 
 ``native_decode(model)`` checks once what the fused kernels implement (this module owns those checks): a CPU rank
 with the kernels built, q/k/v and gate/up local (column-parallel or replicated) and o/down row-parallel or
-replicated, head_dim within the attention kernel's buffer, one rope table for every step that rotates whole
+replicated, float or all quantized in one scheme the kernels take, head_dim within the attention kernel's buffer, one rope table for every step that rotates whole
 heads, and no sliding window shorter than the context. If the model qualifies it returns a ``NativeDecode``; otherwise
 None, and the engine calls the model's own forward. A ``NativeDecode`` runs decode steps (one new token per
 row, up to ``NATIVE_MAX_ROWS`` rows, float32/bfloat16 activations) through the kernels and hands any other step
@@ -19,9 +19,29 @@ import torch
 from tpinfer import kernels
 from tpinfer.engine.kv_cache import Batch, KVCache
 from tpinfer.parallel.layers import NATIVE_MAX_ROWS, ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
+from tpinfer.parallel.spec import COLWISE, REPLICATE, ROWWISE
+from tpinfer.quant.layers import QuantLinear
 
 LOCAL = (ColumnParallelLinear, ReplicatedLinear)
 REDUCED = (RowParallelLinear, ReplicatedLinear)
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _projections(layer) -> list:  # noqa: ANN001
+    attn, mlp = layer.self_attn, layer.mlp
+    return [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+
+
+def _local(m) -> bool:  # noqa: ANN001
+    return isinstance(m, LOCAL) or (isinstance(m, QuantLinear) and m.mode in (COLWISE, REPLICATE))
+
+
+def _reduced(m) -> bool:  # noqa: ANN001
+    return isinstance(m, REDUCED) or (isinstance(m, QuantLinear) and m.mode in (ROWWISE, REPLICATE))
+
+
+def _row_parallel(m) -> bool:  # noqa: ANN001
+    return isinstance(m, RowParallelLinear) or (isinstance(m, QuantLinear) and m.mode == ROWWISE)
 
 
 def unsupported_reason(model: torch.nn.Module) -> str | None:
@@ -40,12 +60,21 @@ def unsupported_reason(model: torch.nn.Module) -> str | None:
         return "a sliding window shorter than the context: the attention kernel attends every cached position"
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        if not all(isinstance(m, LOCAL) for m in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj)):
+        if not all(_local(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj)):
             return "q/k/v and gate/up must be column-parallel or replicated"
-        if not all(isinstance(m, REDUCED) for m in (attn.o_proj, mlp.down_proj)):
+        if not all(_reduced(m) for m in (attn.o_proj, mlp.down_proj)):
             return "o_proj and down_proj must be row-parallel or replicated"
         if attn.head_dim > kernels.MAX_HEAD_DIM:
             return f"head_dim {attn.head_dim} exceeds the attention kernel's {kernels.MAX_HEAD_DIM}"
+        schemes = {m.scheme if isinstance(m, QuantLinear) else None for m in _projections(layer)}
+        if len(schemes) > 1:
+            return "a layer's projections must all be float or all share one quantization scheme"
+        scheme = schemes.pop()
+        if scheme is not None:
+            for m in _projections(layer):
+                probe = torch.empty(1, m.in_features, dtype=model.dtype)
+                if not kernels.quant_usable(probe, scheme, m.quantized()):
+                    return f"{scheme.name} with {m.in_features} input features is not one the kernels take"
     return None
 
 
@@ -127,14 +156,14 @@ class NativeDecode:
         if described is None or described[0] is not k_cache:  # a new cache (more slots): describe again
             layer = self.layers[i]
             attn, mlp = layer.self_attn, layer.mlp
-            modules = {"q": attn.q_proj, "k": attn.k_proj, "v": attn.v_proj, "o": attn.o_proj, "g": mlp.gate_proj,
-                       "u": mlp.up_proj, "d": mlp.down_proj}
+            modules = dict(zip("qkvogud", _projections(layer), strict=True))
             norm1, norm2 = layer.input_layernorm, layer.post_attention_layernorm
             several = self.world_size > 1
-            reduce = (several and isinstance(attn.o_proj, RowParallelLinear),
-                      several and isinstance(mlp.down_proj, RowParallelLinear))
+            reduce = (several and _row_parallel(attn.o_proj), several and _row_parallel(mlp.down_proj))
+            scheme = attn.q_proj.scheme if isinstance(attn.q_proj, QuantLinear) else None
+            quantized = {k: m.quantized() for k, m in modules.items()} if scheme is not None else None
             description = kernels.decode_layer(norm1.weight, norm2.weight, norm1.eps, norm2.eps,
-                                               {k: (m.weight, m.bias) for k, m in modules.items()}, k_cache, v_cache,
-                                               reduce)
+                                               {k: (getattr(m, "weight", None), m.bias) for k, m in modules.items()},
+                                               k_cache, v_cache, reduce, scheme, quantized)
             self._described[i] = described = (k_cache, description)
         return described[1]

@@ -128,17 +128,21 @@ class Checkpoint:
         self._handles.clear()
 
 
-def expected_tensors(model: nn.Module) -> dict[str, tuple[nn.Parameter, Slice | None]]:
-    """Checkpoint name -> (parameter to fill, slice it holds) for every parameter the model loads."""
-    expected: dict[str, tuple[nn.Parameter, Slice | None]] = {}
+def expected_tensors(model: nn.Module) -> dict[str, tuple[ParallelModule, str, Slice | None]]:
+    """Checkpoint name -> (module that loads it, its name there, the slice the module holds), in the order the
+    model registers its modules."""
+    expected: dict[str, tuple[ParallelModule, str, Slice | None]] = {}
     for module_name, module in model.named_modules():
-        if not isinstance(module, ParallelModule):
-            continue
-        for param_name, shard in module.shards.items():
-            param = getattr(module, param_name, None)
-            if param is not None:
-                expected[f"{module_name}.{param_name}"] = (param, shard)
+        if isinstance(module, ParallelModule):
+            for suffix, piece in module.sources().items():
+                expected[f"{module_name}.{suffix}"] = (module, suffix, piece)
     return expected
+
+
+def _nbytes(tensor) -> int:  # noqa: ANN001  (a tensor, or a QTensor of several)
+    if isinstance(tensor, torch.Tensor):
+        return tensor.numel() * tensor.element_size()
+    return sum(t.numel() * t.element_size() for t in tensor.tensors.values())
 
 
 def load_weights(
@@ -153,7 +157,8 @@ def load_weights(
 
     ``full_shapes`` are the checkpoint shapes the config implies (``notes`` say how, for fused tensors);
     ``ignore`` names tensors the checkpoint may carry that the model does not load (e.g. lm_head.weight when
-    embeddings are tied).
+    embeddings are tied). Each module receives all of its tensors at once (``ParallelModule.load``): a quantized
+    layer quantizes its float slice there, so a rank never holds more than one float slice at a time.
     """
     notes = notes or {}
     expected = expected_tensors(model)
@@ -171,44 +176,45 @@ def load_weights(
             + " (does config.json match these weights?)"
         )
     # Fresh storage in huge pages, before anything is written (zeroed, as padded rows need: see hugepages.py).
-    model.weight_arena = place_in_huge_pages([param for param, _ in expected.values()])
-    names = sorted(expected, key=lambda n: (str(checkpoint.files[n]), n))
+    params = [p for _, m in model.named_modules() if isinstance(m, ParallelModule) for p in m.parameters(False)]
+    model.weight_arena = place_in_huge_pages(params)
+    groups: dict[int, list[str]] = {}
+    for name in sorted(expected, key=lambda n: (str(checkpoint.files[n]), n)):
+        groups.setdefault(id(expected[name][0]), []).append(name)
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(names), desc="loading weights", unit="tensor", leave=False)
+        bar = tqdm(total=len(expected), desc="loading weights", unit="tensor", leave=False)
     start, nbytes = time.perf_counter(), 0
     try:
-        for name in names:
-            param, shard = expected[name]
-            shape = checkpoint.shape(name)
-            if name in full_shapes and shape != full_shapes[name]:
-                note = f" ({notes[name]})" if name in notes else ""
-                raise CheckpointError(
-                    f"{checkpoint.files[name]}: tensor {name} has shape {list(shape)}, "
-                    f"config.json implies {list(full_shapes[name])}{note}"
-                )
-            tensor = checkpoint.read(name, shard)
-            target = param.data if shard is None or shard.valid == shard.length else param.data.narrow(
-                shard.dim, 0, shard.valid)
-            if tuple(tensor.shape) != tuple(target.shape):
-                raise CheckpointError(
-                    f"{checkpoint.files[name]}: tensor {name} slice has shape {list(tensor.shape)}, "
-                    f"expected {list(target.shape)}"
-                )
-            target.copy_(tensor)
-            nbytes += tensor.numel() * tensor.element_size()
-            del tensor
-            # safetensors reads through a memory map: pages it touched count as this process's memory until
-            # the map is dropped. Dropping it after every tensor keeps the peak at the slices we keep plus one
-            # tensor's pages (a row-parallel slice touches most pages of its tensor).
-            checkpoint.close()
-            if bar is not None:
-                bar.update(1)
+        for names in groups.values():
+            module, parts = expected[names[0]][0], {}
+            for name in names:
+                _, suffix, piece = expected[name]
+                shape = checkpoint.shape(name)
+                if name in full_shapes and shape != full_shapes[name]:
+                    note = f" ({notes[name]})" if name in notes else ""
+                    raise CheckpointError(
+                        f"{checkpoint.files[name]}: tensor {name} has shape {list(shape)}, "
+                        f"config.json implies {list(full_shapes[name])}{note}"
+                    )
+                parts[suffix] = checkpoint.read(name, piece)
+                nbytes += _nbytes(parts[suffix])
+                # safetensors reads through a memory map: pages it touched count as this process's memory until
+                # the map is dropped. Dropping it after every tensor keeps the peak at the slices we keep plus one
+                # tensor's pages (a row-parallel slice touches most pages of its tensor).
+                checkpoint.close()
+                if bar is not None:
+                    bar.update(1)
+            try:
+                module.load(parts)
+            except ValueError as exc:
+                raise CheckpointError(f"{checkpoint.files[names[0]]}: tensor {names[0]}: {exc}") from exc
+            del parts
     finally:
         if bar is not None:
             bar.close()
         checkpoint.close()
-    log.debug("read %d tensors (%.1f MB) in %.2fs", len(names), nbytes / 1e6, time.perf_counter() - start)
-    return {"tensors": len(names), "bytes": nbytes}
+    log.debug("read %d tensors (%.1f MB) in %.2fs", len(expected), nbytes / 1e6, time.perf_counter() - start)
+    return {"tensors": len(expected), "bytes": nbytes}

@@ -22,10 +22,14 @@ from tpinfer.parallel.layers import ParallelModule, embedding_layer, head_layer,
 from tpinfer.parallel.plan import ResolvedPlan
 from tpinfer.parallel.shard import kv_cache_lengths
 from tpinfer.parallel.spec import Embedding, Head, Linear
+from tpinfer.quant.layers import quant_linear_layer
 
 
 def build_linear(module: Linear, plan: ResolvedPlan, ctx: ParallelContext, dtype: torch.dtype) -> ParallelModule:
-    """The parallel layer for a declared projection, as the plan says."""
+    """The parallel layer for a declared projection, as the plan says (and quantized where it says so)."""
+    scheme = plan.scheme(module.name)
+    if scheme is not None:
+        return quant_linear_layer(module, scheme, plan.strategy(module.name), ctx, dtype)
     return linear_layer(module, plan.strategy(module.name), ctx, dtype)
 
 

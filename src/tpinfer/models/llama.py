@@ -91,8 +91,8 @@ class LlamaAttention(nn.Module):
         self.k_proj = build_linear(modules["self_attn.k_proj"], plan, ctx, dtype)
         self.v_proj = build_linear(modules["self_attn.v_proj"], plan, ctx, dtype)
         self.o_proj = build_linear(modules["self_attn.o_proj"], plan, ctx, dtype)
-        self.num_local_heads = self.q_proj.weight.shape[0] // self.head_dim
-        self.num_local_kv_heads = self.k_proj.weight.shape[0] // self.head_dim
+        self.num_local_heads = sum(self.q_proj.part_sizes) // self.head_dim
+        self.num_local_kv_heads = sum(self.k_proj.part_sizes) // self.head_dim
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: Batch,
                 cache: KVCache) -> torch.Tensor:

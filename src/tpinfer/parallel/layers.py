@@ -64,6 +64,23 @@ class ParallelModule(nn.Module):
 
     shards: dict[str, Slice | None]
 
+    def sources(self) -> dict[str, Slice | None]:
+        """The checkpoint tensors this module loads (name within the module -> the slice it holds)."""
+        return {name: piece for name, piece in self.shards.items() if getattr(self, name, None) is not None}
+
+    def load(self, parts: dict[str, torch.Tensor]) -> None:
+        """Copy each checkpoint slice into its parameter (a quantized one, as from GGUF, is dequantized first); the
+        rows of a padded vocabulary shard past the checkpoint's keep their zeros."""
+        for name, tensor in parts.items():
+            param, piece = getattr(self, name), self.shards[name]
+            if not isinstance(tensor, torch.Tensor):
+                tensor = tensor.dequantize(param.dtype)
+            target = param.data if piece is None or piece.valid == piece.length else param.data.narrow(
+                piece.dim, 0, piece.valid)
+            if tuple(tensor.shape) != tuple(target.shape):
+                raise ValueError(f"{name} slice has shape {list(tensor.shape)}, expected {list(target.shape)}")
+            target.copy_(tensor)
+
 
 class ReplicatedLinear(ParallelModule):
     """Y = X W^T + b with the whole W on every rank; no communication."""

@@ -10,7 +10,7 @@ pairs; the model then asks the plan how to build each layer.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from tpinfer.config import ConfigError, ModelConfig
@@ -26,6 +26,7 @@ from tpinfer.parallel.spec import (
     Norm,
     size_failure,
 )
+from tpinfer.quant.formats import Scheme
 
 if TYPE_CHECKING:
     from tpinfer.models.family import Family
@@ -48,13 +49,17 @@ def _pattern(name: str) -> re.Pattern[str]:
 
 @dataclass(frozen=True)
 class ResolvedPlan:
-    """Strategy of every module for one model at one TP size."""
+    """Strategy of every module for one model at one TP size, and the quantized projections' schemes."""
 
     strategies: dict[str, str]
     tp: int
+    schemes: dict[str, Scheme] = field(default_factory=dict)  # module name -> its weight format; absent: float
 
     def strategy(self, module: str) -> str:
         return self.strategies[module]
+
+    def scheme(self, module: str) -> Scheme | None:
+        return self.schemes.get(module)
 
 
 def strategies_for(config: ModelConfig, plan: dict[str, str], modules: list[Module] | None = None) -> dict[str, str]:
@@ -81,8 +86,24 @@ def strategies_for(config: ModelConfig, plan: dict[str, str], modules: list[Modu
     return strategies
 
 
-def resolve_plan(config: ModelConfig, tp: int, plan: str | dict[str, str] = "auto") -> ResolvedPlan:
-    """Resolve ``plan`` for ``config`` and check it can run at ``tp``; raises PlanError naming the problem."""
+def quantized_projections(config: ModelConfig, scheme: Scheme | dict[str, Scheme] | None) -> dict[str, Scheme]:
+    """Module name -> scheme: one scheme for every projection of the decoder layers (the embedding and LM head stay
+    float), or a map given module by module (a GGUF file's or a compressed-tensors checkpoint's)."""
+    if scheme is None:
+        return {}
+    linears = {m.name for m in config.family.modules(config) if isinstance(m, Linear)}
+    if isinstance(scheme, Scheme):
+        return dict.fromkeys(sorted(linears), scheme)
+    unknown = sorted(set(scheme) - linears)
+    if unknown:
+        raise PlanError(f"quantized tensors for modules this {config.model_type} model does not have: {unknown[:3]}")
+    return dict(scheme)
+
+
+def resolve_plan(config: ModelConfig, tp: int, plan: str | dict[str, str] = "auto",
+                 quantization: Scheme | dict[str, Scheme] | None = None) -> ResolvedPlan:
+    """Resolve ``plan`` for ``config`` (and its quantized projections) and check it can run at ``tp``; raises
+    PlanError naming the problem."""
     if tp < 1:
         raise PlanError(f"tensor-parallel size must be at least 1, got {tp}")
     family = config.family
@@ -92,12 +113,14 @@ def resolve_plan(config: ModelConfig, tp: int, plan: str | dict[str, str] = "aut
     if not isinstance(plan, dict):
         raise PlanError(f"tp_plan must be 'auto' or a dict of module pattern -> strategy, got {plan!r}")
     modules = family.modules(config)
-    resolved = ResolvedPlan(strategies_for(config, plan, modules), tp)
+    resolved = ResolvedPlan(strategies_for(config, plan, modules), tp, quantized_projections(config, quantization))
     _check_pairs(config, family, resolved)
-    reason = tp_failure(modules, resolved.strategies, tp)
+    reason = tp_failure(modules, resolved.strategies, tp, resolved.schemes)
     if reason:
-        sizes = ", ".join(map(str, valid_sizes(modules, resolved.strategies, config.num_attention_heads)))
-        raise PlanError(f"{reason}; valid sizes for this model{'' if auto else ' and plan'}: {sizes}")
+        sizes = ", ".join(map(str, valid_sizes(modules, resolved.strategies, config.num_attention_heads,
+                                               resolved.schemes)))
+        what = ("" if auto else " and plan") + (" and quantization" if resolved.schemes else "")
+        raise PlanError(f"{reason}; valid sizes for this model{what}: {sizes or 'none'}")
     return resolved
 
 
@@ -140,30 +163,51 @@ def _check_pairs(config: ModelConfig, family: Family, plan: ResolvedPlan) -> Non
         raise PlanError("tied embeddings need model.embed_tokens and lm_head to share a strategy (vocab or replicate)")
 
 
-def _split_features(modules: list[Module], strategies: dict[str, str]) -> list[tuple[Linear, str]]:
-    """One (module, strategy) per distinct split the plan asks for (layers repeat the same ones)."""
-    seen: dict[tuple, tuple[Linear, str]] = {}
+def _split_features(modules: list[Module], strategies: dict[str, str],
+                    schemes: dict[str, Scheme]) -> list[tuple[Linear, str, Scheme | None]]:
+    """One (module, strategy, scheme) per distinct split the plan asks for (layers repeat the same ones)."""
+    seen: dict[tuple, tuple[Linear, str, Scheme | None]] = {}
     for m in modules:
-        if isinstance(m, Linear) and strategies[m.name] in (COLWISE, ROWWISE):
-            features = m.out_features if strategies[m.name] == COLWISE else m.in_features
-            seen.setdefault((features, strategies[m.name]), (m, strategies[m.name]))
+        scheme = schemes.get(m.name)
+        if isinstance(m, Linear) and (strategies[m.name] in (COLWISE, ROWWISE) or scheme is not None):
+            key = (m.in_features, m.out_features, strategies[m.name], scheme)
+            seen.setdefault(key, (m, strategies[m.name], scheme))
     return list(seen.values())
 
 
-def tp_failure(modules: list[Module], strategies: dict[str, str], tp: int) -> str | None:
-    """Why ``tp`` cannot split these modules as ``strategies`` say, naming the numbers; None when it can."""
+def _failure(module: Linear, strategy: str, scheme: Scheme | None, tp: int) -> str | None:
+    reason = size_failure(module, strategy, tp)
+    if reason or scheme is None:
+        return reason
+    name = module.name.split(".", 3)[-1] if module.name.startswith("model.layers.") else module.name
+    if strategy == ROWWISE:  # every rank's input columns must hold whole groups
+        for rank in range(tp):
+            reason = scheme.failure(module.in_features.total, module.in_features.ranges(rank, tp))
+            if reason:
+                return f"{name}: {reason} at tp={tp}"
+        return None
+    reason = scheme.failure(module.in_features.total)
+    return f"{name}: {reason}" if reason else None
+
+
+def tp_failure(modules: list[Module], strategies: dict[str, str], tp: int,
+               schemes: dict[str, Scheme] | None = None) -> str | None:
+    """Why ``tp`` cannot split these modules as ``strategies`` say (with their quantization groups), naming the
+    numbers; None when it can."""
     if tp < 1:
         return f"tp={tp} must be at least 1"
-    for module, strategy in _split_features(modules, strategies):
-        reason = size_failure(module, strategy, tp)
+    for module, strategy, scheme in _split_features(modules, strategies, schemes or {}):
+        reason = _failure(module, strategy, scheme, tp)
         if reason:
             return reason
     return None
 
 
-def valid_sizes(modules: list[Module], strategies: dict[str, str], default_limit: int) -> list[int]:
+def valid_sizes(modules: list[Module], strategies: dict[str, str], default_limit: int,
+                schemes: dict[str, Scheme] | None = None) -> list[int]:
     """Every TP size the split modules allow, up to the largest unit count that is split (at most 4096)."""
-    splits = _split_features(modules, strategies)
-    counts = [p.count for m, s in splits for p in (m.out_features if s == COLWISE else m.in_features).parts]
+    splits = _split_features(modules, strategies, schemes or {})
+    counts = [p.count for m, s, _ in splits if s in (COLWISE, ROWWISE)
+              for p in (m.out_features if s == COLWISE else m.in_features).parts]
     limit = min(max(counts, default=default_limit), MAX_LISTED_SIZE)
-    return [t for t in range(1, limit + 1) if all(size_failure(m, s, t) is None for m, s in splits)]
+    return [t for t in range(1, limit + 1) if all(_failure(m, s, q, t) is None for m, s, q in splits)]

@@ -51,6 +51,7 @@ class ServeConfig:
     tensor_parallel_size: int = 1
     dtype: str = "auto"
     tp_plan: str | dict[str, str] = "auto"
+    quantization: str | None = None
     max_model_len: int | None = None
     all_reduce: str = "auto"
     timeout_s: float = 120.0
@@ -106,7 +107,7 @@ class _Uvicorn(uvicorn.Server):
 def serve(config: ServeConfig) -> int:
     """Serve until SIGTERM/SIGINT (returns 0); a rank failure ends the process with exit code 1."""
     spec = EngineSpec(model=config.model, tensor_parallel_size=config.tensor_parallel_size, dtype=config.dtype,
-                      tp_plan=config.tp_plan, max_model_len=config.max_model_len,
+                      tp_plan=config.tp_plan, quantization=config.quantization, max_model_len=config.max_model_len,
                       max_batch_size=config.max_num_seqs, all_reduce=config.all_reduce, timeout_s=config.timeout_s)
     torchrun = "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
     if torchrun:

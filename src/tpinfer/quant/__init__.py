@@ -1,0 +1,1 @@
+"""Quantized weights: formats and their reference math (``formats``), the quantized parallel layers (``layers``)."""

@@ -1,0 +1,195 @@
+"""Weight formats for quantized projections: what is stored, how it dequantizes, how a float weight is quantized.
+
+Every format is weight-only: activations stay float (W8A16, W4A16, FP8 weights), and every kernel dequantizes a
+weight in registers as it multiplies. A weight W (out, in) is stored as
+
+* ``int8``: ``q`` int8 (out, in) and ``scale`` float32 (out, in / group); w = scale * q (+ ``offset`` float32 of the
+  same shape when asymmetric). ``group`` None means one scale per output channel (group = in).
+* ``int4``: ``q`` uint8 (out, in / 2), two weights a byte: within each 32-weight block, byte i holds weight i in its
+  low nibble and weight i + 16 in its high nibble (the layout of GGUF's Q4_0 and Q4_1); ``scale`` float16
+  (out, in / group); w = scale * q + offset with ``offset`` float16 (asymmetric) or -8 * scale (symmetric).
+* ``fp8``: ``q`` uint8 holding float8 e4m3 bits (out, in); ``scale`` float32, one per output channel (out,) or
+  one for the tensor (1,); w = scale * fp8(q).
+
+Groups run along the input features, so a column-parallel split (by output rows) never cuts one; a row-parallel
+split must start and end on group boundaries (``Scheme.failure`` says when it cannot).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+KINDS = ("int8", "int4", "fp8")
+INT4_BLOCK = 32  # the nibble layout's block; int4 groups are multiples of it
+FP8_MAX = 448.0  # the largest float8 e4m3 value
+
+
+@dataclass(frozen=True)
+class Scheme:
+    kind: str
+    group: int | None = None  # input features per scale; None: one per output channel (int8, fp8)
+    offsets: bool = False  # asymmetric: w = scale * q + offset
+    per_tensor: bool = False  # fp8: one scale for the whole tensor
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"quantization {self.kind!r} is not supported; supported: {', '.join(KINDS)}")
+        if self.kind == "int4" and (self.group is None or self.group % INT4_BLOCK):
+            raise ValueError(f"int4 needs a group that is a multiple of {INT4_BLOCK}, got {self.group}")
+        if self.kind == "fp8" and (self.group is not None or self.offsets):
+            raise ValueError("fp8 has per-channel or per-tensor scales, no groups or offsets")
+        if self.group is not None and self.group < 1:
+            raise ValueError(f"group must be positive, got {self.group}")
+
+    @property
+    def name(self) -> str:
+        if self.kind == "fp8":
+            return "fp8" + ("-tensor" if self.per_tensor else "")
+        group = "" if self.group is None else f"-g{self.group}"
+        return f"{self.kind}{group}{'-asym' if self.offsets else ''}"
+
+    @property
+    def unit(self) -> int:
+        """Input features that must stay together on a rank (a group, or an int4 block)."""
+        return self.group or 1
+
+    def failure(self, in_features: int, local_in: tuple[tuple[int, int], ...] | None = None) -> str | None:
+        """Why this scheme cannot store a weight of ``in_features`` inputs, or its row-parallel slice; None if it can."""
+        if in_features % self.unit:
+            return f"in_features {in_features} is not a multiple of the {self.name} group of {self.unit}"
+        for start, length in local_in or ():
+            if start % self.unit or length % self.unit:
+                return (f"a row-parallel shard of {length} input features at {start} cuts the {self.name} group of "
+                        f"{self.unit}")
+        return None
+
+    def shapes(self, rows: int, cols: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Stored tensor -> (shape, dtype) for a (rows, cols) weight."""
+        if self.kind == "fp8":
+            return {"q": ((rows, cols), torch.uint8), "scale": (((1,) if self.per_tensor else (rows,)), torch.float32)}
+        groups = cols // (self.group or cols)
+        q = ((rows, cols), torch.int8) if self.kind == "int8" else ((rows, cols // 2), torch.uint8)
+        scale_dtype = torch.float32 if self.kind == "int8" else torch.float16
+        out = {"q": q, "scale": ((rows, groups), scale_dtype)}
+        if self.offsets:
+            out["offset"] = ((rows, groups), scale_dtype)
+        return out
+
+    def bytes_per_weight(self, cols: int) -> float:
+        total = sum(torch.empty(0, dtype=dt).element_size() * _numel(shape)
+                    for shape, dt in self.shapes(1, cols).values())
+        return total / cols
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def parse(text: str) -> Scheme:
+    """``int8`` (per channel), ``int8-g32``, ``int4`` (= int4-g32-asym), ``int4-g128``, ``int4-g64-sym``, ``fp8``,
+    ``fp8-tensor``: the spelling of ``--quantization``."""
+    parts = text.strip().lower().split("-")
+    kind, rest = parts[0], parts[1:]
+    if kind not in KINDS:
+        raise ValueError(f"--quantization {text!r}: choose int8, int4 or fp8 (e.g. int8, int4-g128, fp8)")
+    group = None if kind != "int4" else 32
+    offsets = kind == "int4"
+    per_tensor = False
+    for part in rest:
+        if part.startswith("g") and part[1:].isdigit():
+            group = int(part[1:])
+        elif part in ("sym", "asym"):
+            offsets = part == "asym"
+        elif part == "tensor" and kind == "fp8":
+            per_tensor = True
+        else:
+            raise ValueError(f"--quantization {text!r}: unknown part {part!r}")
+    return Scheme(kind, group, offsets, per_tensor)
+
+
+# Packing -----------------------------------------------------------------------------------------------------------
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """(rows, cols) values 0..15 -> (rows, cols / 2) uint8 in the 32-block nibble layout."""
+    rows, cols = q.shape
+    blocks = q.to(torch.uint8).reshape(rows, cols // INT4_BLOCK, 2, INT4_BLOCK // 2)
+    return (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(rows, cols // 2)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """(rows, cols / 2) uint8 -> (rows, cols) uint8 values 0..15."""
+    rows, half = packed.shape
+    blocks = packed.reshape(rows, half // (INT4_BLOCK // 2), 1, INT4_BLOCK // 2)
+    return torch.cat((blocks & 0x0F, blocks >> 4), dim=2).reshape(rows, half * 2)
+
+
+def fp8_to_float(bits: torch.Tensor) -> torch.Tensor:
+    return bits.view(torch.float8_e4m3fn).float()
+
+
+# Reference dequantization and quantization (torch; the kernels compute the same) -------------------------------
+
+def dequantize(scheme: Scheme, tensors: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The float weight (rows, cols) the stored tensors stand for."""
+    q, scale = tensors["q"], tensors["scale"].float()
+    if scheme.kind == "fp8":
+        w = fp8_to_float(q) * (scale if scheme.per_tensor else scale[:, None])
+        return w.to(dtype)
+    values = q.float() if scheme.kind == "int8" else unpack_int4(q).float()
+    rows, cols = values.shape
+    group = scheme.group or cols
+    grouped = values.reshape(rows, cols // group, group)
+    if scheme.offsets:
+        offset = tensors["offset"].float()
+    elif scheme.kind == "int4":
+        offset = -8.0 * scale
+    else:
+        offset = None
+    w = grouped * scale[:, :, None]
+    if offset is not None:
+        w = w + offset[:, :, None]
+    return w.reshape(rows, cols).to(dtype)
+
+
+def quantize(scheme: Scheme, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Round-to-nearest quantization of a float (rows, cols) weight: symmetric scales from each group's largest
+    magnitude, or asymmetric (min, max) scales and offsets."""
+    w = weight.float()
+    rows, cols = w.shape
+    if scheme.kind == "fp8":
+        amax = w.abs().amax() if scheme.per_tensor else w.abs().amax(dim=1)
+        scale = (amax / FP8_MAX).clamp_min(1e-12)
+        scaled = w / (scale if scheme.per_tensor else scale[:, None])
+        q = scaled.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).view(torch.uint8)
+        return {"q": q, "scale": scale.reshape(1) if scheme.per_tensor else scale}
+    group = scheme.group or cols
+    g = w.reshape(rows, cols // group, group)
+    levels = 255 if scheme.kind == "int8" else 15
+    if scheme.offsets:
+        low, high = g.amin(dim=2), g.amax(dim=2)
+        scale = ((high - low) / levels).clamp_min(1e-12)
+        if scheme.kind == "int4":
+            scale, low = scale.half().float(), low.half().float()  # what is stored
+        offset = low if scheme.kind == "int4" else low + 128 * scale  # int8 q runs -128..127: its zero is low+128s
+        q = torch.round((g - offset[:, :, None]) / scale[:, :, None])
+        q = q.clamp(0, 15) if scheme.kind == "int4" else q.clamp(-128, 127)
+        stored = {"scale": scale, "offset": offset}
+    else:
+        limit = 127 if scheme.kind == "int8" else 7
+        scale = (g.abs().amax(dim=2) / limit).clamp_min(1e-12)
+        if scheme.kind == "int4":
+            scale = scale.half().float()
+        q = torch.round(g / scale[:, :, None]).clamp(-limit - (scheme.kind == "int4"), limit)
+        if scheme.kind == "int4":
+            q = q + 8
+        stored = {"scale": scale}
+    q = q.reshape(rows, cols)
+    out = {"q": q.to(torch.int8) if scheme.kind == "int8" else pack_int4(q)}
+    dtype = torch.float32 if scheme.kind == "int8" else torch.float16
+    out.update({k: v.to(dtype).contiguous() for k, v in stored.items()})
+    return out

@@ -1,0 +1,141 @@
+"""Quantized projections: the column-parallel, row-parallel and replicated linear layers with quantized weights.
+
+Each holds only its rank's slice in the scheme's format (``tpinfer.quant.formats``): a column-parallel layer its
+output rows with their scales (and offsets), a row-parallel layer its input columns with the matching groups of
+scales, so scales always travel with their weights. The layer's input and output are float, and so is every
+collective: Y_i = X Wq_i^T (column), Y = sum_i X_i Wq_i^T + b (row, one all-reduce, bias after it).
+
+Loading: the checkpoint gives ``weight`` either as float (quantized here, each rank only its slice: peak memory
+stays about one slice) or as a ``QTensor`` already in this scheme (GGUF blocks, compressed-tensors), copied as is.
+
+Forward: up to ``NATIVE_MAX_ROWS`` rows (decode) through the native kernels, which dequantize in registers; more
+rows (prefill), or without the kernels, dequantize into a float scratch buffer reused by every layer and run
+torch's GEMM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from tpinfer import kernels
+from tpinfer.parallel.context import ParallelContext
+from tpinfer.parallel.layers import NATIVE_MAX_ROWS, ParallelModule, linear
+from tpinfer.parallel.spec import COLWISE, REPLICATE, ROWWISE, Slice
+from tpinfer.quant.formats import Scheme, dequantize, quantize
+
+_scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+@dataclass
+class QTensor:
+    """A (slice of a) weight already quantized in ``scheme``: the tensors ``Scheme.shapes`` names."""
+
+    scheme: Scheme
+    tensors: dict[str, torch.Tensor]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        q = self.tensors["q"]
+        return (q.shape[0], q.shape[1] * (2 if self.scheme.kind == "int4" else 1))
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize(self.scheme, self.tensors, dtype)
+
+
+class QuantLinear(ParallelModule):
+    """A linear layer of a quantized weight (rows, cols) on this rank, split ``mode`` (colwise/rowwise/replicate)."""
+
+    def __init__(self, scheme: Scheme, mode: str, rows: int, cols: int, piece: Slice | None, ctx: ParallelContext,
+                 bias: bool, dtype: torch.dtype, part_sizes: tuple[int, ...] | None = None) -> None:
+        super().__init__()
+        self.scheme, self.mode, self.dtype = scheme, mode, dtype
+        self.in_features, self.out_features = cols, rows
+        self.part_sizes = part_sizes or (rows,)
+        self.comm = ctx.comm
+        shapes = scheme.shapes(rows, cols)
+        for name, (shape, dt) in shapes.items():
+            self.register_parameter(name, nn.Parameter(torch.zeros(shape, dtype=dt, device=ctx.device), False))
+        if "offset" not in shapes:
+            self.offset = None
+        self.bias = nn.Parameter(torch.empty(rows, dtype=dtype, device=ctx.device), False) if bias else None
+        bias_piece = piece if mode == COLWISE else None  # a row-parallel bias is added once, after the sum
+        self.shards = {"weight": piece, "bias": bias_piece}
+
+    def sources(self) -> dict[str, Slice | None]:
+        return {name: piece for name, piece in self.shards.items() if name == "weight" or self.bias is not None}
+
+    def quantized(self) -> dict[str, torch.Tensor]:
+        out = {"q": self.q, "scale": self.scale}
+        if self.offset is not None:
+            out["offset"] = self.offset
+        return out
+
+    def load(self, parts: dict[str, torch.Tensor | QTensor]) -> None:
+        """Fill from the checkpoint's slices: ``weight`` float (quantized here) or a QTensor in this scheme."""
+        weight = parts["weight"]
+        if isinstance(weight, QTensor):
+            if weight.scheme != self.scheme:
+                raise ValueError(f"the checkpoint's {weight.scheme.name} weight cannot fill a {self.scheme.name} layer")
+            tensors = weight.tensors
+        else:
+            tensors = quantize(self.scheme, weight)
+        for name, target in self.quantized().items():
+            if tuple(tensors[name].shape) != tuple(target.shape):
+                raise ValueError(f"{name} has shape {list(tensors[name].shape)}, expected {list(target.shape)}")
+            target.data.copy_(tensors[name])
+        if self.bias is not None:
+            self.bias.data.copy_(parts["bias"])
+
+    def weight_float(self) -> torch.Tensor:
+        """The dequantized weight in a float scratch buffer shared by every quantized layer (valid until the next
+        call): the prefill path's operand."""
+        key = (self.q.device, self.dtype if self.dtype != torch.bfloat16 else torch.float32)
+        numel = self.out_features * self.in_features
+        buffer = _scratch.get(key)
+        if buffer is None or buffer.numel() < numel:
+            buffer = _scratch[key] = torch.empty(numel, dtype=key[1], device=key[0])
+        return buffer[:numel].view(self.out_features, self.in_features).copy_(
+            dequantize(self.scheme, self.quantized(), key[1]))
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x W^T for this rank's slice (no bias, no collective)."""
+        rows = x.numel() // x.shape[-1]
+        tensors = self.quantized()
+        if 0 < rows <= NATIVE_MAX_ROWS.get(x.dtype, 0) and kernels.quant_usable(x, self.scheme, tensors):
+            return kernels.quant_linear(x, self.scheme, tensors)
+        wide = self.weight_float()
+        out = linear(x.to(wide.dtype), wide)
+        return out.to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.matmul(x)
+        if self.mode == ROWWISE:
+            self.comm.all_reduce(y)  # the partial products X_i W_i^T of every rank summed: the layer's one collective
+        return y if self.bias is None else y + self.bias
+
+    def finish(self, y: torch.Tensor) -> torch.Tensor:
+        """The output from X W^T computed elsewhere: all-reduce if row-parallel, then the bias."""
+        if self.mode == ROWWISE:
+            self.comm.all_reduce(y)
+        return y if self.bias is None else y + self.bias
+
+
+def quant_linear_layer(module, scheme: Scheme, strategy: str, ctx: ParallelContext,  # noqa: ANN001
+                       dtype: torch.dtype) -> QuantLinear:
+    """The quantized layer for a declared projection (``tpinfer.parallel.spec.Linear``) under its strategy."""
+    rank, tp = ctx.rank, ctx.world_size
+    full_in, full_out = module.in_features.total, module.out_features.total
+    if strategy == COLWISE:
+        ranges = module.out_features.ranges(rank, tp)
+        rows = sum(n for _, n in ranges)
+        return QuantLinear(scheme, COLWISE, rows, full_in, Slice(0, ranges, rows), ctx, module.bias, dtype,
+                           tuple(n for _, n in ranges))
+    if strategy == ROWWISE:
+        ranges = module.in_features.ranges(rank, tp)
+        cols = sum(n for _, n in ranges)
+        return QuantLinear(scheme, ROWWISE, full_out, cols, Slice(1, ranges, cols), ctx, module.bias, dtype)
+    sizes = tuple(p.features for p in module.out_features.parts)
+    return QuantLinear(scheme, REPLICATE, full_out, full_in, None, ctx, module.bias, dtype, sizes)
