@@ -135,7 +135,34 @@ def _measure(engine: RankEngine, options: BenchOptions) -> dict[str, Any]:
         "achieved_bandwidth_gb_s": step_bytes * decode_tps / options.batch_size / 1e9,
         "roofline_tokens_per_s": measured_bw / step_bytes * options.batch_size,
         "all_reduce_latency_us": latency,
+        "quantization": quantization_name(engine),
+        "bytes_per_weight": projection_bytes_per_weight(engine),
     }
+
+
+def quantization_name(engine: RankEngine) -> str | None:
+    """The projections' format (``int4-g32-asym``, ...), or None when they are float."""
+    from tpinfer.quant.layers import QuantLinear
+
+    names = {m.scheme.name for m in engine.model.modules() if isinstance(m, QuantLinear)}
+    return ", ".join(sorted(names)) if names else None
+
+
+def projection_bytes_per_weight(engine: RankEngine) -> float:
+    """Stored bytes per weight of this rank's projections (scales and offsets included; float ones at their
+    dtype's size)."""
+    from tpinfer.parallel.layers import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
+    from tpinfer.quant.layers import QuantLinear
+
+    stored = weights = 0
+    for m in engine.model.modules():
+        if isinstance(m, QuantLinear):
+            weights += m.out_features * m.in_features
+            stored += sum(t.numel() * t.element_size() for t in m.quantized().values())
+        elif isinstance(m, ColumnParallelLinear | RowParallelLinear | ReplicatedLinear):
+            weights += m.weight.numel()
+            stored += m.weight.numel() * m.weight.element_size()
+    return stored / weights if weights else 0.0
 
 
 def sweep(options: BenchOptions, sizes: list[int], progress: bool = True) -> list[dict[str, Any]]:

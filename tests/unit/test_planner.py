@@ -162,13 +162,19 @@ def test_memory_components() -> None:
     assert m.max_sequences(8192) == m.kv_room // (8192 * 2 * 128 * 80 * 2)
 
 
-def test_int8_weights_bf16_cache() -> None:
+def test_quantized_weights_bf16_cache() -> None:
     model = load_model("llama-3-8b")
-    int8, bf16 = get_dtype("int8"), get_dtype("bf16")
-    assert total_weight_bytes(model, int8) * 2 == total_weight_bytes(model, bf16)
-    a = estimate_memory(model, Layout(1, 1, 1), int8, get_device("h100-80gb"), 8, 1024, 1).per_gpu
-    b = estimate_memory(model, Layout(1, 1, 1), bf16, get_device("h100-80gb"), 8, 1024, 1).per_gpu
-    assert a.kv_cache == b.kv_cache and a.weights * 2 == b.weights
+    bf16 = get_dtype("bf16")
+    # The engine's formats: int8/fp8 projections (1 byte, per-channel scales), int4 in groups of 32 with float16
+    # scales and offsets (5 bits); the embedding, LM head and norms stay bf16.
+    layer = model.rank_bytes(1, bf16).layer
+    for name, share in (("int8", 0.5), ("fp8", 0.5), ("int4", 5 / 16)):
+        q = get_dtype(name)
+        assert model.rank_bytes(1, q).layer == pytest.approx(layer * share, rel=0.01)
+        assert total_weight_bytes(model, q) == per_rank_weight_bytes(model.config, 1, name)
+        a = estimate_memory(model, Layout(1, 1, 1), q, get_device("h100-80gb"), 8, 1024, 1).per_gpu
+        b = estimate_memory(model, Layout(1, 1, 1), bf16, get_device("h100-80gb"), 8, 1024, 1).per_gpu
+        assert a.kv_cache == b.kv_cache and a.weights == total_weight_bytes(model, q) < b.weights
 
 
 def test_cpu_host_is_shared_by_ranks() -> None:

@@ -32,8 +32,12 @@ def test_json_keys_and_types(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_json_int8_weight_bytes(capsys: pytest.CaptureFixture[str]) -> None:
+    from tpinfer.planner import load_model, per_rank_weight_bytes
+
     out = run_json(capsys, "--model", "llama-3-8b", "--dtype", "int8")
-    assert out["weight_bytes"] == out["params"]
+    # The engine's int8: 1-byte projections with per-channel scales, the embedding, head and norms in bf16.
+    assert out["weight_bytes"] == per_rank_weight_bytes(load_model("llama-3-8b").config, 1, "int8")
+    assert out["params"] < out["weight_bytes"] < 2 * out["params"]
     assert out["weight_bytes_by_dtype"]["fp32"] == 4 * out["params"]
 
 

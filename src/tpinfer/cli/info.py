@@ -24,26 +24,37 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--model", default=None, help="HF checkpoint directory (default: the bundled demo model)")
     parser.add_argument("--dtype", default="auto", choices=("auto", *BYTES), help="dtype to count bytes in")
+    parser.add_argument("--quantization", "-q", default=None, metavar="SCHEME",
+                        help="count the projections as tpinfer --quantization SCHEME stores them (int8, int4, fp8, ...)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(func=run)
 
 
-def model_info(path: str, dtype: str = "auto") -> dict:
+def model_info(path: str, dtype: str = "auto", quantization: str | None = None) -> dict:
     from tpinfer.config import ModelConfig
+    from tpinfer.parallel.plan import PlanError, quantized_projections, resolve_plan
     from tpinfer.parallel.shard import kv_cache_bytes_per_token, kv_head_range, rank_parameter_bytes, tp_failure_reason
+    from tpinfer.quant.formats import parse
 
     config = ModelConfig.from_pretrained(path)
+    scheme = parse(quantization) if quantization else None
+    schemes = quantized_projections(config, scheme)
     if dtype == "auto":
         dtype = config.torch_dtype if config.torch_dtype in BYTES else "float32"
     element = BYTES[dtype]
     sizes = []
     for tp in range(1, config.num_attention_heads + 1):
         reason = tp_failure_reason(config, tp)
+        if reason is None and scheme is not None:
+            try:
+                resolve_plan(config, tp, "auto", scheme)
+            except PlanError as exc:
+                reason = str(exc).split("; valid sizes")[0]
         entry: dict = {"tp": tp, "valid": reason is None}
         if reason:
             entry["reason"] = reason
         else:
-            entry["param_bytes_per_rank"] = rank_parameter_bytes(config, tp, 0, element)
+            entry["param_bytes_per_rank"] = rank_parameter_bytes(config, tp, 0, element, schemes)
             entry["heads_per_rank"] = config.num_attention_heads // tp
             entry["kv_heads_per_rank"] = kv_head_range(config.num_key_value_heads, 0, tp)[1]
             entry["kv_cache_bytes_per_token"] = kv_cache_bytes_per_token(config, tp, 0, element)
@@ -52,8 +63,10 @@ def model_info(path: str, dtype: str = "auto") -> dict:
         "model": path,
         "model_type": config.model_type,
         "dtype": dtype,
+        "quantization": scheme.name if scheme else None,
         "params": config.num_parameters,
-        "param_bytes": config.num_parameters * element,
+        "param_bytes": rank_parameter_bytes(config, 1, 0, element, schemes) if schemes else (
+            config.num_parameters * element),
         "shapes": {
             "vocab_size": config.vocab_size,
             "hidden_size": config.hidden_size,
@@ -72,12 +85,13 @@ def model_info(path: str, dtype: str = "auto") -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    info = model_info(model_path(args), args.dtype)
+    info = model_info(model_path(args), args.dtype, args.quantization)
     if args.json:
         print(json.dumps(info))
         return 0
     s = info["shapes"]
-    print(f"{info['model']}  ({info['model_type']}, {info['dtype']})")
+    quant = f", projections {info['quantization']}" if info["quantization"] else ""
+    print(f"{info['model']}  ({info['model_type']}, {info['dtype']}{quant})")
     print(f"  {info['params']:,} parameters = {human_bytes(info['param_bytes'])}")
     print(f"  hidden {s['hidden_size']}, {s['num_hidden_layers']} layers, {s['num_attention_heads']} heads "
           f"({s['num_key_value_heads']} KV heads, head_dim {s['head_dim']}), FFN {s['intermediate_size']}, "

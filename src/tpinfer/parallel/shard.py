@@ -112,9 +112,41 @@ def numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def rank_parameter_bytes(config: ModelConfig, tp: int, rank: int, bytes_per_element: int) -> int:
+def parameter_bytes(config: ModelConfig, tp: int, rank: int, bytes_per_element: int,
+                    schemes: dict | None = None) -> dict[str, int]:
+    """Module name -> bytes of the parameters ``rank`` allocates for it at ``tp`` (vocabulary padding included):
+    float parameters at ``bytes_per_element``, a quantized projection's stored tensors (``schemes``: module name ->
+    ``tpinfer.quant.formats.Scheme``) at theirs."""
+    from tpinfer.parallel.plan import strategies_for
+    from tpinfer.parallel.spec import Linear, parameters
+
+    family = config.family
+    modules = family.modules(config)
+    strategies = strategies_for(config, family.auto_plan, modules)
+    out: dict[str, int] = {}
+    for module in modules:
+        params = parameters(module, strategies[module.name], rank, tp)
+        scheme = (schemes or {}).get(module.name)
+        total = 0
+        for name, (shape, _) in params.items():
+            if scheme is not None and isinstance(module, Linear) and name == "weight":
+                total += sum(numel(s) * torch_element_size(dt) for s, dt in scheme.shapes(*shape).values())
+            else:
+                total += numel(shape) * bytes_per_element
+        out[module.name] = total
+    return out
+
+
+def torch_element_size(dtype) -> int:  # noqa: ANN001
+    import torch
+
+    return torch.empty(0, dtype=dtype).element_size()
+
+
+def rank_parameter_bytes(config: ModelConfig, tp: int, rank: int, bytes_per_element: int,
+                         schemes: dict | None = None) -> int:
     """Bytes of parameters ``rank`` allocates at ``tp`` (vocabulary padding included)."""
-    return sum(numel(s) for s in parameter_shapes(config, tp, rank).values()) * bytes_per_element
+    return sum(parameter_bytes(config, tp, rank, bytes_per_element, schemes).values())
 
 
 def kv_cache_bytes_per_token(config: ModelConfig, tp: int, rank: int, bytes_per_element: int) -> int:

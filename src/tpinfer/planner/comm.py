@@ -22,7 +22,7 @@ from tpinfer.parallel import shard
 from tpinfer.planner.dtypes import DType
 from tpinfer.planner.hardware import Device, Link
 from tpinfer.planner.memory import Layout, MemoryEstimate
-from tpinfer.planner.model import ModelSpec, expert_fraction_read
+from tpinfer.planner.model import ModelSpec, expert_fraction_read, rank_bytes
 from tpinfer.planner.units import GB
 
 
@@ -125,13 +125,13 @@ def estimate_step(
     one_all_reduce = all_reduce_seconds(message, layout.tp, tp_link)
     logits = batch * shard.padded_vocab_size(model.vocab_size, layout.tp) * dtype.compute_bytes
     # Experts no token of the batch routes to are not read (MoE); dense models read every weight.
-    unread_experts = model.rank_elements(layout.tp).experts * (1 - expert_fraction_read(model, batch))
+    unread_experts = rank_bytes(model, layout.tp, dtype).experts * (1 - expert_fraction_read(model, batch))
     memory_s = tp_s = 0.0
     all_reduces = 0
     last = layout.pp - 1
     for s, stage in enumerate(memory.stages):
         kv_read = batch * context * memory.kv_bytes_per_token[s]
-        weights_read = stage.weights - memory.stage_layers[s] * unread_experts * dtype.weight_bytes
+        weights_read = stage.weights - memory.stage_layers[s] * unread_experts
         memory_s += (weights_read + kv_read) / bandwidth
         # Every layer's attention and FFN outputs are partial sums over the TP ranks; stage 0's
         # vocabulary-parallel embedding is one more.

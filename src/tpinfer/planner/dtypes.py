@@ -8,19 +8,24 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class DType:
     name: str
-    weight_bytes: int  # bytes per stored weight element
+    weight_bytes: float  # bytes per stored weight element (a model the engine runs is counted exactly instead)
     compute: str  # dtype of activations, KV cache and messages between ranks
     compute_bytes: int
+    quantization: str | None = None  # the engine's --quantization for this dtype: its projections' format
 
 
 DTYPES: dict[str, DType] = {
     "fp32": DType("fp32", 4, "fp32", 4),
     "bf16": DType("bf16", 2, "bf16", 2),
     "fp16": DType("fp16", 2, "fp16", 2),
-    # 8-bit weights: 1 byte per element (scales and the few unquantised norms are below 0.1% and not counted);
-    # activations, KV cache and all-reduce messages stay in bf16.
-    "int8": DType("int8", 1, "bf16", 2),
-    "fp8": DType("fp8", 1, "bf16", 2),
+    # Quantized projections (the engine's --quantization formats); embeddings, norms, activations, KV cache and
+    # all-reduce messages stay in bf16. For models the engine runs, bytes come from the formats' stored tensors
+    # (scales and offsets included, tpinfer.quant.formats); the per-element figures here count the planner-only
+    # architectures: int8 and fp8 1 byte (per-channel scales are negligible), int4 in groups of 32 with float16
+    # scales and offsets 5 bits.
+    "int8": DType("int8", 1, "bf16", 2, "int8"),
+    "fp8": DType("fp8", 1, "bf16", 2, "fp8"),
+    "int4": DType("int4", 0.625, "bf16", 2, "int4"),
 }
 
 ALIASES = {

@@ -2,7 +2,8 @@
 
 Formulas (each printed under "assumptions" by the report):
 
-* weights: the rank's parameters on its pipeline stage (``model.rank_elements``) x bytes per weight;
+* weights: the bytes of the rank's parameters on its pipeline stage (``model.rank_bytes``: quantized projections
+  in their formats);
 * KV cache: batch x max_model_len x 2 (K and V) x local KV heads x head_dim x layers on the stage x
   compute bytes;
 * activation workspace: one layer's live tensors for a forward over T = max(batch, min(max_model_len,
@@ -23,6 +24,7 @@ from tpinfer.planner.model import (
     ModelSpec,
     kv_bytes_per_token_per_layer,
     local_kv_heads,
+    rank_bytes,
     split_layers,
     stage_elements,
 )
@@ -132,13 +134,13 @@ def estimate_memory(
 ) -> MemoryEstimate:
     """Memory of every pipeline stage's ranks for ``layout`` serving ``batch`` sequences per replica."""
     layers = split_layers(model.num_hidden_layers, layout.pp)
-    elements = model.rank_elements(layout.tp)
+    stored = rank_bytes(model, layout.tp, dtype)
     kv_layer = kv_bytes_per_token_per_layer(model, layout.tp, dtype.compute_bytes)
     workspace = activation_bytes(model, layout.tp, dtype, max_model_len, batch)
     overhead = overhead_bytes(device, layout)
     stages = tuple(
         StageMemory(
-            weights=stage_elements(elements, layers, s) * dtype.weight_bytes,
+            weights=stage_elements(stored, layers, s),
             kv_cache=batch * max_model_len * kv_layer * layers[s],
             activations=workspace,
             overhead=overhead,
@@ -149,5 +151,5 @@ def estimate_memory(
 
 
 def total_weight_bytes(model: ModelSpec, dtype: DType) -> int:
-    """Bytes of the whole model's weights, unpadded: parameters x bytes per element."""
-    return model.parameter_count() * dtype.weight_bytes
+    """Bytes of the whole model's weights, unpadded (what one rank stores at tp=1)."""
+    return rank_bytes(model, 1, dtype).total(model.num_hidden_layers)

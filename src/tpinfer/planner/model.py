@@ -14,7 +14,7 @@ from typing import Protocol
 
 from tpinfer.config import ModelConfig
 from tpinfer.parallel import shard
-from tpinfer.planner.dtypes import get_dtype
+from tpinfer.planner.dtypes import DType, get_dtype
 
 
 @dataclass(frozen=True)
@@ -115,6 +115,25 @@ class EngineModel:
     def parameter_count(self) -> int:
         return self.config.num_parameters
 
+    def rank_bytes(self, tp: int, dtype: DType) -> RankElements:
+        """Bytes, exactly as the engine allocates them (quantized projections in their formats)."""
+        key = (tp, dtype.name)
+        if key not in self._cache:
+            embed = layers = head = 0
+            by_module = shard.parameter_bytes(self.config, tp, 0, element_bytes(dtype), engine_schemes(self.config, dtype))
+            for name, n in by_module.items():
+                if name.startswith("model.layers."):
+                    layers += n
+                elif name == "model.embed_tokens":
+                    embed += n
+                else:
+                    head += n
+            num_layers = self.config.num_hidden_layers
+            assert layers % num_layers == 0, "decoder layers of one model have equal sizes"
+            tied = embed if self.config.tie_word_embeddings else 0
+            self._cache[key] = RankElements(embed, layers // num_layers, head, tied)
+        return self._cache[key]
+
     def rank_elements(self, tp: int) -> RankElements:
         if tp not in self._cache:
             embed = layers = head = 0
@@ -133,13 +152,38 @@ class EngineModel:
         return self._cache[tp]
 
 
+def engine_schemes(config: ModelConfig, dtype: DType) -> dict | None:
+    """The projections' formats the engine uses for a quantized dtype (its --quantization), or None."""
+    if dtype.quantization is None:
+        return None
+    from tpinfer.parallel.plan import quantized_projections
+    from tpinfer.quant.formats import parse
+
+    return quantized_projections(config, parse(dtype.quantization))
+
+
+def element_bytes(dtype: DType) -> int:
+    """Bytes of each float parameter: the dtype's own, or the compute dtype's beside quantized projections."""
+    return dtype.compute_bytes if dtype.quantization else int(dtype.weight_bytes)
+
+
 def per_rank_weight_bytes(config: ModelConfig, tp: int, dtype: str, rank: int = 0) -> int:
     """Bytes of weights ``rank`` allocates at tensor-parallel size ``tp`` (pp=1), vocabulary padding included.
 
-    The one number the engine's allocation must match byte for byte: it is
-    ``shard.rank_parameter_bytes`` at the dtype's bytes per element.
+    The one number the engine's allocation must match byte for byte: it is ``shard.rank_parameter_bytes``, with
+    the engine's quantized formats for int8, int4 and fp8.
     """
-    return shard.rank_parameter_bytes(config, tp, rank, get_dtype(dtype).weight_bytes)
+    d = get_dtype(dtype)
+    return shard.rank_parameter_bytes(config, tp, rank, element_bytes(d), engine_schemes(config, d))
+
+
+def rank_bytes(model: ModelSpec, tp: int, dtype: DType) -> RankElements:
+    """What one rank stores, in bytes, split as ``rank_elements`` splits elements."""
+    if isinstance(model, EngineModel):
+        return model.rank_bytes(tp, dtype)
+    e, b = model.rank_elements(tp), dtype.weight_bytes
+    return RankElements(round(e.embed * b), round(e.layer * b), round(e.head * b), round(e.tied_head * b),
+                        round(e.experts * b))
 
 
 def expert_fraction_read(model: ModelSpec, batch: int) -> float:

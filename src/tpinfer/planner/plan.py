@@ -18,6 +18,7 @@ from tpinfer.planner.model import (
     ModelSpec,
     kv_replication,
     local_kv_heads,
+    rank_bytes,
     reason_kind,
     tp_failure_reason,
 )
@@ -112,7 +113,7 @@ def tp_sizes(model: ModelSpec, dtype: DType) -> tuple[TPSize, ...]:
                 kv_replication=kv_replication(model, tp),
                 ffn_per_gpu=model.intermediate_size // tp,
                 vocab_padding=shard.padded_vocab_size(model.vocab_size, tp) - model.vocab_size,
-                weight_bytes_per_gpu=model.rank_elements(tp).total(model.num_hidden_layers) * dtype.weight_bytes,
+                weight_bytes_per_gpu=rank_bytes(model, tp, dtype).total(model.num_hidden_layers),
             )
         )
     return tuple(rows)

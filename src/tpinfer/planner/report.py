@@ -36,7 +36,7 @@ def assumptions(plan: Plan) -> list[str]:
     bw = f"{r.device.bandwidth_gbs:g} GB/s" if r.device.bandwidth_gbs else "unknown"
     shared = " (shared by the ranks on the host)" if r.device.shared_host else ""
     return [
-        f"Weights: parameters x {r.dtype.weight_bytes} byte(s) ({r.dtype.name}); vocabulary padded to a multiple of TP "
+        f"Weights: {r.dtype.name} ({_weight_format(r.dtype)}); vocabulary padded to a multiple of TP "
         "as the engine allocates it; with PP and tied embeddings the last stage holds its own lm_head.",
         f"KV cache: batch x max_model_len x 2 (K, V) x KV heads on the GPU x head_dim x layers on the stage x "
         f"{r.dtype.compute_bytes} bytes ({r.dtype.compute}).",
@@ -189,7 +189,7 @@ def to_text(plan: Plan) -> str:
         f"({m.num_key_value_heads} KV, head_dim {m.head_dim}), FFN {m.intermediate_size}{experts}, vocab {m.vocab_size}",
         f"  KV cache    {size(kv_token)} per token ({r.dtype.compute}, all layers, whole model)",
         "",
-        "Weights by dtype (parameters x bytes; GB = 1e9 bytes, GiB = 2^30 bytes)",
+        "Weights by dtype (as the engine stores them: quantized dtypes keep embeddings and norms in bf16; GB = 1e9 bytes, GiB = 2^30 bytes)",
         table(
             ["dtype", "bytes/param", "GB", "GiB"],
             [
@@ -224,3 +224,9 @@ def to_text(plan: Plan) -> str:
         out += ["", "Warnings"] + [f"  ! {w}" for w in plan.warnings]
     out += ["", "Assumptions"] + [f"  - {a}" for a in assumptions(plan)]
     return "\n".join(out)
+
+
+def _weight_format(dtype) -> str:  # noqa: ANN001
+    if dtype.quantization:
+        return f"the engine's {dtype.quantization} projections, the rest in {dtype.compute}"
+    return f"{dtype.weight_bytes:g} byte(s) per parameter"
