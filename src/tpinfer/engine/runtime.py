@@ -22,7 +22,7 @@ from tpinfer.engine import messages
 from tpinfer.engine.generator import GenerationOutput, Generator
 from tpinfer.engine.sampling import SamplingParams
 from tpinfer.generation import GenerationDefaults
-from tpinfer.loading.checkpoint import Checkpoint, load_weights, resolve_dtype
+from tpinfer.loading.checkpoint import load_weights, open_checkpoint, resolve_dtype
 from tpinfer.models import build_model
 from tpinfer.parallel.context import ParallelContext
 from tpinfer.parallel.plan import ResolvedPlan, resolve_plan
@@ -57,17 +57,23 @@ class EngineSpec:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def schemes(self):  # noqa: ANN201  (Scheme | None)
-        """The quantization asked for on the command line, parsed."""
+    def schemes(self, checkpoint=None):  # noqa: ANN001, ANN201  (Scheme | dict[str, Scheme] | None)
+        """The projections' formats: a GGUF file's own, or the quantization asked for on the command line."""
         from tpinfer.quant.formats import parse
 
+        stored = checkpoint.schemes() if hasattr(checkpoint, "schemes") else None
+        if stored is not None:
+            if self.quantization is not None:
+                raise ConfigError(f"--quantization {self.quantization}: {self.model} is a GGUF file, already "
+                                  "quantized block by block; drop the option")
+            return stored
         return None if self.quantization is None else parse(self.quantization)
 
     def check(self) -> tuple[ModelConfig, ResolvedPlan]:
         """Validate config, plan and TP size without touching weights (fast, before any process starts)."""
         config = ModelConfig.from_pretrained(self.model)
-        plan = resolve_plan(config, self.tensor_parallel_size, self.tp_plan, self.schemes())
-        Checkpoint(self.model)
+        checkpoint = open_checkpoint(self.model)
+        plan = resolve_plan(config, self.tensor_parallel_size, self.tp_plan, self.schemes(checkpoint))
         resolve_dtype(self.dtype, config.torch_dtype)
         max_model_len(config, self.max_model_len)
         return config, plan
@@ -103,7 +109,18 @@ class RankEngine:
 
     @property
     def param_count(self) -> int:
-        return sum(p.numel() for p in {id(p): p for p in self.model.parameters()}.values())
+        """Parameters this rank holds, a quantized projection counted as the weights it stands for."""
+        from tpinfer.quant.layers import QuantLinear
+
+        seen: dict[int, int] = {}
+        for module in self.model.modules():
+            if isinstance(module, QuantLinear):
+                seen[id(module)] = module.out_features * module.in_features + (
+                    module.bias.numel() if module.bias is not None else 0)
+                continue
+            for p in module.parameters(recurse=False):
+                seen.setdefault(id(p), p.numel())
+        return sum(seen.values())
 
     def check_prompts(self, prompts: list[list[int]], params: SamplingParams) -> None:
         """Rank 0, before anything crosses ranks: every prompt has tokens of this vocabulary and fits the context."""
@@ -179,10 +196,10 @@ def load_engine(spec: EngineSpec, ctx: ParallelContext, progress: bool = False) 
     if spec.threads:
         torch.set_num_threads(spec.threads)
     config = ModelConfig.from_pretrained(spec.model)
-    plan = resolve_plan(config, ctx.world_size, spec.tp_plan, spec.schemes())
+    checkpoint = open_checkpoint(spec.model)
+    plan = resolve_plan(config, ctx.world_size, spec.tp_plan, spec.schemes(checkpoint))
     dtype = resolve_dtype(spec.dtype, config.torch_dtype)
     max_len = max_model_len(config, spec.max_model_len)
-    checkpoint = Checkpoint(spec.model)
     model = build_model(config, ctx, plan, dtype, max_len)
     ignore = ("lm_head.weight",) if config.tie_word_embeddings else ()
     stats = load_weights(model, checkpoint, parameter_shapes(config, 1, 0, padded=False), progress and ctx.is_first,

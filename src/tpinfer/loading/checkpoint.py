@@ -128,6 +128,15 @@ class Checkpoint:
         self._handles.clear()
 
 
+def open_checkpoint(path: str | Path):  # noqa: ANN201  (Checkpoint | GGUFCheckpoint)
+    """The checkpoint at ``path``: a directory of safetensors, or a GGUF file."""
+    if str(path).endswith(".gguf"):
+        from tpinfer.loading.gguf import GGUFCheckpoint
+
+        return GGUFCheckpoint(path)
+    return Checkpoint(path)
+
+
 def expected_tensors(model: nn.Module) -> dict[str, tuple[ParallelModule, str, Slice | None]]:
     """Checkpoint name -> (module that loads it, its name there, the slice the module holds), in the order the
     model registers its modules."""

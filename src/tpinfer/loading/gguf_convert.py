@@ -60,7 +60,8 @@ def _unpermute(weight: np.ndarray, heads: int) -> np.ndarray:
 def read_config(reader, file: Path) -> dict[str, Any]:  # noqa: ANN001
     arch = _field(reader, "general.architecture")
     if arch != "llama":
-        raise GGUFError(f"{file}: general.architecture is {arch!r}; this converter handles llama only")
+        raise GGUFError(f"{file}: general.architecture is {arch!r}; tpinfer reads GGUF files of the llama architecture "
+                        "only")
 
     def need(key: str) -> Any:
         value = _field(reader, f"llama.{key}")

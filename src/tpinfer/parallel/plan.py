@@ -170,7 +170,7 @@ def _split_features(modules: list[Module], strategies: dict[str, str],
     for m in modules:
         scheme = schemes.get(m.name)
         if isinstance(m, Linear) and (strategies[m.name] in (COLWISE, ROWWISE) or scheme is not None):
-            key = (m.in_features, m.out_features, strategies[m.name], scheme)
+            key = (m.in_features, m.out_features, strategies[m.name], scheme, scheme.unit if scheme else None)
             seen.setdefault(key, (m, strategies[m.name], scheme))
     return list(seen.values())
 

@@ -17,7 +17,7 @@ split must start and end on group boundaries (``Scheme.failure`` says when it ca
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -32,6 +32,9 @@ class Scheme:
     group: int | None = None  # input features per scale; None: one per output channel (int8, fp8)
     offsets: bool = False  # asymmetric: w = scale * q + offset
     per_tensor: bool = False  # fp8: one scale for the whole tensor
+    # Input features a row-parallel shard must keep whole because the checkpoint stores them as one block (a GGUF
+    # K-quant's 256); None: the group. Not part of the format: layers of equal schemes hold equal tensors.
+    align: int | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -52,17 +55,17 @@ class Scheme:
 
     @property
     def unit(self) -> int:
-        """Input features that must stay together on a rank (a group, or an int4 block)."""
-        return self.group or 1
+        """Input features that must stay together on a rank (a group, or the checkpoint's block)."""
+        return max(self.group or 1, self.align or 1)
 
     def failure(self, in_features: int, local_in: tuple[tuple[int, int], ...] | None = None) -> str | None:
         """Why this scheme cannot store a weight of ``in_features`` inputs, or its row-parallel slice; None if it can."""
+        what = f"block of {self.unit}" if (self.align or 1) > (self.group or 1) else f"group of {self.unit}"
         if in_features % self.unit:
-            return f"in_features {in_features} is not a multiple of the {self.name} group of {self.unit}"
+            return f"in_features {in_features} is not a multiple of the {self.name} {what}"
         for start, length in local_in or ():
             if start % self.unit or length % self.unit:
-                return (f"a row-parallel shard of {length} input features at {start} cuts the {self.name} group of "
-                        f"{self.unit}")
+                return f"a row-parallel shard of {length} input features at {start} cuts the {self.name} {what}"
         return None
 
     def shapes(self, rows: int, cols: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
