@@ -308,3 +308,71 @@ def write_gguf(checkpoint: Path, file: Path, quantize: tuple[str, ...] | dict[st
     writer.write_tensors_to_file()
     writer.close()
     return file
+
+
+PROJECTION_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def write_compressed(source: Path, out: Path, fmt: str, num_bits: int, strategy: str, group_size: int | None = None,
+                     symmetric: bool = True, kind: str = "int") -> dict[str, torch.Tensor]:
+    """``source`` as a compressed-tensors checkpoint quantized by the compressed-tensors library itself (its
+    qparams, quantize and int32 packing): every decoder projection, the LM head ignored. Returns each projection's
+    weight as the library dequantizes it (the reference)."""
+    import shutil
+
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import dequantize, quantize
+    from compressed_tensors.quantization.utils import calculate_qparams
+    from safetensors.torch import load_file, save_file
+
+    args = QuantizationArgs(num_bits=num_bits, type=kind, strategy=strategy, group_size=group_size,
+                            symmetric=symmetric)
+    shutil.copytree(source, out)
+    references = {}
+    for file in sorted(out.glob("*.safetensors")):
+        tensors = load_file(str(file))
+        for name in list(tensors):
+            module = name.removesuffix(".weight")
+            if not name.endswith(".weight") or module.rsplit(".", 1)[-1] not in PROJECTION_NAMES:
+                continue
+            w = tensors.pop(name).float()
+            if strategy == "tensor":
+                low, high = w.amin().reshape(1), w.amax().reshape(1)
+            elif strategy == "channel":
+                low, high = w.amin(dim=1, keepdim=True), w.amax(dim=1, keepdim=True)
+            else:
+                grouped = w.reshape(w.shape[0], -1, group_size)
+                low, high = grouped.amin(dim=2), grouped.amax(dim=2)
+            scale, zero = calculate_qparams(low, high, args)
+            scale = scale.to(torch.bfloat16).float()  # stored in bfloat16: the values every reader gets
+            q = quantize(w, scale, zero, args)
+            references[module] = dequantize(q, scale, zero, args, dtype=torch.float32)
+            if kind == "float":
+                tensors[name] = q.to(torch.float8_e4m3fn)
+            elif fmt == "pack-quantized":
+                tensors[f"{module}.weight_packed"] = pack_to_int32(q.to(torch.int8), num_bits)
+                tensors[f"{module}.weight_shape"] = torch.tensor(list(w.shape))
+                if not symmetric:
+                    tensors[f"{module}.weight_zero_point"] = pack_to_int32(zero.to(torch.int8), num_bits, packed_dim=0)
+            else:
+                tensors[name] = q.to(torch.int8)
+                if not symmetric:
+                    tensors[f"{module}.weight_zero_point"] = zero.to(torch.int8)
+            tensors[f"{module}.weight_scale"] = scale.to(torch.bfloat16)
+        save_file(tensors, str(file), metadata={"format": "pt"})
+    config = json.loads((out / "config.json").read_text())
+    weights = {"num_bits": num_bits, "type": kind, "strategy": strategy, "group_size": group_size,
+               "symmetric": symmetric}
+    config["quantization_config"] = {
+        "quant_method": "compressed-tensors", "format": fmt, "ignore": ["lm_head"],
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None}},
+    }
+    index = out / "model.safetensors.index.json"
+    if index.is_file():  # the index names every stored tensor's file
+        weight_map = {}
+        for file in sorted(out.glob("*.safetensors")):
+            weight_map.update(dict.fromkeys(load_file(str(file)), file.name))
+        index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (out / "config.json").write_text(json.dumps(config))
+    return references

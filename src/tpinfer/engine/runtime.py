@@ -62,17 +62,17 @@ class EngineSpec:
         from tpinfer.quant.formats import parse
 
         stored = checkpoint.schemes() if hasattr(checkpoint, "schemes") else None
-        if stored is not None:
+        if stored:
             if self.quantization is not None:
-                raise ConfigError(f"--quantization {self.quantization}: {self.model} is a GGUF file, already "
-                                  "quantized block by block; drop the option")
+                raise ConfigError(f"--quantization {self.quantization}: {self.model} is already quantized (GGUF "
+                                  "blocks or compressed-tensors); drop the option")
             return stored
         return None if self.quantization is None else parse(self.quantization)
 
     def check(self) -> tuple[ModelConfig, ResolvedPlan]:
         """Validate config, plan and TP size without touching weights (fast, before any process starts)."""
         config = ModelConfig.from_pretrained(self.model)
-        checkpoint = open_checkpoint(self.model)
+        checkpoint = open_checkpoint(self.model, config)
         plan = resolve_plan(config, self.tensor_parallel_size, self.tp_plan, self.schemes(checkpoint))
         resolve_dtype(self.dtype, config.torch_dtype)
         max_model_len(config, self.max_model_len)
@@ -196,7 +196,7 @@ def load_engine(spec: EngineSpec, ctx: ParallelContext, progress: bool = False) 
     if spec.threads:
         torch.set_num_threads(spec.threads)
     config = ModelConfig.from_pretrained(spec.model)
-    checkpoint = open_checkpoint(spec.model)
+    checkpoint = open_checkpoint(spec.model, config)
     plan = resolve_plan(config, ctx.world_size, spec.tp_plan, spec.schemes(checkpoint))
     dtype = resolve_dtype(spec.dtype, config.torch_dtype)
     max_len = max_model_len(config, spec.max_model_len)

@@ -87,8 +87,12 @@ class Checkpoint:
         except Exception as exc:  # safetensors raises its own error type for corrupt or truncated files
             raise CheckpointError(f"{file}: not a readable safetensors file ({exc})") from exc
 
+    def _file(self, name: str) -> Path:
+        """The file holding stored tensor ``name``."""
+        return self.files[name]
+
     def handle(self, name: str):  # noqa: ANN201
-        file = self.files[name]
+        file = self._file(name)
         if file not in self._handles:
             self._handles[file] = self._open(file).__enter__()
         return self._handles[file]
@@ -99,7 +103,7 @@ class Checkpoint:
         except CheckpointError:
             raise
         except Exception as exc:
-            raise CheckpointError(f"{self.files[name]}: missing tensor {name} ({exc})") from exc
+            raise CheckpointError(f"{self._file(name)}: missing tensor {name} ({exc})") from exc
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._slice(name).get_shape())
@@ -120,7 +124,7 @@ class Checkpoint:
                 remaining -= take
             return parts[0] if len(parts) == 1 else torch.cat(parts, dim=piece.dim)
         except Exception as exc:
-            raise CheckpointError(f"{self.files[name]}: cannot read tensor {name} ({exc})") from exc
+            raise CheckpointError(f"{self._file(name)}: cannot read tensor {name} ({exc})") from exc
 
     def close(self) -> None:
         for handle in self._handles.values():
@@ -128,12 +132,20 @@ class Checkpoint:
         self._handles.clear()
 
 
-def open_checkpoint(path: str | Path):  # noqa: ANN201  (Checkpoint | GGUFCheckpoint)
-    """The checkpoint at ``path``: a directory of safetensors, or a GGUF file."""
+def open_checkpoint(path: str | Path, config=None):  # noqa: ANN001, ANN201  (a Checkpoint-like reader)
+    """The checkpoint at ``path``: a directory of safetensors (pre-quantized in compressed-tensors format when its
+    config.json says so; ``config``, the ModelConfig, then gives the projections' input features), or a GGUF file."""
     if str(path).endswith(".gguf"):
         from tpinfer.loading.gguf import GGUFCheckpoint
 
         return GGUFCheckpoint(path)
+    from tpinfer.loading.compressed import CompressedCheckpoint, quantization_config
+
+    if Path(path).is_dir() and quantization_config(path) is not None:
+        from tpinfer.parallel.spec import Linear
+
+        linears = {m.name: m.in_features.total for m in config.family.modules(config) if isinstance(m, Linear)}
+        return CompressedCheckpoint(path, linears)
     return Checkpoint(path)
 
 
