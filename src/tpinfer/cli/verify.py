@@ -40,14 +40,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="weights and compute dtype (default float32)")
     parser.add_argument("--prompt", action="append", default=None, metavar="TEXT",
                         help="a prompt (repeatable; default three built-in ones)")
-    parser.add_argument("--max-new-tokens", type=int, default=16, metavar="K",
-                        help="greedy tokens per prompt (default 16)")
+    parser.add_argument("--max-new-tokens", type=int, default=None, metavar="K",
+                        help="greedy tokens per prompt (default 16; 128 with --quantization)")
     parser.add_argument("--min-agreement", type=float, default=1.0, metavar="F",
                         help="share of greedy tokens that must match (default 1.0)")
     parser.add_argument("--max-logit-diff", type=float, default=None, metavar="D",
                         help="largest logit difference that passes (default per dtype: float32 2e-3)")
     parser.add_argument("--max-kl", type=float, default=None, metavar="K",
                         help="largest mean KL divergence that passes (default per dtype: float32 1e-6)")
+    parser.add_argument("--quantization", "-q", default=None, metavar="SCHEME",
+                        help="instead: compare the model quantized on load (int8, int4, fp8, ...) with its float self "
+                        "at each size: greedy agreement over --max-new-tokens (default 128 here), mean KL, and "
+                        "perplexity of the Python Language Reference (20,000+ tokens)")
+    parser.add_argument("--window", type=int, default=512, metavar="T",
+                        help="with --quantization: tokens per perplexity window (default 512)")
     parser.add_argument("--timeout", type=float, default=120.0, metavar="S",
                         help="seconds a collective may wait for another rank (default 120)")
     parser.add_argument("--json", action="store_true", help="end with one JSON object")
@@ -61,10 +67,12 @@ def run(args: argparse.Namespace) -> int:
     if not sizes or min(sizes) < 1:
         raise ValueError(f"--tensor-parallel-size needs sizes of at least 1, got {args.tensor_parallel_size!r}")
     path = model_path(args)
-    results = verify(path, sizes, args.dtype, args.prompt, args.max_new_tokens, args.reference, args.min_agreement,
-                     args.max_logit_diff, args.max_kl, progress=lambda m: print(f"tpinfer verify: {m}",
-                                                                                  file=sys.stderr, flush=True),
-                     timeout_s=args.timeout)
+    say = lambda m: print(f"tpinfer verify: {m}", file=sys.stderr, flush=True)  # noqa: E731
+    if args.quantization is not None:
+        return _quantized(args, path, sizes, say)
+    results = verify(path, sizes, args.dtype, args.prompt, args.max_new_tokens or 16, args.reference,
+                     args.min_agreement,
+                     args.max_logit_diff, args.max_kl, progress=say, timeout_s=args.timeout)
     logit_tol, kl_tol = tolerances(args.dtype, args.max_logit_diff, args.max_kl)
     print(table(results, args.dtype, logit_tol, kl_tol), file=sys.stderr if args.json else sys.stdout, flush=True)
     passed = all(r.passed for r in results)
@@ -73,3 +81,19 @@ def run(args: argparse.Namespace) -> int:
                           "tolerances": {"max_logit_diff": logit_tol, "kl": kl_tol, "min_agreement": args.min_agreement},
                           "sizes": [r.to_json() for r in results], "passed": passed}))
     return 0 if passed else 1
+
+
+def _quantized(args: argparse.Namespace, path: str, sizes: list[int], say) -> int:  # noqa: ANN001
+    from tpinfer.accuracy import compare_quantized, table
+
+    if args.reference is not None:
+        raise ValueError("--quantization compares with the float model; --reference hf does not apply")
+    results = compare_quantized(path, sizes, args.quantization, args.dtype, args.prompt, args.max_new_tokens or 128,
+                                args.window, progress=say, timeout_s=args.timeout)
+    print(table(results), file=sys.stderr if args.json else sys.stdout, flush=True)
+    passed = all(r.passed for r in results)
+    if args.json:
+        print(json.dumps({"model": path, "dtype": args.dtype, "reference": "float",
+                          "sizes": [r.to_json() for r in results], "passed": passed}))
+    return 0 if passed else 1
+

@@ -220,6 +220,11 @@ def load_weights(
                         f"{checkpoint.files[name]}: tensor {name} has shape {list(shape)}, "
                         f"config.json implies {list(full_shapes[name])}{note}"
                     )
+                if _chunked(module, checkpoint, name, piece):
+                    nbytes += _read_chunked(module, suffix, checkpoint, name, piece)
+                    if bar is not None:
+                        bar.update(1)
+                    continue
                 parts[suffix] = checkpoint.read(name, piece)
                 nbytes += _nbytes(parts[suffix])
                 # safetensors reads through a memory map: pages it touched count as this process's memory until
@@ -229,7 +234,8 @@ def load_weights(
                 if bar is not None:
                     bar.update(1)
             try:
-                module.load(parts)
+                if parts:
+                    module.load(parts)
             except ValueError as exc:
                 raise CheckpointError(f"{checkpoint.files[names[0]]}: tensor {names[0]}: {exc}") from exc
             del parts
@@ -237,5 +243,48 @@ def load_weights(
         if bar is not None:
             bar.close()
         checkpoint.close()
+    release_free_memory()
     log.debug("read %d tensors (%.1f MB) in %.2fs", len(expected), nbytes / 1e6, time.perf_counter() - start)
     return {"tensors": len(expected), "bytes": nbytes}
+
+
+CHUNK_BYTES = 32 << 20  # a plain tensor larger than this is read a block of rows at a time
+
+
+def _chunked(module: ParallelModule, checkpoint, name: str, piece: Slice | None) -> bool:  # noqa: ANN001
+    """Whether to read ``name`` in blocks of rows straight into its parameter: a large float tensor of a module that
+    just copies (embeddings and LM heads: their copy and the file's pages would otherwise both be resident)."""
+    if type(module).load is not ParallelModule.load or type(checkpoint) is not Checkpoint:
+        return False
+    if piece is not None and (piece.dim != 0 or len(piece.ranges) != 1):
+        return False
+    param = getattr(module, name.rsplit(".", 1)[-1])
+    return param.numel() * param.element_size() > CHUNK_BYTES and param.dim() == 2
+
+
+def _read_chunked(module: ParallelModule, suffix: str, checkpoint: Checkpoint, name: str,
+                  piece: Slice | None) -> int:
+    param = getattr(module, suffix)
+    start, valid = (0, param.shape[0]) if piece is None else (piece.ranges[0][0], piece.valid)
+    rows = max(1, CHUNK_BYTES // (param.shape[1] * param.element_size()))
+    nbytes = 0
+    for offset in range(0, valid, rows):
+        n = min(rows, valid - offset)
+        block = checkpoint.read(name, Slice(0, ((start + offset, n),), n))
+        if tuple(block.shape) != (n, param.shape[1]):
+            raise CheckpointError(f"{checkpoint.files[name]}: tensor {name} rows have shape {list(block.shape)}")
+        param.data[offset : offset + n].copy_(block)
+        nbytes += block.numel() * block.element_size()
+        del block
+        checkpoint.close()  # drop the file's pages of this block before the next
+    return nbytes
+
+
+def release_free_memory() -> None:
+    """Hand the allocator's freed pages back to the system (glibc keeps the heap's temporaries of loading)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -27,6 +27,7 @@ from tpinfer.parallel.spec import COLWISE, REPLICATE, ROWWISE, Slice
 from tpinfer.quant.formats import Scheme, dequantize, quantize
 
 _scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+QUANTIZE_ROWS = 256  # rows quantized at a time while loading: float temporaries of at most a few MB
 
 
 @dataclass
@@ -76,18 +77,28 @@ class QuantLinear(ParallelModule):
     def load(self, parts: dict[str, torch.Tensor | QTensor]) -> None:
         """Fill from the checkpoint's slices: ``weight`` float (quantized here) or a QTensor in this scheme."""
         weight = parts["weight"]
+        targets = self.quantized()
         if isinstance(weight, QTensor):
             if weight.scheme != self.scheme:
                 raise ValueError(f"the checkpoint's {weight.scheme.name} weight cannot fill a {self.scheme.name} layer")
-            tensors = weight.tensors
+            self._fill(targets, weight.tensors, 0)
+        elif tuple(weight.shape) != (self.out_features, self.in_features) or self.scheme.per_tensor:
+            self._fill(targets, quantize(self.scheme, weight), 0)  # per tensor: one scale from all of it
         else:
-            tensors = quantize(self.scheme, weight)
-        for name, target in self.quantized().items():
-            if tuple(tensors[name].shape) != tuple(target.shape):
-                raise ValueError(f"{name} has shape {list(tensors[name].shape)}, expected {list(target.shape)}")
-            target.data.copy_(tensors[name])
+            # Rows are quantized independently: a block of rows at a time keeps the float temporaries small.
+            for start in range(0, self.out_features, QUANTIZE_ROWS):
+                self._fill(targets, quantize(self.scheme, weight[start : start + QUANTIZE_ROWS]), start)
         if self.bias is not None:
             self.bias.data.copy_(parts["bias"])
+
+    @staticmethod
+    def _fill(targets: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], row: int) -> None:
+        for name, target in targets.items():
+            value = tensors[name]
+            part = target.data if value.shape[0] == target.shape[0] else target.data[row : row + value.shape[0]]
+            if tuple(value.shape) != tuple(part.shape):
+                raise ValueError(f"{name} has shape {list(value.shape)}, expected {list(part.shape)}")
+            part.copy_(value)
 
     def weight_float(self) -> torch.Tensor:
         """The dequantized weight in a float scratch buffer shared by every quantized layer (valid until the next
