@@ -190,3 +190,28 @@ def test_failed_build_falls_back_to_torch(monkeypatch, tmp_path, caplog):
         assert "compiling cpu_decode.cpp failed" in reason
     assert "native CPU kernels unavailable" in caplog.text
     assert not list(tmp_path.glob("*.so")) and not list(tmp_path.glob("*.tmp"))  # nothing half-written left
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ["int8", "int8-g32", "int4", "int4-g64-sym", "int4-g128", "fp8", "fp8-tensor"])
+def test_quantized_gemv_equals_linear_on_dequantized_weights(name, dtype):
+    """Every quantized GEMV (1-8 rows, more in blocks of 8) against F.linear on the same weights dequantized; with
+    bfloat16 activations int4 takes the bfloat16 dot-product kernel where the CPU has one."""
+    from tpinfer.quant.formats import dequantize, parse, quantize
+
+    scheme = parse(name)
+    torch.manual_seed(0)
+    weight = torch.randn(100, 256)  # 100 rows: blocks of 4 and 2 rows plus a remainder
+    tensors = quantize(scheme, weight)
+    dense = dequantize(scheme, tensors)
+    bias = torch.randn(100).to(dtype)
+    for rows in (1, 2, 3, 5, 8, 11):
+        x = torch.randn(rows, 256).to(dtype)
+        ref = F.linear(x.float(), dense, bias.float())
+        out = kernels.quant_linear(x, scheme, tensors, bias)
+        assert out.dtype == dtype
+        # float32: the same products summed in another order; bfloat16: besides, each result rounded to 8 bits of
+        # mantissa (relative 2^-9, so 2^-8 with margin). One wrong nibble or scale moves a result by ~|scale x|.
+        bound = 1e-5 * (1 + ref.abs().max()) + (ref.abs() * 2**-8 if dtype == torch.bfloat16 else 0)
+        assert ((out.float() - ref).abs() <= bound).all(), (rows, (out.float() - ref).abs().max())
