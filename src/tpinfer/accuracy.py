@@ -88,9 +88,12 @@ class QuantResult:
 def compare_quantized(path: str, sizes: list[int], quantization: str, dtype: str = "float32",
                       prompts: list[str] | None = None, new_tokens: int = 128, window: int = 512,
                       tokens: int = REFERENCE_TOKENS, progress=None, **engine: Any) -> list[QuantResult]:  # noqa: ANN001
+    from tpinfer.config import ModelConfig
+    from tpinfer.loading.checkpoint import resolve_dtype
     from tpinfer.quant.formats import parse
 
     scheme = parse(quantization)
+    dtype = str(resolve_dtype(dtype, ModelConfig.from_pretrained(path).torch_dtype)).removeprefix("torch.")
     say = progress or (lambda message: None)
     results = []
     for tp in sizes:

@@ -247,6 +247,10 @@ class LLM:
             if not sequence or len(sequence) > self.engine.model.max_seq_len:
                 raise ValueError(f"sequence {i} has {len(sequence)} tokens; scoring takes 1 to "
                                  f"{self.engine.model.max_seq_len} (--max-model-len)")
+            vocab = self.engine.config.vocab_size
+            if min(sequence) < 0 or max(sequence) >= vocab:
+                raise ValueError(f"sequence {i}: token ids must be in [0, {vocab}), got {min(sequence)}.."
+                                 f"{max(sequence)} (a tokenizer larger than the model's vocabulary?)")
         try:
             return self.engine.score(sequences)
         except Exception as exc:

@@ -69,3 +69,53 @@ def test_info_and_bench_report_quantized_bytes(source):
     assert bench["param_bytes"] == [entry["param_bytes_per_rank"]] * 2
     assert bench["quantization"] == "int4-g32-asym" and bench["native_kernels"]
     assert 0.6 < bench["bytes_per_weight"] < 0.7  # 4 bits + float16 scale and offset per 32 weights
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory) -> Path:
+    """A checkpoint whose vocabulary covers every id of the test tokenizer (259: 256 bytes and 3 specials)."""
+    return make_checkpoint(tmp_path_factory.mktemp("quant") / "wide", "llama", seed=5, vocab_size=263)
+
+
+def test_scoring_refuses_ids_outside_the_vocabulary(source):
+    with LLM(str(source), dtype="float32", progress=False) as llm, pytest.raises(ValueError, match=r"\[0, 251\)"):
+        llm.score([[1, 2, 3], [4, 251]])
+
+
+def test_perplexity_equals_hf_loss(wide):
+    """The perplexity verify and bench report is HF's own cross-entropy on the same windows of the same text."""
+    import torch
+    import transformers
+
+    from tpinfer.accuracy import perplexity, reference_ids
+
+    with LLM(str(wide), dtype="float32", progress=False) as llm:
+        ids = reference_ids(llm, 600)[:600]
+        ours = perplexity(llm, ids, 256)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(wide), torch_dtype=torch.float32).eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(ids) - 1, 256):
+            chunk = torch.tensor([ids[start : start + 256]])
+            loss = model(chunk, labels=chunk).loss.item()  # mean over the window's len - 1 predictions
+            total += loss * (chunk.shape[1] - 1)
+            count += chunk.shape[1] - 1
+    assert abs(ours / torch.tensor(total / count).exp().item() - 1) < 1e-4
+
+
+def test_bench_and_verify_report_accuracy_against_the_float_model(wide):
+    bench = json.loads(run_cli("bench", "--model", str(wide), "--quantization", "int8", "--accuracy", "--output-len",
+                               "4", "--repeat", "1", "--json", timeout=400).stdout.splitlines()[-1])
+    acc = bench["accuracy"]
+    assert acc["tp"] == 1 and acc["quantization"] == "int8"
+    assert acc["perplexity"]["tokens"] >= 20_000
+    # int8 per channel moves a random model's distribution a little, not at all would mean no quantization
+    assert 0 < acc["kl"] < 1e-2 and acc["max_logit_diff"] > 0
+    assert abs(acc["perplexity"]["increase"]) < 0.01 and acc["passed"]
+    assert 0 < acc["greedy_agreement"] <= 1
+    failed = run_cli("bench", "--model", str(wide), "--accuracy", "--json", check=False)
+    assert failed.returncode != 0 and "--accuracy compares a model quantized on load" in failed.stderr
+    verify = json.loads(run_cli("verify", "--model", str(wide), "--tp", "2", "-q", "int4", "--max-new-tokens", "16",
+                                "--json", timeout=400).stdout.splitlines()[-1])
+    (size,) = verify["sizes"]
+    assert size["tp"] == 2 and size["quantization"] == "int4-g32-asym" and size["kl"] > acc["kl"]

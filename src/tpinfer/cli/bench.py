@@ -15,7 +15,9 @@ EPILOG = """examples:
 
 The last line of --json output is one JSON object with decode_tokens_per_s, prefill_tokens_per_s,
 load_s, peak_rss_bytes (per rank), param_bytes (per rank), roofline_tokens_per_s and more; a sweep
-adds "runs" (one object per TP size) and its top-level keys are those of the last size."""
+adds "runs" (one object per TP size) and its top-level keys are those of the last size. With
+--quantization SCHEME --accuracy each size also gets "accuracy": greedy_agreement, kl and perplexity
+against the float model (see tpinfer verify --quantization)."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -40,6 +42,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="torch threads per rank (default: this host's cores / ranks)")
     parser.add_argument("--plot", default=None, metavar="FILE.png",
                         help="write the sweep's plot here (default tpinfer-bench.png for a sweep)")
+    parser.add_argument("--accuracy", action="store_true",
+                        help="with --quantization: also compare the quantized model with its float source at each "
+                        "size (greedy agreement over 128 tokens, mean KL, perplexity of the Python Language "
+                        "Reference; as tpinfer verify --quantization), reported under \"accuracy\"")
     parser.add_argument("--json", action="store_true", help="end with one JSON object")
     parser.set_defaults(func=run)
 
@@ -49,6 +55,9 @@ def run(args: argparse.Namespace) -> int:
     from tpinfer.engine.runtime import EngineSpec
 
     sizes = [int(s) for s in str(args.tensor_parallel_size).split(",") if s.strip()]
+    if args.accuracy and args.quantization is None:
+        raise ValueError("--accuracy compares a model quantized on load (--quantization SCHEME) with its float source; "
+                         "give --quantization")
     spec = EngineSpec(
         model=model_path(args),
         dtype=args.dtype,
@@ -63,6 +72,15 @@ def run(args: argparse.Namespace) -> int:
     options = BenchOptions(spec, args.batch_size, args.input_len, args.output_len, args.repeat)
     results = sweep(options, sizes)
     print(table(results), file=sys.stderr if args.json else sys.stdout, flush=True)
+    if args.accuracy:
+        from tpinfer import accuracy
+
+        say = lambda m: print(f"tpinfer bench: accuracy: {m}", file=sys.stderr, flush=True)  # noqa: E731
+        measured = accuracy.compare_quantized(spec.model, sizes, args.quantization, args.dtype, progress=say,
+                                              timeout_s=args.timeout)
+        print(accuracy.table(measured), file=sys.stderr if args.json else sys.stdout, flush=True)
+        for result, acc in zip(results, measured, strict=True):
+            result["accuracy"] = acc.to_json()
     if len(results) > 1 or args.plot:
         path = plot(results, args.plot or "tpinfer-bench.png")
         print(f"plot: {path}", file=sys.stderr)
