@@ -1,8 +1,10 @@
 """What quantization costs: a quantized model against its float source at the same TP size.
 
 ``tpinfer verify --quantization SCHEME`` runs both engines on the same prompts and reports greedy-token agreement
-over 128 tokens (share of positions equal to the float model's), the mean KL divergence per token of the quantized
-model's distribution from the float one's, teacher-forced on the float continuation, and the perplexity of each
+over 128 tokens (share of positions equal to the float model's, free-running: after a first difference the two
+continue from different contexts, so the position of that first difference is reported too), top-1 agreement and
+the mean KL divergence per token of the quantized model's distribution from the float one's, both teacher-forced on
+the float continuation, and the perplexity of each
 on a real English text: the Python Language Reference as CPython ships it (``pydoc_data/topics.py``, the help
 topics of every installation), its first ``REFERENCE_TOKENS`` tokens or more, scored in windows of ``window``
 tokens (each window's first token predicted from nothing is not counted).
@@ -68,6 +70,9 @@ class QuantResult:
     perplexity_quantized: float
     tokens_scored: int
     budget: float
+    top1_agreement: float = 1.0  # teacher-forced: the quantized argmax on the float model's own context
+    first_divergence: tuple[int, ...] = ()  # per prompt: free-running tokens before the first difference
+
 
     @property
     def perplexity_increase(self) -> float:
@@ -78,7 +83,8 @@ class QuantResult:
         return self.perplexity_increase <= self.budget
 
     def to_json(self) -> dict[str, Any]:
-        return {"tp": self.tp, "quantization": self.scheme, "greedy_agreement": self.greedy_agreement, "kl": self.kl,
+        return {"tp": self.tp, "quantization": self.scheme, "greedy_agreement": self.greedy_agreement,
+                "top1_agreement": self.top1_agreement, "first_divergence": list(self.first_divergence), "kl": self.kl,
                 "max_logit_diff": self.max_logit_diff,
                 "perplexity": {"float": self.perplexity_float, "quantized": self.perplexity_quantized,
                                "increase": self.perplexity_increase, "tokens": self.tokens_scored},
@@ -110,18 +116,26 @@ def compare_quantized(path: str, sizes: list[int], quantization: str, dtype: str
                 text = reference_ids(llm, tokens)
                 ppl[name] = perplexity(llm, text, min(window, llm.max_model_len))
         c = compare(runs["quantized"], runs["float"], dtype)
+        quant, ref = runs["quantized"], runs["float"]
+        picked = [(logits.argmax(-1) == torch.tensor(want)).tolist() for logits, want in zip(quant.logits, ref.tokens,
+                                                                                            strict=True)]
+        top1 = sum(map(sum, picked)) / sum(map(len, picked))
+        first = tuple(next((i for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b), len(want))
+                      for got, want in zip(quant.tokens, ref.tokens, strict=True))
         results.append(QuantResult(tp, scheme.name, c.greedy_agreement, c.kl, c.max_logit_diff, ppl["float"],
-                                   ppl["quantized"], len(text), BUDGETS[scheme.kind]))
+                                   ppl["quantized"], len(text), BUDGETS[scheme.kind], top1, first))
     return results
 
 
 def table(results: list[QuantResult]) -> str:
-    lines = [f"{'tp':>3}  {'scheme':<16} {'greedy':>7}  {'mean KL':>9}  {'ppl float':>10}  {'ppl quant':>10}  "
+    lines = [f"{'tp':>3}  {'scheme':<16} {'greedy':>7}  {'top-1':>6}  {'mean KL':>9}  {'ppl float':>10}  {'ppl quant':>10}  "
              f"{'increase':>8}  result"]
     for r in results:
-        lines.append(f"{r.tp:>3}  {r.scheme:<16} {r.greedy_agreement:>7.1%}  {r.kl:>9.3g}  {r.perplexity_float:>10.4g}"
+        lines.append(f"{r.tp:>3}  {r.scheme:<16} {r.greedy_agreement:>7.1%}  {r.top1_agreement:>6.1%}  {r.kl:>9.3g}  {r.perplexity_float:>10.4g}"
                      f"  {r.perplexity_quantized:>10.4g}  {r.perplexity_increase:>+8.2%}  "
                      f"{'pass' if r.passed else 'FAIL'} (budget {r.budget:.0%})")
     lines.append(f"perplexity on {results[0].tokens_scored:,} tokens of the Python Language Reference "
-                 "(pydoc_data/topics.py); greedy agreement and KL against the float model over its continuation")
+                 "(pydoc_data/topics.py); greedy: free-running tokens equal to the float model's, position by position "
+                 f"(first difference after {', '.join(map(str, results[0].first_divergence))} tokens at tp="
+                 f"{results[0].tp}); top-1 and KL: on the float model's own continuation")
     return "\n".join(lines)

@@ -112,7 +112,8 @@ def test_bench_and_verify_report_accuracy_against_the_float_model(wide):
     # int8 per channel moves a random model's distribution a little, not at all would mean no quantization
     assert 0 < acc["kl"] < 1e-2 and acc["max_logit_diff"] > 0
     assert abs(acc["perplexity"]["increase"]) < 0.01 and acc["passed"]
-    assert 0 < acc["greedy_agreement"] <= 1
+    assert 0 < acc["greedy_agreement"] <= 1 and 0.5 < acc["top1_agreement"] <= 1
+    assert len(acc["first_divergence"]) == 3 and all(0 <= n <= 128 for n in acc["first_divergence"])
     failed = run_cli("bench", "--model", str(wide), "--accuracy", "--json", check=False)
     assert failed.returncode != 0 and "--accuracy compares a model quantized on load" in failed.stderr
     verify = json.loads(run_cli("verify", "--model", str(wide), "--tp", "2", "-q", "int4", "--max-new-tokens", "16",
