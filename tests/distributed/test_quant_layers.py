@@ -8,13 +8,13 @@ import torch.nn.functional as F
 
 from helpers import run_ranks
 from tpinfer.parallel.spec import COLWISE, REPLICATE, ROWWISE, Linear, packed, units
-from tpinfer.quant.formats import Scheme
+from tpinfer.quant.formats import Scheme, quantize_activations
 from tpinfer.quant.layers import quant_linear_layer
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 SCHEMES = [Scheme("int8"), Scheme("int8", 32, True), Scheme("int4", 32, True), Scheme("int4", 64), Scheme("fp8"),
-           Scheme("fp8", per_tensor=True)]
+           Scheme("fp8", per_tensor=True), Scheme("int4", 32, True, act8=True), Scheme("int8", act8=True)]
 
 
 def _rows(piece) -> torch.Tensor:
@@ -22,7 +22,10 @@ def _rows(piece) -> torch.Tensor:
 
 
 def _on_rank(ctx, scheme_args):
-    scheme = Scheme(*scheme_args)
+    scheme = Scheme(*scheme_args[:4], act8=scheme_args[4])
+    # -a8 layers compute x_hat W^T, x_hat the activations rounded in blocks of 32 (quantize_activations): rounding
+    # the whole row or each rank's slice of it is the same, as slices hold whole blocks
+    act = quantize_activations if scheme.act8 else (lambda t: t)
     torch.manual_seed(0)
     x = torch.randn(3, 4, 256)  # 12 rows: the decode kernels up to 8, then the dequantized GEMM
     w_col, b_col = torch.randn(192, 256), torch.randn(192)
@@ -34,8 +37,8 @@ def _on_rank(ctx, scheme_args):
     mine = col.weight_float().clone()
     reference = ctx.comm.all_gather(mine, dim=0)  # every rank's dequantized rows, in rank order
     local = col(x[:2, :1])  # 2 rows: native kernels
-    out["col_decode"] = (ctx.comm.all_gather(local, dim=-1) - F.linear(x[:2, :1], reference, b_col)).abs().max().item()
-    out["col_prefill"] = (ctx.comm.all_gather(col(x), dim=-1) - F.linear(x, reference, b_col)).abs().max().item()
+    out["col_decode"] = (ctx.comm.all_gather(local, dim=-1) - F.linear(act(x[:2, :1]), reference, b_col)).abs().max().item()
+    out["col_prefill"] = (ctx.comm.all_gather(col(x), dim=-1) - F.linear(act(x), reference, b_col)).abs().max().item()
 
     in_features = w_row.shape[1]
     row = quant_linear_layer(Linear("row", units(in_features), units(256), True), scheme, ROWWISE, ctx, torch.float32)
@@ -43,15 +46,15 @@ def _on_rank(ctx, scheme_args):
     row.load({"weight": w_row[:, cols], "bias": b_row})
     reference = ctx.comm.all_gather(row.weight_float().clone(), dim=1)  # each rank's columns, scales with them
     h = torch.randn(3, 4, in_features)
-    out["row_decode"] = (row(h[:1, :3, cols].contiguous()) - F.linear(h[:1, :3], reference, b_row)).abs().max().item()
-    out["row_prefill"] = (row(h[..., cols].contiguous()) - F.linear(h, reference, b_row)).abs().max().item()
+    out["row_decode"] = (row(h[:1, :3, cols].contiguous()) - F.linear(act(h[:1, :3]), reference, b_row)).abs().max().item()
+    out["row_prefill"] = (row(h[..., cols].contiguous()) - F.linear(act(h), reference, b_row)).abs().max().item()
 
     heads, kv = units(4, 32, "attention heads"), units(2, 32, "KV heads", replicable=True)
     qkv = quant_linear_layer(Linear("qkv", units(256), packed(heads, kv, kv)), scheme, COLWISE, ctx, torch.float32)
     w_qkv = torch.randn(256, 256)
     rows = _rows(qkv.shards["weight"])
     qkv.load({"weight": w_qkv[rows]})
-    out["packed"] = (qkv(x[:1, :1]) - F.linear(x[:1, :1], qkv.weight_float())).abs().max().item()
+    out["packed"] = (qkv(x[:1, :1]) - F.linear(act(x[:1, :1]), qkv.weight_float())).abs().max().item()
     out["packed_sizes"] = qkv.part_sizes
 
     rep = quant_linear_layer(Linear("rep", units(256), units(64)), scheme, REPLICATE, ctx, torch.float32)
@@ -64,7 +67,7 @@ def _on_rank(ctx, scheme_args):
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name)
 def test_quantized_layers_equal_linear_on_their_dequantized_weights(world, scheme):
-    results = run_ranks(world, _on_rank, (scheme.kind, scheme.group, scheme.offsets, scheme.per_tensor))
+    results = run_ranks(world, _on_rank, (scheme.kind, scheme.group, scheme.offsets, scheme.per_tensor, scheme.act8))
     for r in results:
         # The same products summed in another order (kernel vs GEMM, partial sums over ranks): float32 rounding of
         # |y| ~ 50, well under 1e-3; a wrong scale, group or nibble moves results by whole units.

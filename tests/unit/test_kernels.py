@@ -194,21 +194,27 @@ def test_failed_build_falls_back_to_torch(monkeypatch, tmp_path, caplog):
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("name", ["int8", "int8-g32", "int4", "int4-g64-sym", "int4-g128", "fp8", "fp8-tensor"])
-def test_quantized_gemv_equals_linear_on_dequantized_weights(name, dtype):
+@pytest.mark.parametrize("name,K", [("int8", 256), ("int8-g32", 256), ("int4", 256), ("int4-g64-sym", 256),
+                                    ("int4-g128", 256), ("fp8", 256), ("fp8-tensor", 256), ("int4-a8", 256),
+                                    ("int4-a8", 224), ("int4-g64-a8", 576), ("int4-g96-sym-a8", 576),
+                                    ("int4-g128-a8", 256), ("int8-a8", 224), ("int8-g32-a8", 256),
+                                    ("int8-g64-asym-a8", 576)])
+def test_quantized_gemv_equals_linear_on_dequantized_weights(name, K, dtype):
     """Every quantized GEMV (1-8 rows, more in blocks of 8) against F.linear on the same weights dequantized; with
-    bfloat16 activations int4 takes the bfloat16 dot-product kernel where the CPU has one."""
-    from tpinfer.quant.formats import dequantize, parse, quantize
+    bfloat16 activations int4 takes the bfloat16 dot-product kernel where the CPU has one. The -a8 kernels (VNNI
+    integer dot products) against F.linear of the activations rounded as quantize_activations defines, for inputs
+    that end in a partial step (224 = 7 blocks of 32, 576 = 18) and groups that straddle steps (96)."""
+    from tpinfer.quant.formats import dequantize, parse, quantize, quantize_activations
 
     scheme = parse(name)
     torch.manual_seed(0)
-    weight = torch.randn(100, 256)  # 100 rows: blocks of 4 and 2 rows plus a remainder
+    weight = torch.randn(100, K)  # 100 rows: blocks of 4 and 2 rows plus a remainder
     tensors = quantize(scheme, weight)
     dense = dequantize(scheme, tensors)
     bias = torch.randn(100).to(dtype)
     for rows in (1, 2, 3, 5, 8, 11):
-        x = torch.randn(rows, 256).to(dtype)
-        ref = F.linear(x.float(), dense, bias.float())
+        x = torch.randn(rows, K).to(dtype)
+        ref = F.linear(quantize_activations(x.float()) if scheme.act8 else x.float(), dense, bias.float())
         out = kernels.quant_linear(x, scheme, tensors, bias)
         assert out.dtype == dtype
         # float32: the same products summed in another order; bfloat16: besides, each result rounded to 8 bits of

@@ -35,7 +35,7 @@ ENV_SWITCH = "TPINFER_NATIVE_KERNELS"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl")
 MAX_HEAD_DIM = 512  # the attention kernel keeps one query head in a stack buffer of this size
-ABI_VERSION = 4
+ABI_VERSION = 5
 
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _lock = threading.Lock()
@@ -217,15 +217,20 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 QUANT_KINDS = {"int8": 0, "int4": 1, "fp8": 2}
+ACT8_KINDS = {"int8": 3, "int4": 4}  # the same weights against activations rounded to int8 (VNNI dot products)
+
+
+def quant_kind(scheme) -> int:  # noqa: ANN001
+    return ACT8_KINDS[scheme.kind] if scheme.act8 else QUANT_KINDS[scheme.kind]
 
 
 def quant_usable(x: torch.Tensor, scheme, tensors: dict[str, torch.Tensor]) -> bool:  # noqa: ANN001
     """Whether ``quant_linear`` takes x and this quantized weight: the kernels built, CPU tensors, whole 16- (int8,
-    fp8) or 32-wide (int4) blocks and groups."""
+    fp8) or 32-wide (int4, int8 activations) blocks and groups."""
     if not usable(x) or tensors["q"].device.type != "cpu":
         return False
     K = x.shape[-1]
-    block = 32 if scheme.kind == "int4" else 16
+    block = 32 if scheme.kind == "int4" or scheme.act8 else 16
     group = scheme.group or K
     return K % block == 0 and group % block == 0 and K % group == 0
 
@@ -239,7 +244,7 @@ def quant_linear(x: torch.Tensor, scheme, tensors: dict[str, torch.Tensor],  # n
     y = torch.empty(*x.shape[:-1], N, dtype=x.dtype)
     offset = tensors.get("offset")
     library().tpi_qlinear(x.data_ptr(), _DTYPES[x.dtype], q.data_ptr(), tensors["scale"].data_ptr(), _ptr(offset),
-                          QUANT_KINDS[scheme.kind], scheme.group or K, int(scheme.per_tensor), _ptr(bias),
+                          quant_kind(scheme), scheme.group or K, int(scheme.per_tensor), _ptr(bias),
                           _code(bias, x.dtype), y.data_ptr(), _DTYPES[y.dtype], rows, N, K, torch.get_num_threads())
     return y
 
@@ -306,7 +311,7 @@ def decode_layer(norm1: torch.Tensor, norm2: torch.Tensor, eps1: float, eps2: fl
         ffn=ffn, max_len=max_len, eps1=eps1, eps2=eps2, scale=head_dim**-0.5,
         w_dtype=_DTYPES[norm1.dtype] if scheme is not None else _DTYPES[projections["q"][0].dtype],
         act_dtype=_DTYPES[norm1.dtype], reduce_o=int(reduce[0]), reduce_d=int(reduce[1]),
-        q_kind=-1 if scheme is None else QUANT_KINDS[scheme.kind], q_group=0 if scheme is None else scheme.group or 0,
+        q_kind=-1 if scheme is None else quant_kind(scheme), q_group=0 if scheme is None else scheme.group or 0,
         q_per_tensor=0 if scheme is None else int(scheme.per_tensor),
     )
     for key, (weight, bias) in projections.items():

@@ -374,7 +374,7 @@ void gated_epilogue(const float *g, const float *u, const void *bg, const void *
 
 extern "C" {
 
-int tpi_abi_version() { return 4; }
+int tpi_abi_version() { return 5; }
 
 // y[rows, N] = x[rows, K] W[N, K]^T (+ bias[N]); any rows (passes of up to kMaxRows); dtypes 0/1 per operand.
 void tpi_linear(const void *x, int x_dtype, const void *W, int w_dtype, const void *bias, int bias_dtype, void *y,
@@ -570,7 +570,7 @@ struct DecodeLayer {
   float eps1, eps2, scale;
   int32_t w_dtype, act_dtype;
   int32_t reduce_o, reduce_d;               // o/down row-parallel: all-reduce their outputs (tpi_decode_stack)
-  // Quantized projections (q_kind >= 0: 0 int8, 1 int4, 2 fp8; the w* pointers then hold the quantized values):
+  // Quantized projections (q_kind >= 0: 0 int8, 1 int4, 2 fp8, 3/4 int8/int4 with int8 activations; the w* pointers then hold the quantized values):
   const void *sq, *sk, *sv, *so, *sg, *su, *sd;  // scales
   const void *oq, *ok, *ov, *oo, *og, *ou, *od;  // offsets, or null when symmetric
   int64_t q_group;                               // inputs per scale; 0: one per output channel
@@ -585,7 +585,7 @@ QuantWeight quant_weight(const DecodeLayer *L, const void *w, const void *scale,
 // Bytes of a rows x cols weight of this layer (what a prefetch of it covers).
 int64_t weight_bytes(const DecodeLayer *L, int64_t rows, int64_t cols) {
   if (L->q_kind < 0) return rows * cols * (L->w_dtype == kF32 ? 4 : 2);
-  return L->q_kind == kQInt4 ? rows * cols / 2 : rows * cols;
+  return L->q_kind == kQInt4 || L->q_kind == kQInt4A8 ? rows * cols / 2 : rows * cols;
 }
 
 // Activation-sized intermediates of a layer half, reused across calls (one arena per calling thread).

@@ -1,7 +1,10 @@
 """Weight formats for quantized projections: what is stored, how it dequantizes, how a float weight is quantized.
 
-Every format is weight-only: activations stay float (W8A16, W4A16, FP8 weights), and every kernel dequantizes a
-weight in registers as it multiplies. A weight W (out, in) is stored as
+The formats are weight-only: activations stay float (W8A16, W4A16, FP8 weights), and every kernel dequantizes a
+weight in registers as it multiplies. Adding ``-a8`` to an int8 or int4 scheme (``int4-a8``, ``int8-a8``) keeps
+the same weights and rounds the activations too, to int8 in blocks of 32 (``quantize_activations``): the
+product is then ``x_hat W^T``, which the CPU kernels compute with integer dot products (AVX512-VNNI), faster
+than dequantizing, at the accuracy cost ``tpinfer verify -q`` measures. A weight W (out, in) is stored as
 
 * ``int8``: ``q`` int8 (out, in) and ``scale`` float32 (out, in / group); w = scale * q (+ ``offset`` float32 of the
   same shape when asymmetric). ``group`` None means one scale per output channel (group = in).
@@ -23,6 +26,7 @@ import torch
 
 KINDS = ("int8", "int4", "fp8")
 INT4_BLOCK = 32  # the nibble layout's block; int4 groups are multiples of it
+ACT_BLOCK = 32  # -a8: activations are rounded to int8 in blocks of this many, one scale each
 FP8_MAX = 448.0  # the largest float8 e4m3 value
 
 
@@ -32,6 +36,7 @@ class Scheme:
     group: int | None = None  # input features per scale; None: one per output channel (int8, fp8)
     offsets: bool = False  # asymmetric: w = scale * q + offset
     per_tensor: bool = False  # fp8: one scale for the whole tensor
+    act8: bool = False  # activations rounded to int8 in blocks of ACT_BLOCK (int8, int4)
     # Input features a row-parallel shard must keep whole because the checkpoint stores them as one block (a GGUF
     # K-quant's 256); None: the group. Not part of the format: layers of equal schemes hold equal tensors.
     align: int | None = field(default=None, compare=False)
@@ -45,22 +50,29 @@ class Scheme:
             raise ValueError("fp8 has per-channel or per-tensor scales, no groups or offsets")
         if self.group is not None and self.group < 1:
             raise ValueError(f"group must be positive, got {self.group}")
+        if self.act8 and self.kind == "fp8":
+            raise ValueError("-a8 (int8 activations) applies to int8 and int4 weights, not fp8")
+        if self.act8 and self.group is not None and self.group % ACT_BLOCK:
+            raise ValueError(f"-a8 needs groups that are multiples of {ACT_BLOCK} (activation blocks), got {self.group}")
 
     @property
     def name(self) -> str:
         if self.kind == "fp8":
             return "fp8" + ("-tensor" if self.per_tensor else "")
         group = "" if self.group is None else f"-g{self.group}"
-        return f"{self.kind}{group}{'-asym' if self.offsets else ''}"
+        # int8 is symmetric unless it says asym, int4 asymmetric unless it says sym: both are spelled out for int4
+        symmetry = "-asym" if self.offsets else ("-sym" if self.kind == "int4" else "")
+        return f"{self.kind}{group}{symmetry}{'-a8' if self.act8 else ''}"
 
     @property
     def unit(self) -> int:
-        """Input features that must stay together on a rank (a group, or the checkpoint's block)."""
-        return max(self.group or 1, self.align or 1)
+        """Input features that must stay together on a rank (a group, an activation block, or the checkpoint's
+        block)."""
+        return max(self.group or 1, self.align or 1, ACT_BLOCK if self.act8 else 1)
 
     def failure(self, in_features: int, local_in: tuple[tuple[int, int], ...] | None = None) -> str | None:
         """Why this scheme cannot store a weight of ``in_features`` inputs, or its row-parallel slice; None if it can."""
-        what = f"block of {self.unit}" if (self.align or 1) > (self.group or 1) else f"group of {self.unit}"
+        what = f"group of {self.unit}" if self.unit == (self.group or 1) else f"block of {self.unit}"
         if in_features % self.unit:
             return f"in_features {in_features} is not a multiple of the {self.name} {what}"
         for start, length in local_in or ():
@@ -95,14 +107,14 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 def parse(text: str) -> Scheme:
     """``int8`` (per channel), ``int8-g32``, ``int4`` (= int4-g32-asym), ``int4-g128``, ``int4-g64-sym``, ``fp8``,
-    ``fp8-tensor``: the spelling of ``--quantization``."""
+    ``fp8-tensor``, and any int8 or int4 one with ``-a8`` (``int4-a8``): the spelling of ``--quantization``."""
     parts = text.strip().lower().split("-")
     kind, rest = parts[0], parts[1:]
     if kind not in KINDS:
         raise ValueError(f"--quantization {text!r}: choose int8, int4 or fp8 (e.g. int8, int4-g128, fp8)")
     group = None if kind != "int4" else 32
     offsets = kind == "int4"
-    per_tensor = False
+    per_tensor = act8 = False
     for part in rest:
         if part.startswith("g") and part[1:].isdigit():
             group = int(part[1:])
@@ -110,9 +122,11 @@ def parse(text: str) -> Scheme:
             offsets = part == "asym"
         elif part == "tensor" and kind == "fp8":
             per_tensor = True
+        elif part == "a8" and kind != "fp8":
+            act8 = True
         else:
             raise ValueError(f"--quantization {text!r}: unknown part {part!r}")
-    return Scheme(kind, group, offsets, per_tensor)
+    return Scheme(kind, group, offsets, per_tensor, act8=act8)
 
 
 # Packing -----------------------------------------------------------------------------------------------------------
@@ -136,6 +150,19 @@ def fp8_to_float(bits: torch.Tensor) -> torch.Tensor:
 
 
 # Reference dequantization and quantization (torch; the kernels compute the same) -------------------------------
+
+def quantize_activations(x: torch.Tensor) -> torch.Tensor:
+    """x_hat: x rounded to int8 in blocks of ``ACT_BLOCK`` along the last dimension, each block scaled by its
+    largest magnitude / 127 (round half to even, as the kernels' conversion), in x's dtype. -a8 schemes compute
+    x_hat W^T."""
+    shape = x.shape
+    blocks = x.float().reshape(*shape[:-1], shape[-1] // ACT_BLOCK, ACT_BLOCK)
+    amax = blocks.abs().amax(dim=-1, keepdim=True)
+    levels = torch.full_like(amax, 127.0)  # tensor / tensor divides exactly (a scalar numerator may not)
+    inv = torch.where(amax > 0, levels / amax, torch.zeros_like(amax))
+    q = torch.round(blocks * inv)
+    return (q * (amax / levels)).reshape(shape).to(x.dtype)
+
 
 def dequantize(scheme: Scheme, tensors: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The float weight (rows, cols) the stored tensors stand for."""

@@ -24,7 +24,7 @@ from tpinfer import kernels
 from tpinfer.parallel.context import ParallelContext
 from tpinfer.parallel.layers import NATIVE_MAX_ROWS, ParallelModule, linear
 from tpinfer.parallel.spec import COLWISE, REPLICATE, ROWWISE, Slice
-from tpinfer.quant.formats import Scheme, dequantize, quantize
+from tpinfer.quant.formats import Scheme, dequantize, quantize, quantize_activations
 
 _scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 QUANTIZE_ROWS = 256  # rows quantized at a time while loading: float temporaries of at most a few MB
@@ -117,6 +117,8 @@ class QuantLinear(ParallelModule):
         tensors = self.quantized()
         if 0 < rows <= NATIVE_MAX_ROWS.get(x.dtype, 0) and kernels.quant_usable(x, self.scheme, tensors):
             return kernels.quant_linear(x, self.scheme, tensors)
+        if self.scheme.act8:  # what the kernels compute from their int8 dot products
+            x = quantize_activations(x)
         wide = self.weight_float()
         out = linear(x.to(wide.dtype), wide)
         return out.to(x.dtype)

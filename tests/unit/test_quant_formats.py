@@ -1,0 +1,88 @@
+"""The quantization formats' spelling, validation and reference arithmetic (tpinfer.quant.formats)."""
+
+import pytest
+import torch
+
+from tpinfer.quant.formats import (
+    ACT_BLOCK,
+    Scheme,
+    dequantize,
+    pack_int4,
+    parse,
+    quantize,
+    quantize_activations,
+    unpack_int4,
+)
+
+
+@pytest.mark.parametrize("text,scheme", [
+    ("int8", Scheme("int8")),
+    ("int8-g32", Scheme("int8", 32)),
+    ("int4", Scheme("int4", 32, True)),
+    ("int4-g128", Scheme("int4", 128, True)),
+    ("int4-g64-sym", Scheme("int4", 64, False)),
+    ("fp8", Scheme("fp8")),
+    ("fp8-tensor", Scheme("fp8", per_tensor=True)),
+    ("int4-a8", Scheme("int4", 32, True, act8=True)),
+    ("INT8-A8", Scheme("int8", act8=True)),
+])
+def test_parse_and_name_round_trip(text, scheme):
+    assert parse(text) == scheme
+    assert parse(scheme.name) == scheme
+
+
+@pytest.mark.parametrize("text,message", [
+    ("int3", "choose int8, int4 or fp8"),
+    ("int4-g48", "multiple of 32"),
+    ("int4-x", "unknown part 'x'"),
+    ("fp8-a8", "unknown part 'a8'"),
+    ("fp8-g32", "no groups or offsets"),
+    ("int8-g16-a8", "multiples of 32"),
+])
+def test_bad_spellings_are_refused_by_name(text, message):
+    with pytest.raises(ValueError, match=message):
+        parse(text)
+
+
+def test_group_and_activation_block_cuts_are_named():
+    assert parse("int4-g128").failure(4096, ((0, 2048), (2048, 2048))) is None
+    assert "cuts the int4-g128-asym group of 128" in parse("int4-g128").failure(2816, ((0, 704),))
+    # int8 per channel has no groups, but with int8 activations a shard must hold whole activation blocks
+    assert parse("int8").failure(768, ((0, 368),)) is None
+    assert "368 input features at 0 cuts the int8-a8 block of 32" in parse("int8-a8").failure(768, ((0, 368),))
+    assert "in_features 720 is not a multiple of the int8-a8 block of 32" in parse("int8-a8").failure(720)
+
+
+def test_int4_nibble_layout():
+    values = torch.arange(64, dtype=torch.uint8).remainder(16).reshape(1, 64)
+    packed = pack_int4(values)
+    assert packed[0, 0] == (values[0, 0] | values[0, 16] << 4)  # byte i: weight i low, weight i + 16 high
+    assert packed[0, 16] == (values[0, 32] | values[0, 48] << 4)
+    assert torch.equal(unpack_int4(packed), values)
+
+
+@pytest.mark.parametrize("name,bound", [("int8", 1 / 254), ("int8-g32-asym", 1 / 255), ("int4", 1 / 15),
+                                        ("int4-g64-sym", 1 / 14), ("fp8", 1 / 16)])
+def test_round_to_nearest_error_bounds(name, bound):
+    """Each dequantized weight lies within half a step of the original (relative to its group's range)."""
+    torch.manual_seed(0)
+    scheme = parse(name)
+    w = torch.randn(16, 256)
+    back = dequantize(scheme, quantize(scheme, w))
+    group = scheme.group or 256
+    span = w.reshape(16, -1, group).abs().amax(-1, keepdim=True).expand(-1, -1, group).reshape(16, 256)
+    # fp8: 3 mantissa bits, relative to the value itself; integers: relative to the group's largest magnitude
+    err = (back - w).abs() / (w.abs() if scheme.kind == "fp8" else span)
+    assert err.max() <= bound * 1.01 + (1e-3 if scheme.kind == "int4" else 0)  # int4: float16 scales
+
+
+def test_quantize_activations():
+    torch.manual_seed(0)
+    x = torch.randn(3, 4 * ACT_BLOCK) * torch.tensor([1.0, 100.0, 1e-3, 0.0]).repeat_interleave(ACT_BLOCK)
+    x_hat = quantize_activations(x)
+    blocks, hat = x.reshape(3, 4, ACT_BLOCK), x_hat.reshape(3, 4, ACT_BLOCK)
+    step = blocks.abs().amax(-1, keepdim=True) / 127
+    assert ((hat - blocks).abs() <= step / 2 * (1 + 1e-5)).all()  # half a step of each block's own scale
+    assert torch.equal(hat[:, 3], torch.zeros(3, ACT_BLOCK))  # an all-zero block stays zero
+    assert torch.allclose(hat / step.clamp_min(1e-30), (hat / step.clamp_min(1e-30)).round(), atol=1e-3)
+    assert torch.equal(quantize_activations(x_hat), x_hat)  # idempotent
