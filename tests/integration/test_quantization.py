@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 from helpers import make_checkpoint, run_cli
@@ -120,3 +121,32 @@ def test_bench_and_verify_report_accuracy_against_the_float_model(wide):
                                 "--json", timeout=400).stdout.splitlines()[-1])
     (size,) = verify["sizes"]
     assert size["tp"] == 2 and size["quantization"] == "int4-g32-asym" and size["kl"] > acc["kl"]
+
+
+def _log_probs(path: Path, tp: int, quantization: str | None, sequences: list[list[int]]) -> list[torch.Tensor]:
+    with LLM(str(path), tensor_parallel_size=tp, dtype="float32", quantization=quantization, progress=False) as llm:
+        return [logits.log_softmax(-1) for logits in llm.score(sequences)]
+
+
+def _kl(p: list[torch.Tensor], q: list[torch.Tensor]) -> float:
+    return torch.cat([(a.exp() * (a - b)).sum(-1) for a, b in zip(p, q, strict=True)]).mean().item()
+
+
+@pytest.mark.parametrize("scheme", ["int4-a8", "int8-g32-a8"])
+def test_int8_activation_schemes_agree_across_tp_and_with_prefill(source, scheme):
+    """-a8 computes x_hat W^T at every TP size, in decode (VNNI kernels) and prefill (x_hat through the dequantized
+    GEMM) alike. Rounding activations is not continuous: a float32 difference elsewhere (a row-parallel sum in
+    another order) can move one element to the next int8 step, so TP 2 and decode differ from TP 1 and prefill by
+    such steps only, a KL far below what rounding the activations costs against the float model."""
+    sequences = [p + list(range(60, 90)) for p in PROMPTS]
+    float_lp = _log_probs(source, 1, None, sequences)
+    tp1, tp2 = _log_probs(source, 1, scheme, sequences), _log_probs(source, 2, scheme, sequences)
+    cost, across = _kl(float_lp, tp1), _kl(tp1, tp2)
+    assert cost > 1e-4  # the activations were rounded
+    assert across < 1e-3 * cost, (across, cost)
+    decoded, _ = _generate(source, 1, scheme)
+    with LLM(str(source), dtype="float32", quantization=scheme, progress=False) as llm:
+        for prompt, out in zip(PROMPTS, decoded, strict=True):
+            logits = llm.score([prompt + out.token_ids])[0][len(prompt) - 1 : -1]  # the same context, one prefill
+            scored = logits.log_softmax(-1).gather(1, torch.tensor(out.token_ids)[:, None]).flatten().tolist()
+            assert max(abs(x - y) for x, y in zip(scored, out.logprobs, strict=True)) < 0.05

@@ -14,6 +14,9 @@ than dequantizing, at the accuracy cost ``tpinfer verify -q`` measures. A weight
 * ``fp8``: ``q`` uint8 holding float8 e4m3 bits (out, in); ``scale`` float32, one per output channel (out,) or
   one for the tensor (1,); w = scale * fp8(q).
 
+``-a8`` schemes store the same tensors with ``q``'s values reordered within super-blocks of 16 blocks of 32
+inputs (``to_a8_layout``), the order the integer dot products read.
+
 Groups run along the input features, so a column-parallel split (by output rows) never cuts one; a row-parallel
 split must start and end on group boundaries (``Scheme.failure`` says when it cannot).
 """
@@ -145,6 +148,47 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.cat((blocks & 0x0F, blocks >> 4), dim=2).reshape(rows, half * 2)
 
 
+SUPER_BLOCKS = 16  # -a8 layout: blocks of 32 inputs per super-block
+
+
+def _super_blocks(cols: int) -> list[tuple[int, int]]:
+    """(first input, blocks) of each -a8 super-block: 16 blocks of 32, the last one possibly fewer."""
+    blocks = cols // ACT_BLOCK
+    return [(b * ACT_BLOCK, min(SUPER_BLOCKS, blocks - b)) for b in range(0, blocks, SUPER_BLOCKS)]
+
+
+def to_a8_layout(kind: str, values: torch.Tensor) -> torch.Tensor:
+    """Integer weights (rows, cols) (int8 values, or int4 values 0..15) in the -a8 kernels' order: per super-block
+    of m blocks, slice t (0..7) holds for each block the 4 inputs 4 t .. 4 t + 3, so that each 32-bit lane of a
+    slice belongs to one block. int8: the slices one after another (int8); int4: chunk L of 4 m bytes holds slice
+    2 L in its low nibbles and 2 L + 1 in its high ones (uint8, cols / 2 a row)."""
+    rows = values.shape[0]
+    out = []
+    for start, m in _super_blocks(values.shape[1]):
+        sb = values[:, start : start + m * ACT_BLOCK].reshape(rows, m, 8, 4).permute(0, 2, 1, 3)  # (rows, t, m, 4)
+        if kind == "int4":
+            sb = sb.to(torch.uint8).reshape(rows, 4, 2, m * 4)
+            sb = sb[:, :, 0] | (sb[:, :, 1] << 4)
+        out.append(sb.reshape(rows, -1))
+    return torch.cat(out, dim=1).contiguous()
+
+
+def from_a8_layout(kind: str, stored: torch.Tensor) -> torch.Tensor:
+    """The inverse of to_a8_layout: (rows, cols) int8 values, or int4 values 0..15 as uint8."""
+    rows = stored.shape[0]
+    cols = stored.shape[1] * (2 if kind == "int4" else 1)
+    out, at = [], 0
+    for _, m in _super_blocks(cols):
+        width = m * ACT_BLOCK // (2 if kind == "int4" else 1)
+        sb = stored[:, at : at + width]
+        at += width
+        if kind == "int4":
+            chunks = sb.reshape(rows, 4, 1, m * 4)
+            sb = torch.cat((chunks & 0x0F, chunks >> 4), dim=2)  # (rows, L, low/high, m * 4) = slices 2L, 2L + 1
+        out.append(sb.reshape(rows, 8, m, 4).permute(0, 2, 1, 3).reshape(rows, m * ACT_BLOCK))
+    return torch.cat(out, dim=1)
+
+
 def fp8_to_float(bits: torch.Tensor) -> torch.Tensor:
     return bits.view(torch.float8_e4m3fn).float()
 
@@ -170,7 +214,10 @@ def dequantize(scheme: Scheme, tensors: dict[str, torch.Tensor], dtype: torch.dt
     if scheme.kind == "fp8":
         w = fp8_to_float(q) * (scale if scheme.per_tensor else scale[:, None])
         return w.to(dtype)
-    values = q.float() if scheme.kind == "int8" else unpack_int4(q).float()
+    if scheme.act8:
+        values = from_a8_layout(scheme.kind, q).float()
+    else:
+        values = q.float() if scheme.kind == "int8" else unpack_int4(q).float()
     rows, cols = values.shape
     group = scheme.group or cols
     grouped = values.reshape(rows, cols // group, group)
@@ -219,7 +266,12 @@ def quantize(scheme: Scheme, weight: torch.Tensor) -> dict[str, torch.Tensor]:
             q = q + 8
         stored = {"scale": scale}
     q = q.reshape(rows, cols)
-    out = {"q": q.to(torch.int8) if scheme.kind == "int8" else pack_int4(q)}
+    if scheme.act8:
+        if cols % ACT_BLOCK:
+            raise ValueError(f"-a8 needs inputs in whole blocks of {ACT_BLOCK}, got {cols}")
+        out = {"q": to_a8_layout(scheme.kind, q.to(torch.int8) if scheme.kind == "int8" else q.to(torch.uint8))}
+    else:
+        out = {"q": q.to(torch.int8) if scheme.kind == "int8" else pack_int4(q)}
     dtype = torch.float32 if scheme.kind == "int8" else torch.float16
     out.update({k: v.to(dtype).contiguous() for k, v in stored.items()})
     return out
