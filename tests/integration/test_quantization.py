@@ -26,22 +26,25 @@ def source(tmp_path_factory) -> Path:
     return make_checkpoint(tmp_path_factory.mktemp("quant") / "llama", "llama", seed=3, tie_word_embeddings=False)
 
 
-def dequantized_copy(source: Path, out: Path, scheme_name: str) -> Path:
-    """The checkpoint with every projection replaced by its quantized-then-dequantized weight (float32)."""
+def dequantized_copy(source: Path, out: Path, scheme_name: str, lm_head: bool = False) -> Path:
+    """The checkpoint with every projection (and the LM head with ``lm_head``) replaced by its
+    quantized-then-dequantized weight (float32)."""
     scheme = parse(scheme_name)
     shutil.copytree(source, out)
     for file in out.glob("*.safetensors"):
         tensors = load_file(str(file))
         for name, tensor in tensors.items():
-            if name.endswith(".weight") and any(f".{p}." in name for p in PROJECTIONS):
+            if (name.endswith(".weight") and any(f".{p}." in name for p in PROJECTIONS)) or (
+                    lm_head and name == "lm_head.weight"):
                 tensors[name] = dequantize(scheme, quantize(scheme, tensor)).contiguous()
         save_file(tensors, str(file), metadata={"format": "pt"})
     return out
 
 
-def _generate(path: Path, tp: int, quantization: str | None):
+def _generate(path: Path, tp: int, quantization: str | None, lm_head: bool = False):
     params = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
-    with LLM(str(path), tensor_parallel_size=tp, dtype="float32", quantization=quantization, progress=False) as llm:
+    with LLM(str(path), tensor_parallel_size=tp, dtype="float32", quantization=quantization, progress=False,
+             quantize_lm_head=lm_head) as llm:
         assert llm.engine.native_decode  # the fused stack runs quantized projections too
         return llm.generate(PROMPTS, params), llm.engine.param_bytes
 
@@ -70,6 +73,32 @@ def test_info_and_bench_report_quantized_bytes(source):
     assert bench["param_bytes"] == [entry["param_bytes_per_rank"]] * 2
     assert bench["quantization"] == "int4-g32-asym" and bench["native_kernels"]
     assert 0.6 < bench["bytes_per_weight"] < 0.7  # 4 bits + float16 scale and offset per 32 weights
+
+
+def test_quantized_lm_head_equals_float_head_on_dequantized_weights(source, tmp_path):
+    """--quantize-lm-head: the head's vocabulary rows quantized with their scales (the padded vocabulary of 251 at
+    TP 2 included) give the tokens and log-probabilities of a float head holding the dequantized weights; the
+    bytes info reports are the bytes the engine allocates, and fewer than with a float head."""
+    reference_dir = dequantized_copy(source, tmp_path / "dequantized", "int4", lm_head=True)
+    for tp in (1, 2):
+        quantized, quantized_bytes = _generate(source, tp, "int4", lm_head=True)
+        reference, _ = _generate(reference_dir, tp, None)
+        for got, want in zip(quantized, reference, strict=True):
+            assert got.token_ids == want.token_ids, tp
+            assert max(abs(a - b) for a, b in zip(got.logprobs, want.logprobs, strict=True)) < 1e-4
+        _, float_head_bytes = _generate(source, tp, "int4")
+        assert quantized_bytes < float_head_bytes
+        info = json.loads(run_cli("info", "--model", str(source), "-q", "int4", "--quantize-lm-head",
+                                  "--json").stdout)
+        assert next(e for e in info["tp_sizes"] if e["tp"] == tp)["param_bytes_per_rank"] == quantized_bytes
+
+
+def test_quantized_lm_head_refusals(source, tmp_path):
+    tied = make_checkpoint(tmp_path / "tied", "llama", seed=4, tie_word_embeddings=True)
+    with pytest.raises(ValueError, match="ties its LM head to the embedding"):
+        LLM(str(tied), quantization="int8", quantize_lm_head=True, progress=False)
+    with pytest.raises(ValueError, match="give --quantization"):
+        LLM(str(source), quantize_lm_head=True, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -123,8 +152,10 @@ def test_bench_and_verify_report_accuracy_against_the_float_model(wide):
     assert size["tp"] == 2 and size["quantization"] == "int4-g32-asym" and size["kl"] > acc["kl"]
 
 
-def _log_probs(path: Path, tp: int, quantization: str | None, sequences: list[list[int]]) -> list[torch.Tensor]:
-    with LLM(str(path), tensor_parallel_size=tp, dtype="float32", quantization=quantization, progress=False) as llm:
+def _log_probs(path: Path, tp: int, quantization: str | None, sequences: list[list[int]],
+               lm_head: bool = False) -> list[torch.Tensor]:
+    with LLM(str(path), tensor_parallel_size=tp, dtype="float32", quantization=quantization, progress=False,
+             quantize_lm_head=lm_head) as llm:
         return [logits.log_softmax(-1) for logits in llm.score(sequences)]
 
 
@@ -132,20 +163,20 @@ def _kl(p: list[torch.Tensor], q: list[torch.Tensor]) -> float:
     return torch.cat([(a.exp() * (a - b)).sum(-1) for a, b in zip(p, q, strict=True)]).mean().item()
 
 
-@pytest.mark.parametrize("scheme", ["int4-a8", "int8-g32-a8"])
-def test_int8_activation_schemes_agree_across_tp_and_with_prefill(source, scheme):
+@pytest.mark.parametrize("scheme,lm_head", [("int4-a8", False), ("int8-g32-a8", True)])
+def test_int8_activation_schemes_agree_across_tp_and_with_prefill(source, scheme, lm_head):
     """-a8 computes x_hat W^T at every TP size, in decode (VNNI kernels) and prefill (x_hat through the dequantized
-    GEMM) alike. Rounding activations is not continuous: a float32 difference elsewhere (a row-parallel sum in
+    GEMM) alike, the LM head too when it is quantized. Rounding activations is not continuous: a float32 difference elsewhere (a row-parallel sum in
     another order) can move one element to the next int8 step, so TP 2 and decode differ from TP 1 and prefill by
     such steps only, a KL far below what rounding the activations costs against the float model."""
     sequences = [p + list(range(60, 90)) for p in PROMPTS]
     float_lp = _log_probs(source, 1, None, sequences)
-    tp1, tp2 = _log_probs(source, 1, scheme, sequences), _log_probs(source, 2, scheme, sequences)
+    tp1, tp2 = (_log_probs(source, tp, scheme, sequences, lm_head) for tp in (1, 2))
     cost, across = _kl(float_lp, tp1), _kl(tp1, tp2)
     assert cost > 1e-4  # the activations were rounded
     assert across < 1e-3 * cost, (across, cost)
-    decoded, _ = _generate(source, 1, scheme)
-    with LLM(str(source), dtype="float32", quantization=scheme, progress=False) as llm:
+    decoded, _ = _generate(source, 1, scheme, lm_head)
+    with LLM(str(source), dtype="float32", quantization=scheme, progress=False, quantize_lm_head=lm_head) as llm:
         for prompt, out in zip(PROMPTS, decoded, strict=True):
             logits = llm.score([prompt + out.token_ids])[0][len(prompt) - 1 : -1]  # the same context, one prefill
             scored = logits.log_softmax(-1).gather(1, torch.tensor(out.token_ids)[:, None]).flatten().tolist()

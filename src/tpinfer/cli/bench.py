@@ -63,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         tp_plan=tp_plan(args.tp_plan),
         quantization=args.quantization,
+        quantize_lm_head=args.quantize_lm_head,
         max_model_len=args.max_model_len or args.input_len + args.output_len + 8,
         max_batch_size=args.batch_size,
         all_reduce=args.all_reduce,

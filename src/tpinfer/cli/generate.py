@@ -64,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         tp_plan=tp_plan(args.tp_plan),
         quantization=args.quantization,
+        quantize_lm_head=args.quantize_lm_head,
         max_model_len=args.max_model_len,
         max_batch_size=max(8, len(args.prompts)),
         all_reduce=args.all_reduce,

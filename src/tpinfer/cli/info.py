@@ -26,23 +26,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dtype", default="auto", choices=("auto", *BYTES), help="dtype to count bytes in")
     parser.add_argument("--quantization", "-q", default=None, metavar="SCHEME",
                         help="count the projections as tpinfer --quantization SCHEME stores them (int8, int4, fp8, ...)")
+    parser.add_argument("--quantize-lm-head", action="store_true",
+                        help="count the LM head quantized too (as tpinfer --quantize-lm-head stores it)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(func=run)
 
 
-def model_info(path: str, dtype: str = "auto", quantization: str | None = None) -> dict:
+def model_info(path: str, dtype: str = "auto", quantization: str | None = None,
+               quantize_lm_head: bool = False) -> dict:
     from tpinfer.config import ModelConfig
+    from tpinfer.engine.runtime import EngineSpec
+    from tpinfer.loading.checkpoint import open_checkpoint
     from tpinfer.parallel.plan import PlanError, quantized_projections, resolve_plan
     from tpinfer.parallel.shard import kv_cache_bytes_per_token, kv_head_range, rank_parameter_bytes, tp_failure_reason
-    from tpinfer.quant.formats import parse
 
     config = ModelConfig.from_pretrained(path)
-    scheme = parse(quantization) if quantization else None
-    if str(path).endswith(".gguf"):  # the file's own formats
-        from tpinfer.loading.gguf import GGUFCheckpoint
-
-        scheme = GGUFCheckpoint(path).schemes()
-    schemes = quantized_projections(config, scheme)
+    # the checkpoint's own formats (GGUF, compressed-tensors) or the one asked for, as the engine decides
+    spec = EngineSpec(model=path, quantization=quantization, quantize_lm_head=quantize_lm_head)
+    scheme = spec.schemes(open_checkpoint(path, config))
+    schemes = quantized_projections(config, scheme, quantize_lm_head)
     if dtype == "auto":
         dtype = config.torch_dtype if config.torch_dtype in BYTES else "float32"
     element = BYTES[dtype]
@@ -51,7 +53,7 @@ def model_info(path: str, dtype: str = "auto", quantization: str | None = None) 
         reason = tp_failure_reason(config, tp)
         if reason is None and scheme is not None:
             try:
-                resolve_plan(config, tp, "auto", scheme)
+                resolve_plan(config, tp, "auto", scheme, quantize_lm_head)
             except PlanError as exc:
                 reason = str(exc).split("; valid sizes")[0]
         entry: dict = {"tp": tp, "valid": reason is None}
@@ -89,7 +91,7 @@ def model_info(path: str, dtype: str = "auto", quantization: str | None = None) 
 
 
 def run(args: argparse.Namespace) -> int:
-    info = model_info(model_path(args), args.dtype, args.quantization)
+    info = model_info(model_path(args), args.dtype, args.quantization, args.quantize_lm_head)
     if args.json:
         print(json.dumps(info))
         return 0

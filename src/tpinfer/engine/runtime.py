@@ -24,6 +24,7 @@ from tpinfer.engine.sampling import SamplingParams
 from tpinfer.generation import GenerationDefaults
 from tpinfer.loading.checkpoint import load_weights, open_checkpoint, resolve_dtype
 from tpinfer.models import build_model
+from tpinfer.models.family import LM_HEAD
 from tpinfer.parallel.context import ParallelContext
 from tpinfer.parallel.plan import ResolvedPlan, resolve_plan
 from tpinfer.parallel.shard import parameter_shapes, shape_notes
@@ -43,6 +44,8 @@ class EngineSpec:
     tp_plan: str | dict[str, str] = "auto"
     # Quantize a float checkpoint's projections while loading: "int8", "int4", "int4-g128", "fp8", ... (None: as stored)
     quantization: str | None = None
+    # The LM head quantized too (in the projections' scheme; a GGUF file's own blocks), not float
+    quantize_lm_head: bool = False
     max_model_len: int | None = None
     max_batch_size: int = 8
     all_reduce: str = "auto"
@@ -66,6 +69,11 @@ class EngineSpec:
             if self.quantization is not None:
                 raise ConfigError(f"--quantization {self.quantization}: {self.model} is already quantized (GGUF "
                                   "blocks or compressed-tensors); drop the option")
+            if self.quantize_lm_head and LM_HEAD not in stored:
+                raise ConfigError(f"--quantize-lm-head: {self.model} stores {LM_HEAD}.weight unquantized (or ties it "
+                                  "to the embedding); tpinfer keeps a pre-quantized checkpoint's formats as they are")
+            if not self.quantize_lm_head:
+                stored = {name: scheme for name, scheme in stored.items() if name != LM_HEAD}
             return stored
         return None if self.quantization is None else parse(self.quantization)
 
@@ -73,7 +81,8 @@ class EngineSpec:
         """Validate config, plan and TP size without touching weights (fast, before any process starts)."""
         config = ModelConfig.from_pretrained(self.model)
         checkpoint = open_checkpoint(self.model, config)
-        plan = resolve_plan(config, self.tensor_parallel_size, self.tp_plan, self.schemes(checkpoint))
+        plan = resolve_plan(config, self.tensor_parallel_size, self.tp_plan, self.schemes(checkpoint),
+                            self.quantize_lm_head)
         resolve_dtype(self.dtype, config.torch_dtype)
         max_model_len(config, self.max_model_len)
         return config, plan
@@ -197,7 +206,7 @@ def load_engine(spec: EngineSpec, ctx: ParallelContext, progress: bool = False) 
         torch.set_num_threads(spec.threads)
     config = ModelConfig.from_pretrained(spec.model)
     checkpoint = open_checkpoint(spec.model, config)
-    plan = resolve_plan(config, ctx.world_size, spec.tp_plan, spec.schemes(checkpoint))
+    plan = resolve_plan(config, ctx.world_size, spec.tp_plan, spec.schemes(checkpoint), spec.quantize_lm_head)
     dtype = resolve_dtype(spec.dtype, config.torch_dtype)
     max_len = max_model_len(config, spec.max_model_len)
     model = build_model(config, ctx, plan, dtype, max_len)

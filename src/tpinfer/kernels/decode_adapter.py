@@ -139,7 +139,9 @@ class NativeDecode:
         waits)."""
         if self._stack is None or self._stack[0] is not cache.keys[0]:  # a new cache: describe the layers again
             layers = [self._layer(i, cache) for i in range(len(self.layers))]
-            self._stack = (cache.keys[0], kernels.DecodeStack(layers, self.model.lm_head.weight))
+            head = self.model.lm_head
+            tail = head.q if isinstance(head, QuantLinear) else head.weight  # a quantized head: its values
+            self._stack = (cache.keys[0], kernels.DecodeStack(layers, tail))
         return self._stack[1]
 
     def _finish_half(self, half: int, out: torch.Tensor) -> None:

@@ -14,7 +14,8 @@ its columns for a row-parallel one), and turns the blocks into a format the kern
 | Q5_K | int8, groups of 32, offsets (values 0..31) | yes |
 | Q6_K | int8, groups of 16 (values -32..31) | yes |
 
-The embedding and LM head are dequantized to the model's dtype. llama.cpp's converter stores q_proj and k_proj
+The embedding is dequantized to the model's dtype, and so is the LM head unless ``--quantize-lm-head`` keeps its
+blocks (Q6_K, the head of a Q4_K_M file, as int8 groups of 16). llama.cpp's converter stores q_proj and k_proj
 rows interleaved within each head for its rope; a rank's heads are read and put back into HF's order. A row-parallel
 shard may not cut a block (32 weights, 256 for the K types): plan validation refuses such TP sizes before loading.
 """
@@ -108,11 +109,12 @@ class GGUFCheckpoint:
                       if name.endswith(("q_proj.weight", "k_proj.weight"))}
 
     def schemes(self) -> dict[str, Scheme]:
-        """Module name -> the scheme its quantized projection becomes (float projections are absent); the scheme's
-        ``align`` is the file's block, which a row-parallel shard must not cut."""
+        """Module name -> the scheme its quantized projection (or LM head: ``lm_head``, which runs quantized only with
+        ``--quantize-lm-head``) becomes, float ones absent; the scheme's ``align`` is the file's block, which a
+        row-parallel shard must not cut."""
         out = {}
         for name, t in self.tensors.items():
-            if t.kind in BLOCK_TYPES and name.endswith("proj.weight"):
+            if t.kind in BLOCK_TYPES and (name.endswith("proj.weight") or name == "lm_head.weight"):
                 scheme, per_block, _ = BLOCK_TYPES[t.kind]
                 out[name.removesuffix(".weight")] = replace(scheme, align=per_block)
         return out

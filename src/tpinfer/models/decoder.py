@@ -22,7 +22,7 @@ from tpinfer.parallel.layers import ParallelModule, embedding_layer, head_layer,
 from tpinfer.parallel.plan import ResolvedPlan
 from tpinfer.parallel.shard import kv_cache_lengths
 from tpinfer.parallel.spec import Embedding, Head, Linear
-from tpinfer.quant.layers import quant_linear_layer
+from tpinfer.quant.layers import quant_head_layer, quant_linear_layer
 
 
 def build_linear(module: Linear, plan: ResolvedPlan, ctx: ParallelContext, dtype: torch.dtype) -> ParallelModule:
@@ -76,7 +76,11 @@ class CausalLM(nn.Module):
         self.model = model
         tied = model.embed_tokens if config.tie_word_embeddings else None
         head = Head(LM_HEAD, config.vocab_size, config.hidden_size, EMBED if tied is not None else None)
-        self.lm_head = head_layer(head, plan.strategy(LM_HEAD), ctx, dtype, tied_to=tied)
+        scheme = plan.scheme(LM_HEAD)
+        if scheme is not None:  # --quantize-lm-head
+            self.lm_head = quant_head_layer(head, scheme, plan.strategy(LM_HEAD), ctx, dtype)
+        else:
+            self.lm_head = head_layer(head, plan.strategy(LM_HEAD), ctx, dtype, tied_to=tied)
         self.num_local_kv_heads = model.layers[0].self_attn.num_local_kv_heads
         # A sequence reaching this length has its cache recomputed from position 0 (see Phi-3); None: never.
         self.recompute_length: int | None = None

@@ -86,22 +86,40 @@ def strategies_for(config: ModelConfig, plan: dict[str, str], modules: list[Modu
     return strategies
 
 
-def quantized_projections(config: ModelConfig, scheme: Scheme | dict[str, Scheme] | None) -> dict[str, Scheme]:
-    """Module name -> scheme: one scheme for every projection of the decoder layers (the embedding and LM head stay
-    float), or a map given module by module (a GGUF file's or a compressed-tensors checkpoint's)."""
+def quantized_projections(config: ModelConfig, scheme: Scheme | dict[str, Scheme] | None,
+                          lm_head: bool = False) -> dict[str, Scheme]:
+    """Module name -> scheme: one scheme for every projection of the decoder layers (and for ``lm_head`` too when
+    ``lm_head``; the embedding stays float), or a map given module by module (a GGUF file's or a compressed-tensors
+    checkpoint's, which may name ``lm_head``)."""
     if scheme is None:
+        if lm_head:
+            raise PlanError("--quantize-lm-head quantizes the head in the projections' scheme; give --quantization "
+                            "(or a quantized checkpoint)")
         return {}
-    linears = {m.name for m in config.family.modules(config) if isinstance(m, Linear)}
+    modules = config.family.modules(config)
+    linears = {m.name for m in modules if isinstance(m, Linear)}
+    head = next(m.name for m in modules if isinstance(m, Head))
     if isinstance(scheme, Scheme):
-        return dict.fromkeys(sorted(linears), scheme)
-    unknown = sorted(set(scheme) - linears)
-    if unknown:
-        raise PlanError(f"quantized tensors for modules this {config.model_type} model does not have: {unknown[:3]}")
-    return dict(scheme)
+        out = dict.fromkeys(sorted(linears), scheme)
+        if lm_head:
+            out[head] = scheme
+    else:
+        unknown = sorted(set(scheme) - linears - {head})
+        if unknown:
+            raise PlanError(f"quantized tensors for modules this {config.model_type} model does not have: {unknown[:3]}")
+        out = dict(scheme)
+    if head in out:
+        if config.tie_word_embeddings:
+            raise PlanError("--quantize-lm-head: this model ties its LM head to the embedding (tie_word_embeddings), "
+                            "which stays float; the head can only be quantized when it has its own weight")
+        reason = out[head].failure(config.hidden_size)
+        if reason:
+            raise PlanError(f"{head}: {reason}")
+    return out
 
 
 def resolve_plan(config: ModelConfig, tp: int, plan: str | dict[str, str] = "auto",
-                 quantization: Scheme | dict[str, Scheme] | None = None) -> ResolvedPlan:
+                 quantization: Scheme | dict[str, Scheme] | None = None, lm_head: bool = False) -> ResolvedPlan:
     """Resolve ``plan`` for ``config`` (and its quantized projections) and check it can run at ``tp``; raises
     PlanError naming the problem."""
     if tp < 1:
@@ -113,7 +131,7 @@ def resolve_plan(config: ModelConfig, tp: int, plan: str | dict[str, str] = "aut
     if not isinstance(plan, dict):
         raise PlanError(f"tp_plan must be 'auto' or a dict of module pattern -> strategy, got {plan!r}")
     modules = family.modules(config)
-    resolved = ResolvedPlan(strategies_for(config, plan, modules), tp, quantized_projections(config, quantization))
+    resolved = ResolvedPlan(strategies_for(config, plan, modules), tp, quantized_projections(config, quantization, lm_head))
     _check_pairs(config, family, resolved)
     reason = tp_failure(modules, resolved.strategies, tp, resolved.schemes)
     if reason:

@@ -115,10 +115,10 @@ def numel(shape: tuple[int, ...]) -> int:
 def parameter_bytes(config: ModelConfig, tp: int, rank: int, bytes_per_element: int,
                     schemes: dict | None = None) -> dict[str, int]:
     """Module name -> bytes of the parameters ``rank`` allocates for it at ``tp`` (vocabulary padding included):
-    float parameters at ``bytes_per_element``, a quantized projection's stored tensors (``schemes``: module name ->
-    ``tpinfer.quant.formats.Scheme``) at theirs."""
+    float parameters at ``bytes_per_element``, a quantized projection's or LM head's stored tensors (``schemes``:
+    module name -> ``tpinfer.quant.formats.Scheme``) at theirs."""
     from tpinfer.parallel.plan import strategies_for
-    from tpinfer.parallel.spec import Linear, parameters
+    from tpinfer.parallel.spec import Head, Linear, parameters
 
     family = config.family
     modules = family.modules(config)
@@ -129,7 +129,7 @@ def parameter_bytes(config: ModelConfig, tp: int, rank: int, bytes_per_element: 
         scheme = (schemes or {}).get(module.name)
         total = 0
         for name, (shape, _) in params.items():
-            if scheme is not None and isinstance(module, Linear) and name == "weight":
+            if scheme is not None and isinstance(module, Linear | Head) and name == "weight":
                 total += sum(numel(s) * torch_element_size(dt) for s, dt in scheme.shapes(*shape).values())
             else:
                 total += numel(shape) * bytes_per_element

@@ -23,7 +23,7 @@ from torch import nn
 from tpinfer import kernels
 from tpinfer.parallel.context import ParallelContext
 from tpinfer.parallel.layers import NATIVE_MAX_ROWS, ParallelModule, linear
-from tpinfer.parallel.spec import COLWISE, REPLICATE, ROWWISE, Slice
+from tpinfer.parallel.spec import COLWISE, REPLICATE, ROWWISE, Slice, vocab_slice
 from tpinfer.quant.formats import Scheme, dequantize, quantize, quantize_activations
 
 _scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
@@ -65,6 +65,12 @@ class QuantLinear(ParallelModule):
         bias_piece = piece if mode == COLWISE else None  # a row-parallel bias is added once, after the sum
         self.shards = {"weight": piece, "bias": bias_piece}
 
+    @property
+    def valid_rows(self) -> int:
+        """Rows the checkpoint has for this rank's slice (fewer than ``out_features`` only in a padded vocabulary)."""
+        piece = self.shards["weight"]
+        return piece.valid if piece is not None and piece.dim == 0 else self.out_features
+
     def sources(self) -> dict[str, Slice | None]:
         return {name: piece for name, piece in self.shards.items() if name == "weight" or self.bias is not None}
 
@@ -82,11 +88,12 @@ class QuantLinear(ParallelModule):
             if weight.scheme != self.scheme:
                 raise ValueError(f"the checkpoint's {weight.scheme.name} weight cannot fill a {self.scheme.name} layer")
             self._fill(targets, weight.tensors, 0)
-        elif tuple(weight.shape) != (self.out_features, self.in_features) or self.scheme.per_tensor:
+        elif tuple(weight.shape) != (self.valid_rows, self.in_features) or self.scheme.per_tensor:
             self._fill(targets, quantize(self.scheme, weight), 0)  # per tensor: one scale from all of it
         else:
-            # Rows are quantized independently: a block of rows at a time keeps the float temporaries small.
-            for start in range(0, self.out_features, QUANTIZE_ROWS):
+            # Rows are quantized independently: a block of rows at a time keeps the float temporaries small (rows
+            # past the checkpoint's, the padding of a vocabulary, stay zero).
+            for start in range(0, self.valid_rows, QUANTIZE_ROWS):
                 self._fill(targets, quantize(self.scheme, weight[start : start + QUANTIZE_ROWS]), start)
         if self.bias is not None:
             self.bias.data.copy_(parts["bias"])
@@ -152,3 +159,31 @@ def quant_linear_layer(module, scheme: Scheme, strategy: str, ctx: ParallelConte
         return QuantLinear(scheme, ROWWISE, full_out, cols, Slice(1, ranges, cols), ctx, module.bias, dtype)
     sizes = tuple(p.features for p in module.out_features.parts)
     return QuantLinear(scheme, REPLICATE, full_out, full_in, None, ctx, module.bias, dtype, sizes)
+
+
+class QuantLMHead(QuantLinear):
+    """The LM head with a quantized weight (``--quantize-lm-head``): this rank's vocabulary rows (padding rows zero:
+    scale 0), their scales with them, and no collective in the forward; ``gather`` assembles the full logits as the
+    float head's does. Decode reads it through the same GEMV kernels as the projections."""
+
+    def __init__(self, scheme: Scheme, vocab_size: int, hidden_size: int, ctx: ParallelContext, dtype: torch.dtype,
+                 split: bool) -> None:
+        piece = vocab_slice(vocab_size, ctx.rank, ctx.world_size) if split else None
+        start, length = piece.ranges[0] if piece is not None else (0, vocab_size)
+        super().__init__(scheme, COLWISE if split else REPLICATE, length, hidden_size, piece, ctx, False, dtype)
+        self.vocab_size, self.start, self.length = vocab_size, start, length
+        self.split = split
+
+    def gather(self, local_logits: torch.Tensor) -> torch.Tensor:
+        """Full logits (..., vocab_size) on every rank."""
+        if not self.split:
+            return local_logits
+        return self.comm.all_gather(local_logits, dim=-1)[..., : self.vocab_size]
+
+
+def quant_head_layer(module, scheme: Scheme, strategy: str, ctx: ParallelContext,  # noqa: ANN001
+                     dtype: torch.dtype) -> QuantLMHead:
+    """The quantized LM head for a declared ``tpinfer.parallel.spec.Head`` (split by vocabulary or replicated)."""
+    if module.tied_to is not None:
+        raise ValueError(f"{module.name} is tied to {module.tied_to}; a tied head stays float")
+    return QuantLMHead(scheme, module.vocab_size, module.hidden_size, ctx, dtype, strategy != REPLICATE)
