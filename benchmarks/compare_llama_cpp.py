@@ -18,8 +18,9 @@ names, q/k rows permuted as llama.cpp's rope expects), then quantized by llama-q
 on a shared machine hits all of them alike (medians and per-round ratios reported):
 
   llama.cpp Q8_0 / Q4_K_M    llama-bench -t THREADS -p 0 -n OUTPUT_LEN (batch 1)
-  tpinfer int8 / int4        tpinfer bench --tp 2 --threads 1 --dtype bfloat16 -q SCHEME, batch 1 and batch 8,
-                             quantizing the bfloat16 checkpoint while loading
+  tpinfer int8 / int4        tpinfer bench --tp 2 --threads 1 --dtype bfloat16 -q SCHEME --quantize-lm-head HEAD,
+                             batch 1 and batch 8, quantizing the bfloat16 checkpoint while loading (the LM head
+                             in int8 by default, as llama.cpp keeps its own at 8 or 6 bits)
 
 Each tpinfer run reports its roofline: this machine's bandwidth measured in the same processes, over the bytes
 one decode step reads at that format (bytes_per_weight). Ends with one JSON line.
@@ -142,10 +143,12 @@ def llama_bench(bin_dir: Path, gguf_file: Path, threads: int, output_len: int) -
     return {"decode_tokens_per_s": row["avg_ts"], "file_bytes": gguf_file.stat().st_size}
 
 
-def tpinfer_bench(model: Path, scheme: str, tp: int, batch: int, output_len: int) -> dict:
+def tpinfer_bench(model: Path, scheme: str, tp: int, batch: int, output_len: int, head: str) -> dict:
     cmd = [PY, "-m", "tpinfer.cli.main", "bench", "--model", str(model), "--dtype", "bfloat16", "-q", scheme,
            "--tensor-parallel-size", str(tp), "--threads", "1", "--batch-size", str(batch), "--input-len", "32",
            "--output-len", str(output_len), "--repeat", "1", "--json"]
+    if head != "float":
+        cmd += ["--quantize-lm-head", head]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
@@ -160,6 +163,9 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/tpinfer-gguf"), help="where the GGUF files go")
     parser.add_argument("--int8", default="int8", help="tpinfer's 8-bit scheme (default int8: per channel)")
     parser.add_argument("--int4", default="int4", help="tpinfer's 4-bit scheme (default int4: groups of 32)")
+    parser.add_argument("--lm-head", default="int8", metavar="SCHEME|float",
+                        help="tpinfer's LM head format (default int8, as llama.cpp keeps its head at 6-8 bits: Q8_0 in "
+                        "a Q8_0 file, Q6_K in Q4_K_M); float keeps it bfloat16")
     parser.add_argument("--tp", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads (default 2)")
     parser.add_argument("--output-len", type=int, default=64)
@@ -179,9 +185,9 @@ def main() -> None:
             for name, fn in ((f"llama.cpp {kind}", lambda k=kind: llama_bench(args.llama_cpp, files[k], args.threads,
                                                                                args.output_len)),
                              (f"tpinfer {bits} b1", lambda s=scheme: tpinfer_bench(args.model, s, args.tp, 1,
-                                                                                   args.output_len)),
+                                                                                   args.output_len, args.lm_head)),
                              (f"tpinfer {bits} b{args.batch}", lambda s=scheme: tpinfer_bench(
-                                 args.model, s, args.tp, args.batch, args.output_len))):
+                                 args.model, s, args.tp, args.batch, args.output_len, args.lm_head))):
                 result = fn()
                 runs.setdefault(name, []).append(result)
                 print(f"round {round_ + 1}/{args.repeat}  {name:<22} {result['decode_tokens_per_s']:7.1f} tok/s"
@@ -199,7 +205,7 @@ def main() -> None:
         roof = [r["decode_tokens_per_s"] / r["roofline_tokens_per_s"] for r in runs[f"tpinfer {bits} b1"]]
         first = runs[f"tpinfer {bits} b1"][0]
         entry = {
-            "scheme": first["quantization"], "llama_cpp_type": kind, "tp": args.tp,
+            "scheme": first["quantization"], "lm_head": first["lm_head"], "llama_cpp_type": kind, "tp": args.tp,
             "llama_cpp_tokens_per_s": statistics.median(theirs), "tpinfer_tokens_per_s": statistics.median(ours),
             "ratio_per_round": [a / b for a, b in zip(ours, theirs, strict=True)],
             "ratio": statistics.median(a / b for a, b in zip(ours, theirs, strict=True)),

@@ -1,6 +1,7 @@
 """Peak resident memory of each rank after loading, at several TP sizes (each in a fresh process).
 
     python benchmarks/load_memory.py --model /tmp/llama-1b --sizes 1,2
+    python benchmarks/load_memory.py --model /tmp/llama-1b --sizes 1,2 --quantization int4
     (writes a ~1.1B-parameter bfloat16 checkpoint there first if the directory does not exist)
 
 Peak RSS is VmHWM from /proc/<pid>/status of every rank, read right after loading: model weights,
@@ -19,7 +20,8 @@ CHILD = """
 import json, sys
 from tpinfer import LLM
 from tpinfer.engine.bench import collect
-llm = LLM(sys.argv[1], tensor_parallel_size=int(sys.argv[2]), dtype=sys.argv[3], max_model_len=64, progress=False)
+llm = LLM(sys.argv[1], tensor_parallel_size=int(sys.argv[2]), dtype=sys.argv[3], max_model_len=64, progress=False,
+          quantization=sys.argv[4] or None)
 ranks = collect(llm.engine, "stats")
 print(json.dumps({"tp": int(sys.argv[2]), "load_s": llm.engine.load_s,
                   "peak_rss_bytes": [r["peak_rss_bytes"] for r in ranks], "param_bytes": [r["param_bytes"] for r in ranks]}))
@@ -32,6 +34,8 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=Path("/tmp/llama-1b"))
     parser.add_argument("--sizes", default="1,2")
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--quantization", "-q", default="", metavar="SCHEME",
+                        help="quantize while loading (int8, int4, ...): the peak of each rank quantizing its slice")
     args = parser.parse_args()
     if not (args.model / "config.json").exists():
         sys.path.insert(0, str(Path(__file__).parent))
@@ -40,7 +44,8 @@ def main() -> None:
         write_checkpoint(args.model, "llama-1b", args.dtype)
     results = []
     for tp in [int(s) for s in args.sizes.split(",")]:
-        proc = subprocess.run([sys.executable, "-c", CHILD, str(args.model), str(tp), args.dtype],
+        proc = subprocess.run([sys.executable, "-c", CHILD, str(args.model), str(tp), args.dtype,
+                               args.quantization],
                               capture_output=True, text=True, check=True)
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     base = max(results[0]["peak_rss_bytes"])
@@ -49,7 +54,8 @@ def main() -> None:
         peak = max(r["peak_rss_bytes"])
         r["peak_vs_tp1"] = peak / base
         print(f"{r['tp']:>3} {max(r['param_bytes']) / 2**30:>16.2f} {peak / 2**30:>18.2f} {peak / base:>7.0%} {r['load_s']:>7.1f}")
-    print(json.dumps({"model": str(args.model), "dtype": args.dtype, "runs": results}))
+    print(json.dumps({"model": str(args.model), "dtype": args.dtype, "quantization": args.quantization or None,
+                      "runs": results}))
 
 
 if __name__ == "__main__":

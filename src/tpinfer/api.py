@@ -159,7 +159,7 @@ class LLM:
         timeout_s: float = 120.0,
         progress: bool = True,
         quantization: str | None = None,
-        quantize_lm_head: bool = False,
+        quantize_lm_head: bool | str = False,
         _fault: dict[str, int] | None = None,
     ) -> None:
         self.spec = EngineSpec(

@@ -67,6 +67,17 @@ def test_a_gguf_head_runs_on_its_own_blocks_with_quantize_lm_head(tmp_path):
     float_head = write_gguf(source, tmp_path / "float-head.gguf", {"attn_q": "Q8_0"})
     with pytest.raises(ValueError, match="stores lm_head.weight unquantized"):
         LLM(str(float_head), quantize_lm_head=True, progress=False)
+    with pytest.raises(ValueError, match="already quantized"):
+        LLM(str(file), quantize_lm_head="int8", progress=False)
+    # A float head of a GGUF file quantized while loading, in the scheme named: int8 per channel moves the logits
+    # a little, the tokens of this model not at all.
+    with LLM(str(float_head), tensor_parallel_size=2, progress=False) as llm:
+        want, float_bytes = llm.generate([[1, 17, 29, 33]], params), llm.engine.param_bytes
+    with LLM(str(float_head), tensor_parallel_size=2, progress=False, quantize_lm_head="int8") as llm:
+        got, int8_bytes = llm.generate([[1, 17, 29, 33]], params), llm.engine.param_bytes
+        assert llm.engine.model.lm_head.scheme.name == "int8"
+    assert got[0].token_ids == want[0].token_ids and 0 < abs(got[0].logprobs[0] - want[0].logprobs[0]) < 0.05
+    assert int8_bytes < float_bytes
 
 
 def _smollm2() -> Path | None:

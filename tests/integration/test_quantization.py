@@ -93,12 +93,15 @@ def test_quantized_lm_head_equals_float_head_on_dequantized_weights(source, tmp_
         assert next(e for e in info["tp_sizes"] if e["tp"] == tp)["param_bytes_per_rank"] == quantized_bytes
 
 
-def test_quantized_lm_head_refusals(source, tmp_path):
+def test_quantized_lm_head_refusals_and_a_scheme_of_its_own(source, tmp_path):
     tied = make_checkpoint(tmp_path / "tied", "llama", seed=4, tie_word_embeddings=True)
     with pytest.raises(ValueError, match="ties its LM head to the embedding"):
         LLM(str(tied), quantization="int8", quantize_lm_head=True, progress=False)
     with pytest.raises(ValueError, match="give --quantization"):
         LLM(str(source), quantize_lm_head=True, progress=False)
+    with LLM(str(source), quantization="int4", quantize_lm_head="int8", progress=False) as llm:  # a head scheme
+        assert llm.engine.model.lm_head.scheme.name == "int8"
+        assert {m.scheme.name for m in llm.engine.model.model.modules() if hasattr(m, "scheme")} == {"int4-g32-asym"}
 
 
 @pytest.fixture(scope="module")

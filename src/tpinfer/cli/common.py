@@ -26,9 +26,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         "int4 (groups of 32 with offsets; int4-g64, int4-g128, int4-g32-sym), fp8 (e4m3, per "
                         "channel; fp8-tensor); int8 and int4 with -a8 (int4-a8) also round activations to int8 "
                         "for integer dot-product kernels")
-    parser.add_argument("--quantize-lm-head", action="store_true",
-                        help="quantize the LM head too (in the --quantization scheme; a GGUF file's own head "
-                        "blocks), instead of keeping it float: fewer bytes a decode step, some accuracy")
+    parser.add_argument("--quantize-lm-head", nargs="?", const=True, default=False, metavar="SCHEME",
+                        help="quantize the LM head too instead of keeping it float: alone, in the --quantization "
+                        "scheme (a GGUF file: its own head blocks); with a SCHEME (e.g. int8), in that one. Fewer "
+                        "bytes a decode step, at some accuracy")
     parser.add_argument("--max-model-len", type=int, default=None, metavar="L",
                         help="longest prompt + generation per sequence (default min(2048, the model's))")
     parser.add_argument("--all-reduce", default="auto", choices=("auto", "shm", "gloo"),

@@ -26,14 +26,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dtype", default="auto", choices=("auto", *BYTES), help="dtype to count bytes in")
     parser.add_argument("--quantization", "-q", default=None, metavar="SCHEME",
                         help="count the projections as tpinfer --quantization SCHEME stores them (int8, int4, fp8, ...)")
-    parser.add_argument("--quantize-lm-head", action="store_true",
+    parser.add_argument("--quantize-lm-head", nargs="?", const=True, default=False, metavar="SCHEME",
                         help="count the LM head quantized too (as tpinfer --quantize-lm-head stores it)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(func=run)
 
 
 def model_info(path: str, dtype: str = "auto", quantization: str | None = None,
-               quantize_lm_head: bool = False) -> dict:
+               quantize_lm_head: bool | str = False) -> dict:
     from tpinfer.config import ModelConfig
     from tpinfer.engine.runtime import EngineSpec
     from tpinfer.loading.checkpoint import open_checkpoint
@@ -43,8 +43,8 @@ def model_info(path: str, dtype: str = "auto", quantization: str | None = None,
     config = ModelConfig.from_pretrained(path)
     # the checkpoint's own formats (GGUF, compressed-tensors) or the one asked for, as the engine decides
     spec = EngineSpec(model=path, quantization=quantization, quantize_lm_head=quantize_lm_head)
-    scheme = spec.schemes(open_checkpoint(path, config))
-    schemes = quantized_projections(config, scheme, quantize_lm_head)
+    scheme, head = spec.schemes(open_checkpoint(path, config)), spec.head_scheme()
+    schemes = quantized_projections(config, scheme, head)
     if dtype == "auto":
         dtype = config.torch_dtype if config.torch_dtype in BYTES else "float32"
     element = BYTES[dtype]
@@ -53,7 +53,7 @@ def model_info(path: str, dtype: str = "auto", quantization: str | None = None,
         reason = tp_failure_reason(config, tp)
         if reason is None and scheme is not None:
             try:
-                resolve_plan(config, tp, "auto", scheme, quantize_lm_head)
+                resolve_plan(config, tp, "auto", scheme, head)
             except PlanError as exc:
                 reason = str(exc).split("; valid sizes")[0]
         entry: dict = {"tp": tp, "valid": reason is None}

@@ -44,8 +44,9 @@ class EngineSpec:
     tp_plan: str | dict[str, str] = "auto"
     # Quantize a float checkpoint's projections while loading: "int8", "int4", "int4-g128", "fp8", ... (None: as stored)
     quantization: str | None = None
-    # The LM head quantized too (in the projections' scheme; a GGUF file's own blocks), not float
-    quantize_lm_head: bool = False
+    # The LM head quantized too, not float: True in the projections' scheme (a GGUF file's own head blocks), or a
+    # scheme of its own ("int8", ...)
+    quantize_lm_head: bool | str = False
     max_model_len: int | None = None
     max_batch_size: int = 8
     all_reduce: str = "auto"
@@ -69,20 +70,27 @@ class EngineSpec:
             if self.quantization is not None:
                 raise ConfigError(f"--quantization {self.quantization}: {self.model} is already quantized (GGUF "
                                   "blocks or compressed-tensors); drop the option")
-            if self.quantize_lm_head and LM_HEAD not in stored:
+            if self.quantize_lm_head is True and LM_HEAD not in stored:
                 raise ConfigError(f"--quantize-lm-head: {self.model} stores {LM_HEAD}.weight unquantized (or ties it "
-                                  "to the embedding); tpinfer keeps a pre-quantized checkpoint's formats as they are")
+                                  "to the embedding); name a scheme to quantize it while loading "
+                                  "(--quantize-lm-head int8)")
             if not self.quantize_lm_head:
                 stored = {name: scheme for name, scheme in stored.items() if name != LM_HEAD}
             return stored
         return None if self.quantization is None else parse(self.quantization)
+
+    def head_scheme(self):  # noqa: ANN201  (bool | Scheme)
+        """``quantize_lm_head`` as the plan takes it: False, True (the projections' scheme) or a parsed Scheme."""
+        from tpinfer.quant.formats import parse
+
+        return parse(self.quantize_lm_head) if isinstance(self.quantize_lm_head, str) else self.quantize_lm_head
 
     def check(self) -> tuple[ModelConfig, ResolvedPlan]:
         """Validate config, plan and TP size without touching weights (fast, before any process starts)."""
         config = ModelConfig.from_pretrained(self.model)
         checkpoint = open_checkpoint(self.model, config)
         plan = resolve_plan(config, self.tensor_parallel_size, self.tp_plan, self.schemes(checkpoint),
-                            self.quantize_lm_head)
+                            self.head_scheme())
         resolve_dtype(self.dtype, config.torch_dtype)
         max_model_len(config, self.max_model_len)
         return config, plan
@@ -206,7 +214,7 @@ def load_engine(spec: EngineSpec, ctx: ParallelContext, progress: bool = False) 
         torch.set_num_threads(spec.threads)
     config = ModelConfig.from_pretrained(spec.model)
     checkpoint = open_checkpoint(spec.model, config)
-    plan = resolve_plan(config, ctx.world_size, spec.tp_plan, spec.schemes(checkpoint), spec.quantize_lm_head)
+    plan = resolve_plan(config, ctx.world_size, spec.tp_plan, spec.schemes(checkpoint), spec.head_scheme())
     dtype = resolve_dtype(spec.dtype, config.torch_dtype)
     max_len = max_model_len(config, spec.max_model_len)
     model = build_model(config, ctx, plan, dtype, max_len)

@@ -59,6 +59,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return out.to(torch.bfloat16)
 
 
+def padded_rows(shape: tuple[int, ...], valid: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Storage for a parameter whose rows past ``valid`` are padding: those are zeroed, the others left for the
+    loader to fill. Untouched memory costs nothing until it is written, so a rank's peak while loading is the
+    parameters once (zeroing everything here would make every page resident before the loader moves the
+    parameters into huge pages)."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    out[valid:].zero_()
+    return out
+
+
 class ParallelModule(nn.Module):
     """A module whose parameters are slices: ``shards[name]`` says which slice (None = whole tensor)."""
 
@@ -170,7 +180,7 @@ class VocabParallelEmbedding(ParallelModule):
         (start, length), = piece.ranges
         self.vocab_size, self.start, self.length = vocab_size, start, length
         self.comm = ctx.comm
-        self.weight = nn.Parameter(torch.zeros(length, hidden_size, dtype=dtype, device=ctx.device), False)
+        self.weight = nn.Parameter(padded_rows((length, hidden_size), piece.valid, dtype, ctx.device), False)
         self.shards = {"weight": piece}
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -208,7 +218,7 @@ class ParallelLMHead(ParallelModule):
             self.weight = tied_to.weight
             self.shards = {}
         else:
-            self.weight = nn.Parameter(torch.zeros(length, hidden_size, dtype=dtype, device=ctx.device), False)
+            self.weight = nn.Parameter(padded_rows((length, hidden_size), piece.valid, dtype, ctx.device), False)
             self.shards = {"weight": piece}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -87,10 +87,10 @@ def strategies_for(config: ModelConfig, plan: dict[str, str], modules: list[Modu
 
 
 def quantized_projections(config: ModelConfig, scheme: Scheme | dict[str, Scheme] | None,
-                          lm_head: bool = False) -> dict[str, Scheme]:
-    """Module name -> scheme: one scheme for every projection of the decoder layers (and for ``lm_head`` too when
-    ``lm_head``; the embedding stays float), or a map given module by module (a GGUF file's or a compressed-tensors
-    checkpoint's, which may name ``lm_head``)."""
+                          lm_head: bool | Scheme = False) -> dict[str, Scheme]:
+    """Module name -> scheme: one scheme for every projection of the decoder layers, or a map given module by module
+    (a GGUF file's or a compressed-tensors checkpoint's, which may name ``lm_head``). ``lm_head``: the LM head
+    quantized too, True in the projections' scheme or in a scheme of its own (the embedding stays float)."""
     if scheme is None:
         if lm_head:
             raise PlanError("--quantize-lm-head quantizes the head in the projections' scheme; give --quantization "
@@ -102,12 +102,17 @@ def quantized_projections(config: ModelConfig, scheme: Scheme | dict[str, Scheme
     if isinstance(scheme, Scheme):
         out = dict.fromkeys(sorted(linears), scheme)
         if lm_head:
-            out[head] = scheme
+            out[head] = lm_head if isinstance(lm_head, Scheme) else scheme
     else:
         unknown = sorted(set(scheme) - linears - {head})
         if unknown:
             raise PlanError(f"quantized tensors for modules this {config.model_type} model does not have: {unknown[:3]}")
         out = dict(scheme)
+        if isinstance(lm_head, Scheme):
+            if head in out:
+                raise PlanError(f"--quantize-lm-head {lm_head.name}: the checkpoint's {head} is already quantized "
+                                f"({out[head].name}) and keeps its format; give the option without a scheme")
+            out[head] = lm_head
     if head in out:
         if config.tie_word_embeddings:
             raise PlanError("--quantize-lm-head: this model ties its LM head to the embedding (tie_word_embeddings), "
@@ -119,7 +124,8 @@ def quantized_projections(config: ModelConfig, scheme: Scheme | dict[str, Scheme
 
 
 def resolve_plan(config: ModelConfig, tp: int, plan: str | dict[str, str] = "auto",
-                 quantization: Scheme | dict[str, Scheme] | None = None, lm_head: bool = False) -> ResolvedPlan:
+                 quantization: Scheme | dict[str, Scheme] | None = None,
+                 lm_head: bool | Scheme = False) -> ResolvedPlan:
     """Resolve ``plan`` for ``config`` (and its quantized projections) and check it can run at ``tp``; raises
     PlanError naming the problem."""
     if tp < 1:

@@ -22,7 +22,7 @@ from torch import nn
 
 from tpinfer import kernels
 from tpinfer.parallel.context import ParallelContext
-from tpinfer.parallel.layers import NATIVE_MAX_ROWS, ParallelModule, linear
+from tpinfer.parallel.layers import NATIVE_MAX_ROWS, ParallelModule, linear, padded_rows
 from tpinfer.parallel.spec import COLWISE, REPLICATE, ROWWISE, Slice, vocab_slice
 from tpinfer.quant.formats import Scheme, dequantize, quantize, quantize_activations
 
@@ -57,8 +57,10 @@ class QuantLinear(ParallelModule):
         self.part_sizes = part_sizes or (rows,)
         self.comm = ctx.comm
         shapes = scheme.shapes(rows, cols)
+        valid = piece.valid if piece is not None and piece.dim == 0 else rows  # a padded vocabulary's real rows
         for name, (shape, dt) in shapes.items():
-            self.register_parameter(name, nn.Parameter(torch.zeros(shape, dtype=dt, device=ctx.device), False))
+            kept = valid if shape[0] == rows else shape[0]  # per-tensor scales have one row, always filled
+            self.register_parameter(name, nn.Parameter(padded_rows(shape, kept, dt, ctx.device), False))
         if "offset" not in shapes:
             self.offset = None
         self.bias = nn.Parameter(torch.empty(rows, dtype=dtype, device=ctx.device), False) if bias else None
