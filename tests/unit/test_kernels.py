@@ -194,7 +194,8 @@ def test_failed_build_falls_back_to_torch(monkeypatch, tmp_path, caplog):
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("name,K", [("int8", 256), ("int8-g32", 256), ("int4", 256), ("int4-g64-sym", 256),
+@pytest.mark.parametrize("name,K", [("int8", 256), ("int8-g32", 256), ("int4", 256), ("int4", 224),
+                                    ("int4-g64-sym", 256), ("int4-g64-sym", 192), ("int4-g96", 288),
                                     ("int4-g128", 256), ("fp8", 256), ("fp8-tensor", 256), ("int4-a8", 256),
                                     ("int4-a8", 224), ("int4-g64-a8", 576), ("int4-g96-sym-a8", 576),
                                     ("int4-g128-a8", 256), ("int8-a8", 224), ("int8-g32-a8", 256),

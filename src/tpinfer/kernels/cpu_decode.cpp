@@ -187,11 +187,12 @@ void gemv_dispatch(int B, const float *xs, const uint16_t *W, float *y, int64_t 
 // enough to balance two to a few dozen threads.
 constexpr int64_t kRowBlock = 64;
 
-// A per-thread float32 buffer of at least n elements, 64-byte aligned; `which` picks one of six (0, 1: GEMV
-// outputs; 2: a quantized kernel's per-thread scales; 3: prepare_x; 4: group sums of x).
+// A per-thread float32 buffer of at least n elements, 64-byte aligned; `which` picks one of seven (0, 1: GEMV
+// outputs; 2: a quantized kernel's per-thread scales; 3: prepare_x; 4: group sums of x; 5: int8-rounded
+// activations; 6: bfloat16 activations permuted for the wide int4 kernel).
 float *scratch(int64_t n, int which) {
-  static thread_local float *buffers[6] = {nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
-  static thread_local int64_t capacity[6] = {0, 0, 0, 0, 0, 0};
+  static thread_local float *buffers[7] = {nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
+  static thread_local int64_t capacity[7] = {0, 0, 0, 0, 0, 0, 0};
   if (capacity[which] < n) {
     free(buffers[which]);
     buffers[which] = static_cast<float *>(aligned_alloc(64, ((n * 4 + 63) / 64) * 64));
