@@ -52,6 +52,7 @@ class ServeConfig:
     dtype: str = "auto"
     tp_plan: str | dict[str, str] = "auto"
     quantization: str | None = None
+    quantize_lm_head: bool | str = False
     max_model_len: int | None = None
     all_reduce: str = "auto"
     timeout_s: float = 120.0
@@ -107,7 +108,8 @@ class _Uvicorn(uvicorn.Server):
 def serve(config: ServeConfig) -> int:
     """Serve until SIGTERM/SIGINT (returns 0); a rank failure ends the process with exit code 1."""
     spec = EngineSpec(model=config.model, tensor_parallel_size=config.tensor_parallel_size, dtype=config.dtype,
-                      tp_plan=config.tp_plan, quantization=config.quantization, max_model_len=config.max_model_len,
+                      tp_plan=config.tp_plan, quantization=config.quantization,
+                      quantize_lm_head=config.quantize_lm_head, max_model_len=config.max_model_len,
                       max_batch_size=config.max_num_seqs, all_reduce=config.all_reduce, timeout_s=config.timeout_s)
     torchrun = "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
     if torchrun:
