@@ -81,7 +81,7 @@ def test_a_worker_killed_mid_stream_fails_the_request_and_the_server_exits(plain
 
 def test_sigterm_drains_open_requests_refuses_new_ones_and_exits_cleanly(plain_model, tmp_path):
     server = start_server(plain_model, tmp_path / "term.log", "--tensor-parallel-size", "2", "--max-num-seqs", "2",
-                          "--max-queue", "1", "--max-model-len", "512", "--shutdown-timeout", "60", "--timeout", "4")
+                          "--max-queue", "1", "--max-model-len", "1024", "--shutdown-timeout", "90", "--timeout", "4")
     try:
         family = _family(server)
         client = server.client()
@@ -92,16 +92,22 @@ def test_sigterm_drains_open_requests_refuses_new_ones_and_exits_cleanly(plain_m
         results: dict[int, tuple[str, int]] = {}
 
         def consume(i: int) -> None:
-            last = list(_long_stream(client, f"Hello world {i}", 400))[-1]
+            # long enough that the first two are still streaming when the third is queued, on a loaded machine too
+            last = list(_long_stream(client, f"Hello world {i}", 1000))[-1]
             results[i] = (last.choices[0].finish_reason, last.usage.completion_tokens)
 
+        def wait_for(state: list[int], what: str) -> None:
+            deadline = time.monotonic() + 10
+            while [_metric(server, f"tpinfer_num_requests_{kind}") for kind in ("running", "waiting")] != state:
+                assert time.monotonic() < deadline, what
+                time.sleep(0.02)
+
         threads = [threading.Thread(target=consume, args=(i,), daemon=True) for i in range(3)]
-        for thread in threads:
+        for thread in threads[:2]:
             thread.start()
-        deadline = time.monotonic() + 10
-        while [_metric(server, f"tpinfer_num_requests_{kind}") for kind in ("running", "waiting")] != [2, 1]:
-            assert time.monotonic() < deadline, "the three streams did not fill 2 slots + 1 queue place"
-            time.sleep(0.02)
+        wait_for([2, 0], "two streams did not fill the 2 slots")
+        threads[2].start()
+        wait_for([2, 1], "the third stream did not take the 1 queue place")
         asked = time.monotonic()
         with pytest.raises(openai.InternalServerError) as full:
             client.completions.create(model=NAME, prompt="one more", max_tokens=4)
@@ -116,8 +122,8 @@ def test_sigterm_drains_open_requests_refuses_new_ones_and_exits_cleanly(plain_m
         with pytest.raises(openai.InternalServerError):
             client.completions.create(model=NAME, prompt="too late", max_tokens=4)
         for thread in threads:
-            thread.join(60)
-        assert results == {i: ("length", 400) for i in range(3)}  # every open request finished
+            thread.join(90)
+        assert results == {i: ("length", 1000) for i in range(3)}  # every open request finished
         assert server.proc.wait(30) == 0
         _assert_gone(family)
     finally:
