@@ -73,7 +73,6 @@ class QuantResult:
     top1_agreement: float = 1.0  # teacher-forced: the quantized argmax on the float model's own context
     first_divergence: tuple[int, ...] = ()  # per prompt: free-running tokens before the first difference
 
-
     @property
     def perplexity_increase(self) -> float:
         return self.perplexity_quantized / self.perplexity_float - 1
@@ -120,10 +119,8 @@ def compare_quantized(path: str, sizes: list[int], quantization: str, dtype: str
         picked = [(logits.argmax(-1) == torch.tensor(want)).tolist() for logits, want in zip(quant.logits, ref.tokens,
                                                                                             strict=True)]
         top1 = sum(map(sum, picked)) / sum(map(len, picked))
-        first = tuple(next((i for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b), len(want))
-                      for got, want in zip(quant.tokens, ref.tokens, strict=True))
         results.append(QuantResult(tp, scheme.name, c.greedy_agreement, c.kl, c.max_logit_diff, ppl["float"],
-                                   ppl["quantized"], len(text), BUDGETS[scheme.kind], top1, first))
+                                   ppl["quantized"], len(text), BUDGETS[scheme.kind], top1, c.first_divergence))
     return results
 
 

@@ -44,6 +44,7 @@ class Comparison:
     passed: bool
     divergences: int = 0  # prompts whose greedy continuations part somewhere
     ties: int = 0  # of those, parting at a near-tie: the reference's two tokens within the logit tolerance
+    first_divergence: tuple[int, ...] = ()  # per prompt: tokens before the first difference (all of them: none)
 
     def to_json(self) -> dict[str, Any]:
         return {"greedy_agreement": self.greedy_agreement, "max_logit_diff": self.max_logit_diff, "kl": self.kl,
@@ -80,10 +81,12 @@ def compare(run: Run, reference: Run, dtype: str, min_agreement: float = 1.0,
             max_logit_diff: float | None = None, max_kl: float | None = None) -> Comparison:
     logit_tol, kl_tol = tolerances(dtype, max_logit_diff, max_kl)
     same = total = divergences = ties = 0
+    firsts = []
     for got, want, logits in zip(run.tokens, reference.tokens, reference.logits, strict=True):
         total += len(want)
         same += sum(1 for a, b in zip(got, want, strict=False) if a == b)
         first = next((i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), None)
+        firsts.append(len(want) if first is None else first)
         if first is not None:  # after the first difference the contexts differ: only that position says why
             divergences += 1
             ties += bool(logits[first, want[first]] - logits[first, got[first]] <= logit_tol)
@@ -97,7 +100,7 @@ def compare(run: Run, reference: Run, dtype: str, min_agreement: float = 1.0,
     # Greedy tokens must agree, unless every place they part is a near-tie (rounding picks either token).
     greedy_ok = agreement >= min_agreement or divergences == ties
     passed = greedy_ok and worst <= logit_tol and kl <= kl_tol and math.isfinite(worst)
-    return Comparison(agreement, worst, kl, passed, divergences, ties)
+    return Comparison(agreement, worst, kl, passed, divergences, ties, tuple(firsts))
 
 
 def engine_run(llm: LLM, prompts: list[list[int]], new_tokens: int, sequences: list[list[int]] | None) -> Run:

@@ -34,7 +34,7 @@ def _on_rank(ctx, scheme_args):
     col = quant_linear_layer(Linear("col", units(256), units(192), True), scheme, COLWISE, ctx, torch.float32)
     rows = _rows(col.shards["weight"])
     col.load({"weight": w_col[rows], "bias": b_col[rows]})
-    mine = col.weight_float().clone()
+    mine = col.dequantized().clone()
     reference = ctx.comm.all_gather(mine, dim=0)  # every rank's dequantized rows, in rank order
     local = col(x[:2, :1])  # 2 rows: native kernels
     out["col_decode"] = (ctx.comm.all_gather(local, dim=-1) - F.linear(act(x[:2, :1]), reference, b_col)).abs().max().item()
@@ -44,7 +44,7 @@ def _on_rank(ctx, scheme_args):
     row = quant_linear_layer(Linear("row", units(in_features), units(256), True), scheme, ROWWISE, ctx, torch.float32)
     cols = _rows(row.shards["weight"])
     row.load({"weight": w_row[:, cols], "bias": b_row})
-    reference = ctx.comm.all_gather(row.weight_float().clone(), dim=1)  # each rank's columns, scales with them
+    reference = ctx.comm.all_gather(row.dequantized().clone(), dim=1)  # each rank's columns, scales with them
     h = torch.randn(3, 4, in_features)
     out["row_decode"] = (row(h[:1, :3, cols].contiguous()) - F.linear(act(h[:1, :3]), reference, b_row)).abs().max().item()
     out["row_prefill"] = (row(h[..., cols].contiguous()) - F.linear(act(h), reference, b_row)).abs().max().item()
@@ -54,12 +54,12 @@ def _on_rank(ctx, scheme_args):
     w_qkv = torch.randn(256, 256)
     rows = _rows(qkv.shards["weight"])
     qkv.load({"weight": w_qkv[rows]})
-    out["packed"] = (qkv(x[:1, :1]) - F.linear(act(x[:1, :1]), qkv.weight_float())).abs().max().item()
+    out["packed"] = (qkv(x[:1, :1]) - F.linear(act(x[:1, :1]), qkv.dequantized())).abs().max().item()
     out["packed_sizes"] = qkv.part_sizes
 
     rep = quant_linear_layer(Linear("rep", units(256), units(64)), scheme, REPLICATE, ctx, torch.float32)
     rep.load({"weight": w_col[:64]})
-    out["replicated_same_everywhere"] = ctx.comm.all_gather(rep.weight_float()[None].clone(), dim=0).std(0).max().item()
+    out["replicated_same_everywhere"] = ctx.comm.all_gather(rep.dequantized()[None].clone(), dim=0).std(0).max().item()
     out["calls"] = dict(ctx.comm.stats.calls)
     return out
 

@@ -371,7 +371,7 @@ void gated_epilogue(const float *g, const float *u, const void *bg, const void *
 
 }  // namespace
 
-#include "cpu_quant.inc"  // quantized GEMVs: qproject, quant_gated (namespace) and tpi_qlinear
+#include "cpu_quant.inc"  // quantized GEMVs: qlinear_n, qlinear, qgated (namespace) and tpi_qlinear
 
 extern "C" {
 
@@ -618,9 +618,12 @@ void tpi_layer_attention(const DecodeLayer *L, void *x, const void *delta, void 
   tpi_add_rms_norm(x, delta, L->norm1, x, normed, L->act_dtype, B, L->hidden, L->eps1);
   if (L->q_kind >= 0) {  // biases are in the activation dtype
     const int a = L->act_dtype;
-    qlinear(normed, a, quant_weight(L, L->wq, L->sq, L->oq), L->bq, a, q, a, B, q_rows, L->hidden, threads);
-    qlinear(normed, a, quant_weight(L, L->wk, L->sk, L->ok), L->bk, a, k, a, B, kv_rows, L->hidden, threads);
-    qlinear(normed, a, quant_weight(L, L->wv, L->sv, L->ov), L->bv, a, v, a, B, kv_rows, L->hidden, threads);
+    const QuantWeight w[3] = {quant_weight(L, L->wq, L->sq, L->oq), quant_weight(L, L->wk, L->sk, L->ok),
+                              quant_weight(L, L->wv, L->sv, L->ov)};
+    const void *const bias[3] = {L->bq, L->bk, L->bv};
+    void *const out[3] = {q, k, v};
+    const int64_t rows_out[3] = {q_rows, kv_rows, kv_rows};
+    qlinear_n(normed, a, 3, w, bias, a, out, a, B, rows_out, L->hidden, threads);  // normed prepared once
   } else {
     tpi_linear3(normed, L->act_dtype, L->wq, L->wk, L->wv, L->w_dtype, L->bq, L->bk, L->bv, L->w_dtype, q, k, v,
                 L->act_dtype, B, q_rows, kv_rows, kv_rows, L->hidden, threads);

@@ -24,7 +24,6 @@ from tpinfer.quant.layers import QuantLinear
 
 LOCAL = (ColumnParallelLinear, ReplicatedLinear)
 REDUCED = (RowParallelLinear, ReplicatedLinear)
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def _projections(layer) -> list:  # noqa: ANN001

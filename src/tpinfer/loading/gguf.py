@@ -73,15 +73,10 @@ class GGUFCheckpoint:
     """The tensors of a GGUF file under their HF names, read slice by slice (the ``Checkpoint`` interface)."""
 
     def __init__(self, path: str | Path) -> None:
-        from gguf import GGUFReader
-
         self.path = Path(path)
         if not self.path.is_file():
             raise GGUFError(f"{self.path}: no such GGUF file")
-        try:
-            self.reader = GGUFReader(str(self.path))
-        except Exception as exc:  # a truncated or corrupt file fails to parse or to map
-            raise GGUFError(f"{self.path}: not a readable GGUF file ({type(exc).__name__}: {exc})") from exc
+        self.reader = _reader(self.path)
         self.config = read_config(self.reader, self.path)
         self.tensors: dict[str, _Tensor] = {}
         for t in self.reader.tensors:
@@ -262,13 +257,16 @@ def _unpermute(value: torch.Tensor | QTensor, heads: int, total_rows: int,
     return QTensor(value.scheme, {k: v[order] for k, v in value.tensors.items()})
 
 
-def gguf_config(path: str | Path) -> dict[str, Any]:
-    """The HF config.json keys a GGUF file's metadata gives."""
+def _reader(path: Path):  # noqa: ANN202  (a gguf.GGUFReader)
     from gguf import GGUFReader
 
-    path = Path(path)
     try:
-        reader = GGUFReader(str(path))
-    except Exception as exc:
+        return GGUFReader(str(path))
+    except Exception as exc:  # a truncated or corrupt file fails to parse or to map
         raise GGUFError(f"{path}: not a readable GGUF file ({type(exc).__name__}: {exc})") from exc
-    return read_config(reader, path)
+
+
+def gguf_config(path: str | Path) -> dict[str, Any]:
+    """The HF config.json keys a GGUF file's metadata gives."""
+    path = Path(path)
+    return read_config(_reader(path), path)

@@ -130,17 +130,11 @@ def parameter_bytes(config: ModelConfig, tp: int, rank: int, bytes_per_element: 
         total = 0
         for name, (shape, _) in params.items():
             if scheme is not None and isinstance(module, Linear | Head) and name == "weight":
-                total += sum(numel(s) * torch_element_size(dt) for s, dt in scheme.shapes(*shape).values())
+                total += scheme.stored_bytes(*shape)
             else:
                 total += numel(shape) * bytes_per_element
         out[module.name] = total
     return out
-
-
-def torch_element_size(dtype) -> int:  # noqa: ANN001
-    import torch
-
-    return torch.empty(0, dtype=dtype).element_size()
 
 
 def rank_parameter_bytes(config: ModelConfig, tp: int, rank: int, bytes_per_element: int,

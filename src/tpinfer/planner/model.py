@@ -119,37 +119,29 @@ class EngineModel:
         """Bytes, exactly as the engine allocates them (quantized projections in their formats)."""
         key = (tp, dtype.name)
         if key not in self._cache:
-            embed = layers = head = 0
-            by_module = shard.parameter_bytes(self.config, tp, 0, element_bytes(dtype), engine_schemes(self.config, dtype))
-            for name, n in by_module.items():
-                if name.startswith("model.layers."):
-                    layers += n
-                elif name == "model.embed_tokens":
-                    embed += n
-                else:
-                    head += n
-            num_layers = self.config.num_hidden_layers
-            assert layers % num_layers == 0, "decoder layers of one model have equal sizes"
-            tied = embed if self.config.tie_word_embeddings else 0
-            self._cache[key] = RankElements(embed, layers // num_layers, head, tied)
+            schemes = engine_schemes(self.config, dtype)
+            self._cache[key] = self._split(shard.parameter_bytes(self.config, tp, 0, element_bytes(dtype), schemes))
         return self._cache[key]
 
     def rank_elements(self, tp: int) -> RankElements:
-        if tp not in self._cache:
-            embed = layers = head = 0
-            for name, shape in shard.parameter_shapes(self.config, tp, rank=0).items():
-                n = shard.numel(shape)
-                if name.startswith("model.layers."):
-                    layers += n
-                elif name == "model.embed_tokens.weight":
-                    embed += n
-                else:
-                    head += n
-            num_layers = self.config.num_hidden_layers
-            assert layers % num_layers == 0, "decoder layers of one model have equal sizes"
-            tied = embed if self.config.tie_word_embeddings else 0
-            self._cache[tp] = RankElements(embed, layers // num_layers, head, tied)
+        if tp not in self._cache:  # one byte an element counts elements
+            self._cache[tp] = self._split(shard.parameter_bytes(self.config, tp, 0, 1))
         return self._cache[tp]
+
+    def _split(self, by_module: dict[str, int]) -> RankElements:
+        """Module name -> amount (elements or bytes) as embedding, one decoder layer, and the rest (norm, head)."""
+        embed = layers = head = 0
+        for name, n in by_module.items():
+            if name.startswith("model.layers."):
+                layers += n
+            elif name == "model.embed_tokens":
+                embed += n
+            else:
+                head += n
+        num_layers = self.config.num_hidden_layers
+        assert layers % num_layers == 0, "decoder layers of one model have equal sizes"
+        tied = embed if self.config.tie_word_embeddings else 0
+        return RankElements(embed, layers // num_layers, head, tied)
 
 
 def engine_schemes(config: ModelConfig, dtype: DType) -> dict | None:

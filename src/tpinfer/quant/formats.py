@@ -23,6 +23,7 @@ split must start and end on group boundaries (``Scheme.failure`` says when it ca
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -95,17 +96,12 @@ class Scheme:
             out["offset"] = ((rows, groups), scale_dtype)
         return out
 
+    def stored_bytes(self, rows: int, cols: int) -> int:
+        """Bytes of the tensors a (rows, cols) weight is stored as (scales and offsets included)."""
+        return sum(dt.itemsize * math.prod(shape) for shape, dt in self.shapes(rows, cols).values())
+
     def bytes_per_weight(self, cols: int) -> float:
-        total = sum(torch.empty(0, dtype=dt).element_size() * _numel(shape)
-                    for shape, dt in self.shapes(1, cols).values())
-        return total / cols
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+        return self.stored_bytes(1, cols) / cols
 
 
 def parse(text: str) -> Scheme:

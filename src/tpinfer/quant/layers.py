@@ -9,7 +9,7 @@ Loading: the checkpoint gives ``weight`` either as float (quantized here, each r
 stays about one slice) or as a ``QTensor`` already in this scheme (GGUF blocks, compressed-tensors), copied as is.
 
 Forward: up to ``NATIVE_MAX_ROWS`` rows (decode) through the native kernels, which dequantize in registers; more
-rows (prefill), or without the kernels, dequantize into a float scratch buffer reused by every layer and run
+rows (prefill), or without the kernels, dequantize the layer's weight for that one product and run
 torch's GEMM.
 """
 
@@ -26,7 +26,6 @@ from tpinfer.parallel.layers import NATIVE_MAX_ROWS, ParallelModule, linear, pad
 from tpinfer.parallel.spec import COLWISE, REPLICATE, ROWWISE, Slice, vocab_slice
 from tpinfer.quant.formats import Scheme, dequantize, quantize, quantize_activations
 
-_scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 QUANTIZE_ROWS = 256  # rows quantized at a time while loading: float temporaries of at most a few MB
 
 
@@ -36,11 +35,6 @@ class QTensor:
 
     scheme: Scheme
     tensors: dict[str, torch.Tensor]
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        q = self.tensors["q"]
-        return (q.shape[0], q.shape[1] * (2 if self.scheme.kind == "int4" else 1))
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize(self.scheme, self.tensors, dtype)
@@ -109,16 +103,9 @@ class QuantLinear(ParallelModule):
                 raise ValueError(f"{name} has shape {list(value.shape)}, expected {list(part.shape)}")
             part.copy_(value)
 
-    def weight_float(self) -> torch.Tensor:
-        """The dequantized weight in a float scratch buffer shared by every quantized layer (valid until the next
-        call): the prefill path's operand."""
-        key = (self.q.device, self.dtype if self.dtype != torch.bfloat16 else torch.float32)
-        numel = self.out_features * self.in_features
-        buffer = _scratch.get(key)
-        if buffer is None or buffer.numel() < numel:
-            buffer = _scratch[key] = torch.empty(numel, dtype=key[1], device=key[0])
-        return buffer[:numel].view(self.out_features, self.in_features).copy_(
-            dequantize(self.scheme, self.quantized(), key[1]))
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """This rank's weight as the float tensor its stored values stand for."""
+        return dequantize(self.scheme, self.quantized(), dtype)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x W^T for this rank's slice (no bias, no collective)."""
@@ -128,18 +115,16 @@ class QuantLinear(ParallelModule):
             return kernels.quant_linear(x, self.scheme, tensors)
         if self.scheme.act8:  # what the kernels compute from their int8 dot products
             x = quantize_activations(x)
-        wide = self.weight_float()
-        out = linear(x.to(wide.dtype), wide)
-        return out.to(x.dtype)
+        # prefill: the weight dequantized for this one product (bfloat16 as float32, as the float path computes)
+        wide = self.dequantized(torch.float32 if self.dtype == torch.bfloat16 else self.dtype)
+        return linear(x.to(wide.dtype), wide).to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.matmul(x)
-        if self.mode == ROWWISE:
-            self.comm.all_reduce(y)  # the partial products X_i W_i^T of every rank summed: the layer's one collective
-        return y if self.bias is None else y + self.bias
+        return self.finish(self.matmul(x))
 
     def finish(self, y: torch.Tensor) -> torch.Tensor:
-        """The output from X W^T computed elsewhere: all-reduce if row-parallel, then the bias."""
+        """The output from X W^T (computed here or elsewhere): all-reduce if row-parallel (the partial products
+        X_i W_i^T of every rank summed: the layer's one collective), then the bias."""
         if self.mode == ROWWISE:
             self.comm.all_reduce(y)
         return y if self.bias is None else y + self.bias
