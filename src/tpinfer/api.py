@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from tpinfer.engine.runtime import max_model_len as max_model_len_for
 from tpinfer.engine.sampling import SamplingParams
 from tpinfer.generation import GenerationDefaults
 from tpinfer.parallel.context import ParallelContext
+from tpinfer.parallel.mesh import MeshError
 from tpinfer.tokenizer import Tokenizer, TokenizerError
 
 log = logging.getLogger(__name__)
@@ -102,10 +104,12 @@ def from_pretrained(
     all_reduce: str = "auto",
     timeout_s: float = 120.0,
     torch_dtype: str | torch.dtype | None = None,
+    pipeline_parallel_size: int = 1,
 ) -> TPModel:
-    """Load this rank's slices of the checkpoint at ``path``; under torchrun TP = WORLD_SIZE.
+    """Load this rank's slices of the checkpoint at ``path``; under torchrun TP = WORLD_SIZE / pipeline stages.
 
-    Without torchrun's environment it runs as a single process (TP=1).
+    Without torchrun's environment it runs as a single process (TP=1). Every rank calls ``generate`` with the same
+    inputs; with pipeline stages each rank returns the same tokens (the last stage's choice).
     """
     spec = EngineSpec(
         model=str(path),
@@ -116,8 +120,12 @@ def from_pretrained(
         all_reduce=all_reduce,
         timeout_s=timeout_s,
     )
-    ctx = ParallelContext.from_env(timeout_s=timeout_s, all_reduce=all_reduce)
-    spec.tensor_parallel_size = ctx.world_size
+    world = int(os.environ.get("WORLD_SIZE", "1")) if "RANK" in os.environ else 1
+    if pipeline_parallel_size < 1 or world % pipeline_parallel_size:
+        raise MeshError(f"pipeline_parallel_size={pipeline_parallel_size} does not divide the world size {world}")
+    spec.tensor_parallel_size, spec.pipeline_parallel_size = world // pipeline_parallel_size, pipeline_parallel_size
+    spec.check()  # sizes, plan and layer split before joining the others
+    ctx = ParallelContext.from_env(timeout_s=timeout_s, all_reduce=all_reduce, mesh=spec.mesh)
     return TPModel(load_engine(spec, ctx, progress=ctx.is_first))
 
 
@@ -141,9 +149,10 @@ class RequestOutput:
 
 
 class LLM:
-    """A model served by ``tensor_parallel_size`` processes that this object starts and stops.
+    """A model served by ``tensor_parallel_size x pipeline_parallel_size`` processes that this object starts and
+    stops.
 
-    >>> llm = LLM("path/to/checkpoint", tensor_parallel_size=2)
+    >>> llm = LLM("path/to/checkpoint", tensor_parallel_size=2, pipeline_parallel_size=2)
     >>> llm.generate(["Hello"], SamplingParams(max_new_tokens=8, temperature=0))[0].text
     """
 
@@ -160,11 +169,13 @@ class LLM:
         progress: bool = True,
         quantization: str | None = None,
         quantize_lm_head: bool | str = False,
+        pipeline_parallel_size: int = 1,
         _fault: dict[str, int] | None = None,
     ) -> None:
         self.spec = EngineSpec(
             model=str(model),
             tensor_parallel_size=tensor_parallel_size,
+            pipeline_parallel_size=pipeline_parallel_size,
             dtype=_dtype_name(dtype),
             tp_plan=tp_plan,
             quantization=quantization,

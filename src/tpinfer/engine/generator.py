@@ -59,15 +59,30 @@ class Generator:
         if batch_size > self.cache.max_seqs:
             self.cache = self.model.new_cache(batch_size)
 
-    def _choose(self, local_logits: torch.Tensor, params: SamplingParams, generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """The next token of every row and its log-probability; the same on every rank."""
+    def _choose(self, local_logits: torch.Tensor | None, params: SamplingParams, generator,
+                rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next token of every row and its log-probability; the same on every rank (a pipeline's last stage
+        chooses, and its choice reaches every stage: the first feeds it in next)."""
+        if local_logits is not None:
+            tokens, logprobs = self._choose_here(local_logits, params, generator)
+        pipe = self.ctx.pipe
+        if pipe is None or self.ctx.pp_size == 1:
+            return tokens, logprobs
+        packed = torch.empty((2, rows), dtype=torch.float64, device=self.ctx.device)
+        if local_logits is not None:
+            packed[0], packed[1] = tokens, logprobs
+        pipe.broadcast_from_sampler(packed)
+        return packed[0].long(), packed[1].float()
+
+    def _choose_here(self, local_logits: torch.Tensor, params: SamplingParams,
+                     generator) -> tuple[torch.Tensor, torch.Tensor]:
         if uses_candidates(params):
             head = self.model.lm_head
             k = 1 if params.greedy else params.top_k
             packed = local_candidates(local_logits, head.start, min(head.length, head.vocab_size - head.start), k)
             # Each rank's k best tokens and log-sum-exp: a few floats per row instead of its vocabulary shard.
-            gathered = self.ctx.comm.all_gather(packed, dim=0).chunk(self.ctx.world_size, dim=0) if (
-                self.ctx.world_size > 1 and head.length < head.vocab_size) else [packed]
+            gathered = self.ctx.comm.all_gather(packed, dim=0).chunk(self.ctx.tp_size, dim=0) if (
+                self.ctx.tp_size > 1 and head.length < head.vocab_size) else [packed]
             values, ids, lse = merge_candidates(list(gathered), k)
             tokens, pos = sample_candidates(values, ids, params, generator)
             logprobs = values.gather(-1, pos[:, None]).squeeze(-1) - lse
@@ -75,7 +90,7 @@ class Generator:
             logits = self.model.gather_logits(local_logits)
             tokens = sample(logits, params, generator)
             logprobs = token_logprobs(logits, tokens)
-        if not params.greedy and self.ctx.world_size > 1:
+        if not params.greedy and self.ctx.tp_size > 1:
             # Rank 0's draw is the one every rank uses.
             self.ctx.comm.broadcast(tokens, src=0)
         return tokens, logprobs
@@ -90,17 +105,17 @@ class Generator:
         again = [i for i, n in enumerate(lengths) if n == self.model.recompute_length]
         if not again:
             batch = Batch.build([[o.token_ids[-1]] for o in outputs], [n - 1 for n in lengths], slots, device)
-            return self._choose(self.forward(batch, self.cache), params, generator)
+            return self._choose(self.forward(batch, self.cache), params, generator, len(outputs))
         tokens = torch.empty(len(outputs), dtype=torch.long, device=device)
         logprobs = torch.empty(len(outputs), dtype=torch.float32, device=device)
         rest = [i for i in range(len(outputs)) if i not in again]
         batch = Batch.build([outputs[i].prompt_token_ids + outputs[i].token_ids for i in again], [0] * len(again),
                             [slots[i] for i in again], device)
-        tokens[again], logprobs[again] = self._choose(self.forward(batch, self.cache), params, generator)
+        tokens[again], logprobs[again] = self._choose(self.forward(batch, self.cache), params, generator, len(again))
         if rest:
             batch = Batch.build([[outputs[i].token_ids[-1]] for i in rest], [lengths[i] - 1 for i in rest],
                                 [slots[i] for i in rest], device)
-            tokens[rest], logprobs[rest] = self._choose(self.forward(batch, self.cache), params, generator)
+            tokens[rest], logprobs[rest] = self._choose(self.forward(batch, self.cache), params, generator, len(rest))
         return tokens, logprobs
 
     @torch.inference_mode()
@@ -121,7 +136,7 @@ class Generator:
 
         start = time.perf_counter()
         batch = Batch.build(prompts, [0] * len(prompts), list(range(len(prompts))), device)
-        tokens, logprobs = self._choose(self.forward(batch, self.cache), params, generator)
+        tokens, logprobs = self._choose(self.forward(batch, self.cache), params, generator, len(prompts))
         self.stats.prefill_s += time.perf_counter() - start
         self.stats.prompt_tokens += sum(len(p) for p in prompts)
 

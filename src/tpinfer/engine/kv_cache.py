@@ -26,10 +26,14 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device,
         windows: list[int | None] | None = None,
+        held: list[int] | None = None,
     ) -> None:
-        shapes = [(max_seqs, num_local_kv_heads, length, head_dim) for length in lengths]
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
+        # A pipeline stage holds only its layers (``held``, global indices); the others' entries are None.
+        held = set(range(len(lengths)) if held is None else held)
+        shapes = [(max_seqs, num_local_kv_heads, length, head_dim) if i in held else None
+                  for i, length in enumerate(lengths)]
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) if shape else None for shape in shapes]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) if shape else None for shape in shapes]
         # Per layer: the ring's size W for a sliding-window layer that keeps only its window, else None.
         self.ring = [length if length < max_seq_len else None for length in lengths]
         # Per layer: a sliding window that a full-length cache masks to (shorter than max_seq_len), else None.
@@ -40,7 +44,7 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values if t is not None)
 
 
 @dataclass

@@ -40,13 +40,13 @@ def free_port() -> int:
 
 
 class Launcher:
-    """Rank 0 in this process plus ``tensor_parallel_size - 1`` spawned workers."""
+    """Rank 0 in this process plus ``tp x pp x dp - 1`` spawned workers, all on this host."""
 
     def __init__(self, spec: EngineSpec, on_failure: Callable[[str], None] | None = None) -> None:
         self.spec = spec
         # Called from the watchdog thread with the failure message when a worker dies (must not block).
         self.on_failure = on_failure
-        self.world_size = spec.tensor_parallel_size
+        self.world_size = spec.mesh.world_size
         self.processes: list[mp.Process] = []
         self.failure: str | None = None
         self._closing = False
@@ -71,8 +71,8 @@ class Launcher:
         threading.Thread(target=self._watch, name="tpinfer-watch", daemon=True).start()
         try:
             ctx = ParallelContext.initialize(
-                0, self.world_size, 0, self.world_size, init_method, self.spec.timeout_s, self.spec.all_reduce
-            )
+                0, self.world_size, 0, self.world_size, init_method, self.spec.timeout_s, self.spec.all_reduce,
+                self.spec.mesh)
             return load_engine(self.spec, ctx, progress)
         except Exception as exc:
             self.raise_failure(exc)
@@ -145,8 +145,7 @@ def _worker_main(spec: dict, rank: int, world_size: int, init_method: str, error
     try:
         spec_obj = EngineSpec(**spec)
         ctx = ParallelContext.initialize(
-            rank, world_size, rank, world_size, init_method, spec_obj.timeout_s, spec_obj.all_reduce
-        )
+            rank, world_size, rank, world_size, init_method, spec_obj.timeout_s, spec_obj.all_reduce, spec_obj.mesh)
         engine = load_engine(spec_obj, ctx)
         engine.serve_forever()
         ctx.close()

@@ -24,8 +24,9 @@ from tpinfer.engine.sampling import SamplingParams
 from tpinfer.generation import GenerationDefaults
 from tpinfer.loading.checkpoint import load_weights, open_checkpoint, resolve_dtype
 from tpinfer.models import build_model
-from tpinfer.models.family import LM_HEAD
+from tpinfer.models.family import EMBED, LAYER_PREFIX, LM_HEAD
 from tpinfer.parallel.context import ParallelContext
+from tpinfer.parallel.mesh import Mesh, split_layers, stage_layers
 from tpinfer.parallel.plan import ResolvedPlan, resolve_plan
 from tpinfer.parallel.shard import parameter_shapes, shape_notes
 
@@ -40,6 +41,10 @@ class EngineSpec:
 
     model: str
     tensor_parallel_size: int = 1
+    # Pipeline stages (each holds a contiguous run of layers: tpinfer.parallel.mesh.split_layers) and data-parallel
+    # replicas; the job has tensor x pipeline x data ranks.
+    pipeline_parallel_size: int = 1
+    data_parallel_size: int = 1
     dtype: str = "auto"
     tp_plan: str | dict[str, str] = "auto"
     # Quantize a float checkpoint's projections while loading: "int8", "int4", "int4-g128", "fp8", ... (None: as stored)
@@ -60,6 +65,10 @@ class EngineSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def mesh(self) -> Mesh:
+        return Mesh(self.tensor_parallel_size, self.pipeline_parallel_size, self.data_parallel_size)
 
     def schemes(self, checkpoint=None):  # noqa: ANN001, ANN201  (Scheme | dict[str, Scheme] | None)
         """The projections' formats: a GGUF file's own, or the quantization asked for on the command line."""
@@ -88,9 +97,10 @@ class EngineSpec:
     def check(self) -> tuple[ModelConfig, ResolvedPlan]:
         """Validate config, plan and TP size without touching weights (fast, before any process starts)."""
         config = ModelConfig.from_pretrained(self.model)
+        mesh = self.mesh
+        split_layers(config.num_hidden_layers, mesh.pp)
         checkpoint = open_checkpoint(self.model, config)
-        plan = resolve_plan(config, self.tensor_parallel_size, self.tp_plan, self.schemes(checkpoint),
-                            self.head_scheme())
+        plan = resolve_plan(config, mesh.tp, self.tp_plan, self.schemes(checkpoint), self.head_scheme())
         resolve_dtype(self.dtype, config.torch_dtype)
         max_model_len(config, self.max_model_len)
         return config, plan
@@ -139,6 +149,14 @@ class RankEngine:
                 seen.setdefault(id(p), p.numel())
         return sum(seen.values())
 
+    def to_first(self, logits: torch.Tensor | None, rows: int, positions: int | None = None) -> torch.Tensor | None:
+        """Full logits from the pipeline's last stage to rank 0 (the scheduler); as they are without stages."""
+        pipe = self.ctx.pipe
+        if pipe is None:
+            return logits
+        shape = (rows, self.config.vocab_size) if positions is None else (rows, positions, self.config.vocab_size)
+        return pipe.to_first(logits, shape)
+
     def check_prompts(self, prompts: list[list[int]], params: SamplingParams) -> None:
         """Rank 0, before anything crosses ranks: every prompt has tokens of this vocabulary and fits the context."""
         limit, vocab = self.model.max_seq_len, self.config.vocab_size
@@ -157,22 +175,23 @@ class RankEngine:
     def run(self, prompts: list[list[int]], params: SamplingParams) -> list[GenerationOutput]:
         """Rank 0: send the request to every rank, then generate alongside them."""
         self.check_prompts(prompts, params)
-        messages.send(self.ctx.comm, messages.Generate(prompts, params))
+        messages.send(self.ctx.control, messages.Generate(prompts, params))
         return self.generator.generate(prompts, params)
 
     def score(self, sequences: list[list[int]]) -> list[torch.Tensor]:
         """Rank 0: teacher-forced full logits (len, vocab) float32 of each sequence, computed by every rank."""
         from tpinfer.engine.scoring import run_score
 
-        return run_score(self, messages.send(self.ctx.comm, messages.Score(sequences)))
+        return run_score(self, messages.send(self.ctx.control, messages.Score(sequences)))
 
     def stop_workers(self) -> None:
-        messages.send(self.ctx.comm, messages.Stop())
+        for control in self.ctx.controls or [self.ctx.control]:
+            messages.send(control, messages.Stop())
 
     def serve_forever(self) -> None:
         """Workers: run what rank 0 sends until it says stop."""
         while True:
-            message = messages.receive(self.ctx.comm)
+            message = messages.receive(self.ctx.control)
             if isinstance(message, messages.Stop):
                 return
             if isinstance(message, messages.Generate):
@@ -207,6 +226,31 @@ def max_model_len(config: ModelConfig, requested: int | None) -> int:
     return requested
 
 
+def layout_label(ctx: ParallelContext) -> str:
+    """"tp=2", or "tp=2 x pp=2 x dp=1" for a mesh."""
+    if ctx.pp_size == 1 and ctx.dp_size == 1:
+        return f"tp={ctx.tp_size}"
+    return f"tp={ctx.tp_size} x pp={ctx.pp_size} x dp={ctx.dp_size}"
+
+
+def other_stages_tensors(config: ModelConfig, ctx: ParallelContext, full_shapes: dict[str, Any]) -> tuple[str, ...]:
+    """Checkpoint tensors other pipeline stages load (this stage skips them): their layers, the embedding unless
+    this is the first stage (or the last, whose head it feeds when tied), the final norm and head unless the last."""
+    if ctx.pp_size == 1:
+        return ()
+    held = set(stage_layers(config.num_hidden_layers, ctx.pp_size, ctx.pp_rank))
+    tied_here = config.tie_word_embeddings and ctx.is_last_stage
+
+    def skipped(name: str) -> bool:
+        if name.startswith(LAYER_PREFIX.split("{")[0]):
+            return int(name.split(".")[2]) not in held
+        if name.startswith(EMBED + "."):
+            return not (ctx.is_first_stage or tied_here)
+        return not ctx.is_last_stage  # model.norm, lm_head
+
+    return tuple(name for name in full_shapes if skipped(name))
+
+
 def load_engine(spec: EngineSpec, ctx: ParallelContext, progress: bool = False) -> RankEngine:
     """Build this rank's model at its per-rank sizes and read its slices of the checkpoint."""
     start = time.perf_counter()
@@ -214,13 +258,14 @@ def load_engine(spec: EngineSpec, ctx: ParallelContext, progress: bool = False) 
         torch.set_num_threads(spec.threads)
     config = ModelConfig.from_pretrained(spec.model)
     checkpoint = open_checkpoint(spec.model, config)
-    plan = resolve_plan(config, ctx.world_size, spec.tp_plan, spec.schemes(checkpoint), spec.head_scheme())
+    plan = resolve_plan(config, ctx.tp_size, spec.tp_plan, spec.schemes(checkpoint), spec.head_scheme())
     dtype = resolve_dtype(spec.dtype, config.torch_dtype)
     max_len = max_model_len(config, spec.max_model_len)
     model = build_model(config, ctx, plan, dtype, max_len)
+    full_shapes = parameter_shapes(config, 1, 0, padded=False)
     ignore = ("lm_head.weight",) if config.tie_word_embeddings else ()
-    stats = load_weights(model, checkpoint, parameter_shapes(config, 1, 0, padded=False), progress and ctx.is_first,
-                         ignore, shape_notes(config))
+    ignore += other_stages_tensors(config, ctx, full_shapes)
+    stats = load_weights(model, checkpoint, full_shapes, progress and ctx.is_first, ignore, shape_notes(config))
     model.eval()
     adapter = config.family.decode_adapter
     forward = (adapter(model) if adapter is not None and spec.native_decode else None) or model
@@ -230,6 +275,6 @@ def load_engine(spec: EngineSpec, ctx: ParallelContext, progress: bool = False) 
         generator.fault_step = int(spec.fault.get("step", 0))
     load_s = time.perf_counter() - start
     if ctx.is_first and progress:
-        print(f"tpinfer: loaded {Path(spec.model).name} at tp={ctx.world_size} ({str(dtype).removeprefix('torch.')}, "
+        print(f"tpinfer: loaded {Path(spec.model).name} at {layout_label(ctx)} ({str(dtype).removeprefix('torch.')}, "
               f"{stats['bytes'] / 2**20:.1f} MiB read by rank 0) in {load_s:.2f}s", file=sys.stderr, flush=True)
     return RankEngine(spec, ctx, config, model, forward, generator, load_s, stats, defaults)

@@ -78,11 +78,11 @@ def run_step(engine: RankEngine, message: messages.Step) -> tuple[torch.Tensor |
     if message.prefill:
         slots, prompts = (list(column) for column in zip(*message.prefill, strict=True))
         batch = Batch.build(prompts, [0] * len(prompts), slots, device)
-        prefill_logits = model.gather_logits(forward(batch, cache))
+        prefill_logits = engine.to_first(model.gather_logits(forward(batch, cache)), len(prompts))
     if message.decode:
         slots, tokens, positions = (list(column) for column in zip(*message.decode, strict=True))
         batch = Batch.build([[t] for t in tokens], positions, slots, device)
-        decode_logits = model.gather_logits(forward(batch, cache))
+        decode_logits = engine.to_first(model.gather_logits(forward(batch, cache)), len(tokens))
     return prefill_logits, decode_logits
 
 
@@ -146,7 +146,7 @@ class Scheduler:
 
     def heartbeat(self) -> None:
         """An empty step: idle workers wait in a broadcast whose timeout is the collective timeout."""
-        messages.send(self.engine.ctx.comm, messages.Step())
+        messages.send(self.engine.ctx.control, messages.Step())
 
     def step(self) -> bool:
         """Admit, run one step on every rank, sample, retire. False when there was nothing to run."""
@@ -162,7 +162,7 @@ class Scheduler:
         message = messages.Step([(seq.slot, seq.prompt_ids) for seq in admitted]
                                 + [(seq.slot, seq.prompt_ids + seq.token_ids) for seq in again],
                                 [(seq.slot, seq.token_ids[-1], seq.last_position) for seq in decoding])
-        messages.send(self.engine.ctx.comm, message)  # the workers' whole input for this step
+        messages.send(self.engine.ctx.control, message)  # the workers' whole input for this step
         prefill_logits, decode_logits = run_step(self.engine, message)
         if prefill_logits is not None:
             self._advance(admitted + again, prefill_logits)

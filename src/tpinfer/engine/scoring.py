@@ -2,7 +2,8 @@
 
 ``tpinfer verify`` compares these across TP sizes (and against HF transformers). Each sequence runs as one prefill
 from position 0 through the model's plain forward (the reference path), in cache slot 0; the vocabulary-parallel
-logits are gathered, so every rank holds the full (len, vocab) float32 tensor and rank 0 returns it.
+logits are gathered, so every rank of the last pipeline stage holds the full (len, vocab) float32 tensor, which reaches rank 0, and
+rank 0 returns it.
 """
 
 from __future__ import annotations
@@ -21,5 +22,7 @@ def run_score(engine, message: messages.Score) -> list[torch.Tensor]:  # noqa: A
         if not sequence or len(sequence) > cache.max_seq_len:
             raise ValueError(f"a scored sequence needs 1 to {cache.max_seq_len} tokens, got {len(sequence)}")
         batch = Batch.build([sequence], [0], [0], engine.ctx.device, all_logits=True)
-        out.append(model.gather_logits(model(batch, cache))[0].cpu())
+        logits = engine.to_first(model.gather_logits(model(batch, cache)), 1, len(sequence))
+        if logits is not None:
+            out.append(logits[0].cpu())
     return out

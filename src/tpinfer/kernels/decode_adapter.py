@@ -89,29 +89,33 @@ class NativeDecode:
         self.model = model
         self.ctx = model.ctx
         self.layers = model.model.layers
+        self.indices = model.model.layers.indices  # global layer numbers: the KV cache's
         self.rope = next(iter(model.model.rotary_emb.values()))
-        self.world_size = model.ctx.world_size
+        self.world_size = model.ctx.tp_size
         self._described: dict[int, tuple[torch.Tensor, kernels.DecodeLayer]] = {}  # per layer, see _layer
         self._stack: tuple[torch.Tensor, kernels.DecodeStack] | None = None  # see stack
 
-    def __call__(self, batch: Batch, cache: KVCache) -> torch.Tensor:
-        """Local logits, as the model's forward returns them."""
-        hidden = self.decode(batch, cache)
-        if hidden is None:
+    def __call__(self, batch: Batch, cache: KVCache) -> torch.Tensor | None:
+        """Local logits, as the model's forward returns them (None on a pipeline stage before the last)."""
+        if not self.takes(batch):
             return self.model(batch, cache)
-        return self.model.logits(hidden)
+        hidden = self.decode(batch, cache)
+        return None if hidden is None else self.model.logits(hidden)
 
     def takes(self, batch: Batch) -> bool:
         """One new token per row, few enough rows, activations the kernels read (the model's dtype)."""
-        weight = self.model.model.embed_tokens.weight
+        weight = self.layers[0].input_layernorm.weight
         return (batch.input_ids.shape[1] == 1 and not batch.all_logits
                 and batch.input_ids.shape[0] <= NATIVE_MAX_ROWS.get(weight.dtype, 0) and kernels.usable(weight))
 
     def decode(self, batch: Batch, cache: KVCache) -> torch.Tensor | None:
-        """Final hidden states (B, hidden) of a decode step, or None when this step is not one the kernels take."""
-        if not self.takes(batch):
-            return None
-        x = self.model.model.embed_tokens(batch.input_ids)
+        """Final hidden states (B, hidden) of a decode step the kernels take (``takes``); on a pipeline stage before
+        the last, None once its output is on its way to the next stage."""
+        decoder = self.model.model
+        if decoder.embed_tokens is not None:
+            x = decoder.embed(batch.input_ids)
+        else:  # a later pipeline stage: the previous stage's output (a fresh tensor the kernels update in place)
+            x = self.ctx.pipe.recv_prev((batch.input_ids.shape[0], decoder.hidden_size), decoder.dtype)
         # The kernels index the cache without bounds checks: check the step's slots and positions once here.
         if batch.kv_len > cache.max_seq_len or int(batch.slots.max()) >= cache.max_seqs:
             raise IndexError(f"decode step outside the KV cache: positions up to {batch.kv_len - 1} and slots up "
@@ -125,37 +129,40 @@ class NativeDecode:
             self.ctx.comm.native_done()
         else:  # the sums go through gloo/NCCL: two native calls per layer, all-reduces in between
             delta = None
-            for i, layer in enumerate(self.layers):
+            for i, layer in zip(self.indices, self.layers, strict=True):
                 described = self._layer(i, cache)
                 partial = kernels.layer_attention(described, x, delta, cos, sin, batch.slots, positions)
                 attn_out = layer.self_attn.o_proj.finish(partial)
                 delta = layer.mlp.down_proj.finish(kernels.layer_mlp(described, x, attn_out))
-        norm = self.model.model.norm
-        return kernels.add_rms_norm(x, delta, norm.weight, norm.eps)[1]
+        if decoder.norm is None:  # the last layer's residual add, then on to the next stage
+            self.ctx.pipe.send_next(x.add_(delta))
+            return None
+        return kernels.add_rms_norm(x, delta, decoder.norm.weight, decoder.norm.eps)[1]
 
     def stack(self, cache: KVCache) -> kernels.DecodeStack:
         """The whole stack described for ``cache``; the LM head is its tail (prefetched while the last all-reduce
         waits)."""
         if self._stack is None or self._stack[0] is not cache.keys[0]:  # a new cache: describe the layers again
-            layers = [self._layer(i, cache) for i in range(len(self.layers))]
-            head = self.model.lm_head
-            tail = head.q if isinstance(head, QuantLinear) else head.weight  # a quantized head: its values
+            layers = [self._layer(i, cache) for i in self.indices]
+            head = self.model.lm_head  # None before the last pipeline stage: nothing to prefetch
+            tail = None if head is None else head.q if isinstance(head, QuantLinear) else head.weight
             self._stack = (cache.keys[0], kernels.DecodeStack(layers, tail))
         return self._stack[1]
 
     def _finish_half(self, half: int, out: torch.Tensor) -> None:
         """Half-layer ``half``'s all-reduce, left open by the native stack for a late peer, and its bias."""
         self.ctx.comm.finish_native(out)
-        layer = self.layers[half // 2]
+        layer = self.layers[half // 2]  # position in this stage's stack
         bias = layer.self_attn.o_proj.bias if half % 2 == 0 else layer.mlp.down_proj.bias
         if bias is not None:
             out.add_(bias)
 
     def _layer(self, i: int, cache: KVCache) -> kernels.DecodeLayer:
+        """Layer ``i`` (global number) described for the kernels."""
         k_cache, v_cache = cache.keys[i], cache.values[i]
         described = self._described.get(i)
         if described is None or described[0] is not k_cache:  # a new cache (more slots): describe again
-            layer = self.layers[i]
+            layer = self.layers[self.indices.index(i)]
             attn, mlp = layer.self_attn, layer.mlp
             modules = dict(zip("qkvogud", _projections(layer), strict=True))
             norm1, norm2 = layer.input_layernorm, layer.post_attention_layernorm

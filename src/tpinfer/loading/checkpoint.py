@@ -155,8 +155,10 @@ def expected_tensors(model: nn.Module) -> dict[str, tuple[ParallelModule, str, S
     expected: dict[str, tuple[ParallelModule, str, Slice | None]] = {}
     for module_name, module in model.named_modules():
         if isinstance(module, ParallelModule):
+            # A last pipeline stage's own copy of a tied head reads the embedding's tensor (``source_name``).
+            source = getattr(module, "source_name", None) or module_name
             for suffix, piece in module.sources().items():
-                expected[f"{module_name}.{suffix}"] = (module, suffix, piece)
+                expected[f"{source}.{suffix}"] = (module, suffix, piece)
     return expected
 
 

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from tpinfer.parallel.comm import Communicator
+from tpinfer.parallel.mesh import Mesh, MeshError
+from tpinfer.parallel.pipe import Pipe
 
 log = logging.getLogger(__name__)
 
@@ -25,16 +27,54 @@ ALL_REDUCE_CHOICES = ("auto", "shm", "gloo")
 
 @dataclass
 class ParallelContext:
+    """This process's place in the mesh and its communicators.
+
+    ``rank``/``world_size`` are global. ``comm`` is the TP group's (the parallel layers' collectives, ``tp_rank`` of
+    ``tp_size``); ``control`` carries rank 0's messages to this rank's replica (and is rank 0's own for replica
+    0); ``pipe`` passes activations between pipeline stages and results back to rank 0 (None with one stage and
+    one replica). ``controls``, on rank 0 only, holds one control communicator per data-parallel replica.
+    """
+
     rank: int
     world_size: int
     local_rank: int
     local_world_size: int
     device: torch.device
     comm: Communicator
+    mesh: Mesh = field(default_factory=Mesh)
+    control: Communicator | None = None
+    pipe: Pipe | None = None
+    controls: list[Communicator] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.control is None:
+            self.control = self.comm
+        self.pp_rank, self.dp_rank, self.tp_rank = self.mesh.coords(self.rank)
+
+    @property
+    def tp_size(self) -> int:
+        return self.mesh.tp
+
+    @property
+    def pp_size(self) -> int:
+        return self.mesh.pp
+
+    @property
+    def dp_size(self) -> int:
+        return self.mesh.dp
 
     @property
     def is_first(self) -> bool:
+        """Rank 0: the tokenizer, all I/O, and the scheduler of every replica."""
         return self.rank == 0
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.mesh.pp - 1
 
     @classmethod
     def single(cls, device: str | torch.device = "cpu") -> ParallelContext:
@@ -42,16 +82,22 @@ class ParallelContext:
         return cls(0, 1, 0, 1, device, Communicator(None, 0, 1, device))
 
     @classmethod
-    def from_env(cls, timeout_s: float = DEFAULT_TIMEOUT_S, all_reduce: str = "auto") -> ParallelContext:
-        """Join the job torchrun started (RANK, WORLD_SIZE, MASTER_ADDR, ... in the environment)."""
+    def from_env(cls, timeout_s: float = DEFAULT_TIMEOUT_S, all_reduce: str = "auto",
+                 mesh: Mesh | None = None) -> ParallelContext:
+        """Join the job torchrun started (RANK, WORLD_SIZE, MASTER_ADDR, ... in the environment); ``mesh`` defaults
+        to TP over every rank."""
         if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
             return cls.single("cuda" if torch.cuda.is_available() else "cpu")
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         local_rank = int(os.environ.get("LOCAL_RANK", rank))
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        return cls.initialize(
-            rank, world, local_rank, local_world, init_method="env://", timeout_s=timeout_s, all_reduce=all_reduce
-        )
+        mesh = mesh or Mesh(tp=world)
+        mesh.check_world(world)
+        crossing = mesh.tp_crossing(local_world)
+        if crossing:
+            raise MeshError(crossing)
+        return cls.initialize(rank, world, local_rank, local_world, init_method="env://", timeout_s=timeout_s,
+                              all_reduce=all_reduce, mesh=mesh)
 
     @classmethod
     def initialize(
@@ -63,13 +109,19 @@ class ParallelContext:
         init_method: str,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         all_reduce: str = "auto",
+        mesh: Mesh | None = None,
     ) -> ParallelContext:
         if all_reduce not in ALL_REDUCE_CHOICES:
             raise ValueError(f"all_reduce must be one of {', '.join(ALL_REDUCE_CHOICES)}, got {all_reduce!r}")
+        mesh = mesh or Mesh(tp=world_size)
+        mesh.check_world(world_size)
         use_cuda = torch.cuda.is_available() and torch.cuda.device_count() > local_rank
         device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
         if use_cuda:
             torch.cuda.set_device(device)
+        if world_size == 1:
+            set_threads(local_world_size)
+            return cls(0, 1, 0, 1, device, Communicator(None, 0, 1, device))
         if not dist.is_initialized():
             dist.init_process_group(
                 backend="nccl" if use_cuda else "gloo",
@@ -78,14 +130,39 @@ class ParallelContext:
                 world_size=world_size,
                 timeout=timedelta(seconds=timeout_s),
             )
-        group = dist.group.WORLD
-        # Waiting for the next request is not a collective that can be late: no practical timeout there.
-        control = dist.new_group(backend="gloo", timeout=timedelta(days=365)) if world_size > 1 else None
-        comm = Communicator(group, rank, world_size, device, control_group=control)
-        if world_size > 1 and not use_cuda:
-            comm.all_reduce_impl = _shared_memory_all_reduce(rank, world_size, all_reduce, timeout_s)
+        stage, replica, tp_rank = mesh.coords(rank)
+        timeout = timedelta(seconds=timeout_s)
+        # Every rank creates every group, in the same order (torch.distributed's rule), and keeps its own.
+        tp_group = dist.group.WORLD
+        if mesh.tp != world_size:
+            for s in range(mesh.pp):
+                for d in range(mesh.dp):
+                    group = dist.new_group(mesh.tp_group(s, d), timeout=timeout)
+                    if (s, d) == (stage, replica):
+                        tp_group = group
+        # Per replica, rank 0 and the replica's ranks: a control group for rank 0's messages (waiting for the next
+        # request is not a collective that can be late: no practical timeout there), and, unless that is the whole
+        # plain-TP world, a data group for stage-to-stage activations and results on their way to rank 0.
+        controls, data = [], []
+        plain_tp = mesh.tp == world_size
+        for d in range(mesh.dp):
+            ranks = sorted({0, *mesh.replica_group(d)})
+            controls.append((ranks, dist.new_group(ranks, backend="gloo", timeout=timedelta(days=365))))
+            data.append(dist.group.WORLD if plain_tp else dist.new_group(ranks, timeout=timeout))
+        comm = Communicator(tp_group, tp_rank, mesh.tp, device, control_group=controls[0][1] if plain_tp else None)
+        if mesh.tp > 1 and not use_cuda:
+            comm.all_reduce_impl = _shared_memory_all_reduce(tp_rank, mesh.tp, all_reduce, timeout_s,
+                                                             f"s{stage}r{replica}")
+
+        def control_of(d: int) -> Communicator:
+            ranks, group = controls[d]
+            return Communicator(data[d], ranks.index(rank), len(ranks), device, control_group=group)
+
+        control = control_of(replica)
+        pipe = None if plain_tp else Pipe(mesh, rank, data[replica], device)
+        every = [control] + [control_of(d) for d in range(1, mesh.dp)] if rank == 0 else []
         set_threads(local_world_size)
-        return cls(rank, world_size, local_rank, local_world_size, device, comm)
+        return cls(rank, world_size, local_rank, local_world_size, device, comm, mesh, control, pipe, every)
 
     def close(self) -> None:
         self.comm.close()
@@ -101,8 +178,10 @@ def set_threads(local_world_size: int) -> int:
     return threads
 
 
-def _shared_memory_all_reduce(rank: int, world_size: int, choice: str, timeout_s: float):  # noqa: ANN202
-    """The shared-memory all-reduce when every rank is on this host (or when forced), else None (gloo)."""
+def _shared_memory_all_reduce(rank: int, world_size: int, choice: str, timeout_s: float,  # noqa: ANN202
+                              name: str = "tp"):
+    """The shared-memory all-reduce of one TP group (``rank`` of ``world_size`` in it, ``name`` unique among the
+    job's groups) when all its ranks are on this host (or when forced), else None (gloo)."""
     if choice == "gloo":
         return None
     from tpinfer.parallel import shm
@@ -112,9 +191,9 @@ def _shared_memory_all_reduce(rank: int, world_size: int, choice: str, timeout_s
             raise RuntimeError("--all-reduce shm needs Linux on x86-64 with /dev/shm")
         return None
     store = dist.distributed_c10d._get_default_store()
-    if not shm.all_ranks_on_one_host(rank, world_size, store, timeout_s=timeout_s):
+    if not shm.all_ranks_on_one_host(rank, world_size, store, prefix=f"tpinfer-host-{name}", timeout_s=timeout_s):
         if choice == "shm":
             raise RuntimeError("--all-reduce shm needs every rank on one host")
         return None
     log.debug("rank %d: shared-memory all-reduce over %d ranks", rank, world_size)
-    return shm.ShmAllReduce(rank, world_size, store, timeout_s=timeout_s)
+    return shm.ShmAllReduce(rank, world_size, store, prefix=f"tpinfer-shm-{name}", timeout_s=timeout_s)

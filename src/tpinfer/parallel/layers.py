@@ -176,7 +176,7 @@ class VocabParallelEmbedding(ParallelModule):
 
     def __init__(self, vocab_size: int, hidden_size: int, ctx: ParallelContext, dtype: torch.dtype):
         super().__init__()
-        piece = vocab_slice(vocab_size, ctx.rank, ctx.world_size)
+        piece = vocab_slice(vocab_size, ctx.tp_rank, ctx.tp_size)
         (start, length), = piece.ranges
         self.vocab_size, self.start, self.length = vocab_size, start, length
         self.comm = ctx.comm
@@ -210,7 +210,7 @@ class ParallelLMHead(ParallelModule):
         tied_to: VocabParallelEmbedding | None = None,
     ):
         super().__init__()
-        piece = vocab_slice(vocab_size, ctx.rank, ctx.world_size)
+        piece = vocab_slice(vocab_size, ctx.tp_rank, ctx.tp_size)
         (start, length), = piece.ranges
         self.vocab_size, self.start, self.length = vocab_size, start, length
         self.comm = ctx.comm
@@ -278,7 +278,7 @@ class RMSNorm(ParallelModule):
 
 def linear_layer(module: Linear, strategy: str, ctx: ParallelContext, dtype: torch.dtype) -> ParallelModule:
     """The layer for a declared projection under its plan strategy, holding only this rank's slice."""
-    rank, tp = ctx.rank, ctx.world_size
+    rank, tp = ctx.tp_rank, ctx.tp_size
     if strategy == COLWISE:
         return ColumnParallelLinear(module.in_features.total, module.out_features.ranges(rank, tp), ctx, module.bias,
                                     dtype)

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tpinfer.parallel import shard
+from tpinfer.parallel.mesh import Mesh
 from tpinfer.planner.dtypes import DType
 from tpinfer.planner.hardware import Device, Link
 from tpinfer.planner.memory import Layout, MemoryEstimate
@@ -35,8 +36,10 @@ class Placement:
 
 
 def placement(layout: Layout, gpus_per_node: int) -> Placement:
+    mesh = Mesh(layout.tp, layout.pp, layout.dp)
+
     def node(stage: int, replica: int, tp_rank: int) -> int:
-        return (stage * layout.dp * layout.tp + replica * layout.tp + tp_rank) // gpus_per_node
+        return mesh.rank(stage, replica, tp_rank) // gpus_per_node
 
     tp_crosses = any(node(s, d, 0) != node(s, d, layout.tp - 1) for s in range(layout.pp) for d in range(layout.dp))
     boundaries = tuple(

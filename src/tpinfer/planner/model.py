@@ -14,6 +14,7 @@ from typing import Protocol
 
 from tpinfer.config import ModelConfig
 from tpinfer.parallel import shard
+from tpinfer.parallel.mesh import split_layers  # noqa: F401  (the engine's split, re-exported for the planner)
 from tpinfer.planner.dtypes import DType, get_dtype
 
 
@@ -186,14 +187,6 @@ def expert_fraction_read(model: ModelSpec, batch: int) -> float:
     if not model.num_local_experts:
         return 1.0
     return 1.0 - (1.0 - model.num_experts_per_tok / model.num_local_experts) ** batch
-
-
-def split_layers(num_layers: int, pp: int) -> tuple[int, ...]:
-    """Decoder layers per pipeline stage; when ``pp`` does not divide them the first stages take one more."""
-    if not 1 <= pp <= num_layers:
-        raise ValueError(f"pp={pp} must be between 1 and the {num_layers} layers")
-    base, extra = divmod(num_layers, pp)
-    return tuple(base + (1 if s < extra else 0) for s in range(pp))
 
 
 def stage_elements(elements: RankElements, layers: tuple[int, ...], stage: int) -> int:

@@ -133,7 +133,7 @@ class QuantLinear(ParallelModule):
 def quant_linear_layer(module, scheme: Scheme, strategy: str, ctx: ParallelContext,  # noqa: ANN001
                        dtype: torch.dtype) -> QuantLinear:
     """The quantized layer for a declared projection (``tpinfer.parallel.spec.Linear``) under its strategy."""
-    rank, tp = ctx.rank, ctx.world_size
+    rank, tp = ctx.tp_rank, ctx.tp_size
     full_in, full_out = module.in_features.total, module.out_features.total
     if strategy == COLWISE:
         ranges = module.out_features.ranges(rank, tp)
@@ -155,7 +155,7 @@ class QuantLMHead(QuantLinear):
 
     def __init__(self, scheme: Scheme, vocab_size: int, hidden_size: int, ctx: ParallelContext, dtype: torch.dtype,
                  split: bool) -> None:
-        piece = vocab_slice(vocab_size, ctx.rank, ctx.world_size) if split else None
+        piece = vocab_slice(vocab_size, ctx.tp_rank, ctx.tp_size) if split else None
         start, length = piece.ranges[0] if piece is not None else (0, vocab_size)
         super().__init__(scheme, COLWISE if split else REPLICATE, length, hidden_size, piece, ctx, False, dtype)
         self.vocab_size, self.start, self.length = vocab_size, start, length
