@@ -7,7 +7,8 @@ import json
 import sys
 import time
 
-from tpinfer.cli.common import add_engine_args, add_model_args, human_bytes, model_path, tp_plan
+from tpinfer.cli.common import add_engine_args, add_model_args, human_bytes, model_path, resolve_mesh, tp_plan
+from tpinfer.parallel.mesh import split_layers
 
 EPILOG = """examples:
   tpinfer generate --tensor-parallel-size 2 "The function returns"
@@ -58,9 +59,14 @@ def run(args: argparse.Namespace) -> int:
 
     if args.system is not None and not args.chat:
         raise ValueError("--system needs --chat")
+    resolve_mesh(args)
+    if args.data_parallel_size != 1:
+        raise ValueError(f"--data-parallel-size {args.data_parallel_size}: replicas serve concurrent requests; "
+                         "tpinfer generate runs one batch on one replica (use tpinfer serve, or dp=1)")
     llm = LLM(
         model_path(args),
         tensor_parallel_size=args.tensor_parallel_size,
+        pipeline_parallel_size=args.pipeline_parallel_size,
         dtype=args.dtype,
         tp_plan=tp_plan(args.tp_plan),
         quantization=args.quantization,
@@ -106,21 +112,29 @@ def run(args: argparse.Namespace) -> int:
 
 
 def print_layout(llm, calls: dict[str, int], forwards: int, generated: int, elapsed: float) -> None:
-    """One short block on stderr: what tensor parallelism did."""
+    """One short block on stderr: what tensor (and pipeline) parallelism did, as rank 0 saw it."""
     engine, config = llm.engine, llm.config
-    tp = engine.ctx.world_size
+    ctx = engine.ctx
+    tp, pp = ctx.tp_size, ctx.pp_size
     element = next(engine.model.parameters()).element_size()
     whole_params = config.num_parameters
     layers = config.num_hidden_layers
+    held = engine.model.model.layers.indices
     per_step = {kind: n / forwards for kind, n in calls.items()} if tp > 1 else {}
     all_reduce = per_step.get("all_reduce", 0.0)
+    title = f"tp={tp}" if pp == 1 else f"tp={tp} x pp={pp} (rank 0: stage 0, layers {held[0]}-{held[-1]})"
+    stage = f"{len(held)} layers" if pp > 1 else f"{layers} layers"
     lines = [
-        f"--- tensor parallelism: tp={tp}, {config.model_type}, {layers} layers ---",
+        f"--- tensor parallelism: {title}, {config.model_type}, {layers} layers ---",
         f"per rank : {engine.param_count:,} parameters, {human_bytes(engine.param_bytes)}"
         f"  (whole model {whole_params:,}, {human_bytes(whole_params * element)};"
-        f" {100 * engine.param_count / whole_params:.0f}% per rank)",
-        f"per step : {all_reduce:.0f} all-reduces = 2 x {layers} layers + 1 embedding"
+        f" {100 * engine.param_count / whole_params:.0f}% on rank 0)",
+        f"per step : {all_reduce:.0f} all-reduces = 2 x {stage} + 1 embedding"
         f", {per_step.get('all_gather', 0):.0f} all-gather (sampling candidates, or logits for top-p)" if tp > 1 else "per step : no collectives (tp=1)",
         f"speed    : {generated} tokens in {elapsed:.2f}s = {generated / elapsed:.1f} tokens/s (prefill included)",
     ]
+    if pp > 1 and ctx.pipe is not None:
+        sent = ctx.pipe.stats.bytes.get("pipe_send", 0)
+        lines.insert(3, f"pipeline : {pp} stages of {', '.join(map(str, split_layers(layers, pp)))} layers; rank 0 "
+                        f"sent {human_bytes(sent)} of activations to stage 1")
     print("\n".join(lines), file=sys.stderr, flush=True)

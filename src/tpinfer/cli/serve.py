@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from tpinfer.cli.common import add_engine_args, add_model_args, model_path, tp_plan
+from tpinfer.cli.common import add_engine_args, add_model_args, model_path, resolve_mesh, tp_plan
 
 API_KEY_ENV = "TPINFER_API_KEY"
 
@@ -62,9 +62,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from tpinfer.serve.server import ServeConfig, serve
 
+    resolve_mesh(args)
     config = ServeConfig(
         model=model_path(args),
         tensor_parallel_size=args.tensor_parallel_size,
+        pipeline_parallel_size=args.pipeline_parallel_size,
+        data_parallel_size=args.data_parallel_size,
         dtype=args.dtype,
         tp_plan=tp_plan(args.tp_plan),
         quantization=args.quantization,

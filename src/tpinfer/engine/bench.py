@@ -77,7 +77,7 @@ def _bandwidth(engine: RankEngine, megabytes: int = 256, reps: int = 7) -> dict[
         read()  # touch every page once
         times = seconds[name] = []
         for _ in range(reps):
-            engine.ctx.control.barrier()
+            engine.ctx.replica.barrier()
             start = time.perf_counter()
             read()
             times.append(time.perf_counter() - start)
@@ -113,9 +113,9 @@ OPS = {"stats": _stats, "bandwidth": _bandwidth, "all_reduce_latency": _all_redu
 def run_op(engine: RankEngine, message: messages.Bench) -> list[Any]:
     """Every rank: run the measurement and gather every rank's result (rank order)."""
     result = OPS[message.kind](engine, **message.args)
-    return engine.ctx.control.all_gather_object(result)
+    return engine.ctx.replica.all_gather_object(result)
 
 
 def collect(engine: RankEngine, kind: str, **args: Any) -> list[Any]:
     """Rank 0: have every rank run ``kind`` and return their results."""
-    return run_op(engine, messages.send(engine.ctx.control, messages.Bench(kind, args)))
+    return run_op(engine, messages.send(engine.ctx, messages.Bench(kind, args)))

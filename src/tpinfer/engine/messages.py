@@ -7,6 +7,7 @@ same operation. Only token ids, positions, slots and sampling parameters cross r
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -106,15 +107,33 @@ def decode(raw: dict[str, Any]) -> Message:
     return kind.parse(raw)
 
 
-def send(comm, message: Message) -> Message:  # noqa: ANN001
-    """Rank 0: broadcast ``message`` to every rank (returns it, for symmetry with ``receive``)."""
-    comm.broadcast_json(encode(message))
+def send(ctx, message: Message, replica: int = 0) -> Message:  # noqa: ANN001
+    """Rank 0: ``message`` to every rank of data-parallel ``replica`` (returns it, for symmetry with ``receive``).
+
+    A broadcast reaches the replica's first pipeline stage; each stage then relays it to the next
+    (``Pipe.relay``), so a later stage receives a step's message just before its activations, and rank 0 never
+    waits for a later stage to finish before it can send the next micro-batch."""
+    raw = encode(message)
+    control = ctx.controls[replica] if ctx.controls else ctx.control
+    control.broadcast_json(raw)
+    if replica == ctx.dp_rank:
+        _relay(ctx, raw)
     return message
 
 
-def receive(comm) -> Message:  # noqa: ANN001
-    """A worker: the next message from rank 0."""
-    return decode(comm.broadcast_json(None))
+def receive(ctx) -> Message:  # noqa: ANN001
+    """A worker: the next message from rank 0 (on the first stage) or from the stage before (on later stages)."""
+    if ctx.control is not None:
+        raw = ctx.control.broadcast_json(None)
+    else:
+        raw = json.loads(ctx.pipe.receive_relayed().decode())
+    _relay(ctx, raw)
+    return decode(raw)
+
+
+def _relay(ctx, raw: dict[str, Any]) -> None:  # noqa: ANN001
+    if ctx.pipe is not None and not ctx.is_last_stage:
+        ctx.pipe.relay(json.dumps(raw).encode())
 
 
 __all__ = ["Bench", "Generate", "Message", "Score", "Step", "Stop", "decode", "encode", "receive", "send"]

@@ -175,23 +175,23 @@ class RankEngine:
     def run(self, prompts: list[list[int]], params: SamplingParams) -> list[GenerationOutput]:
         """Rank 0: send the request to every rank, then generate alongside them."""
         self.check_prompts(prompts, params)
-        messages.send(self.ctx.control, messages.Generate(prompts, params))
+        messages.send(self.ctx, messages.Generate(prompts, params))
         return self.generator.generate(prompts, params)
 
     def score(self, sequences: list[list[int]]) -> list[torch.Tensor]:
         """Rank 0: teacher-forced full logits (len, vocab) float32 of each sequence, computed by every rank."""
         from tpinfer.engine.scoring import run_score
 
-        return run_score(self, messages.send(self.ctx.control, messages.Score(sequences)))
+        return run_score(self, messages.send(self.ctx, messages.Score(sequences)))
 
     def stop_workers(self) -> None:
-        for control in self.ctx.controls or [self.ctx.control]:
-            messages.send(control, messages.Stop())
+        for replica in range(self.ctx.dp_size):
+            messages.send(self.ctx, messages.Stop(), replica)
 
     def serve_forever(self) -> None:
         """Workers: run what rank 0 sends until it says stop."""
         while True:
-            message = messages.receive(self.ctx.control)
+            message = messages.receive(self.ctx)
             if isinstance(message, messages.Stop):
                 return
             if isinstance(message, messages.Generate):

@@ -11,6 +11,13 @@ checks its stop conditions and hands the token to the sequence's ``output``. Fin
 sequences give their slots back before the next step, and waiting ones take them: a short request
 joins and leaves a running batch instead of queueing behind a long one.
 
+With pipeline stages (``pp > 1``) rank 0 keeps up to ``pp`` micro-batches in flight: it sends one step, runs its
+own stage of it and hands the activations on, then starts the next micro-batch while later stages work on the first;
+it takes a micro-batch's logits back (from the last stage) only when it has nothing more to start. Each running
+sequence is in at most one micro-batch at a time, and a micro-batch takes at most 1/pp of the running sequences,
+so every stage has a different micro-batch to work on. Time rank 0 spends waiting for logits with nothing else to
+start is the pipeline's bubble as rank 0 sees it (``bubble_s``).
+
 Padding is harmless: a pad token writes the KV cache of its own slot at a position past its prompt,
 which that sequence's decodes overwrite before any query can read it. A batch of rows computes each
 row as it would alone up to floating-point summation order, so greedy output matches the same request
@@ -20,6 +27,7 @@ sent alone wherever the top two logits are not within rounding of each other.
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -59,6 +67,7 @@ class Sequence:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     generator: torch.Generator | None = None
+    in_flight: bool = False  # in a micro-batch whose logits have not come back yet (pipeline stages)
 
     @property
     def last_position(self) -> int:
@@ -67,8 +76,9 @@ class Sequence:
 
 
 @torch.inference_mode()
-def run_step(engine: RankEngine, message: messages.Step) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Every rank: the forwards of one step message. Full logits (rows, V) of the prefills and of the decodes.
+def run_stage(engine: RankEngine, message: messages.Step) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Every rank: this rank's part of the forwards of one step message. On the last pipeline stage, full logits
+    (rows, V) of the prefills and of the decodes (already on their way to rank 0 from the sampler); None elsewhere.
 
     Workers discard the logits; they compute them because the vocabulary-parallel head's all-gather is a
     collective every rank must join.
@@ -78,12 +88,36 @@ def run_step(engine: RankEngine, message: messages.Step) -> tuple[torch.Tensor |
     if message.prefill:
         slots, prompts = (list(column) for column in zip(*message.prefill, strict=True))
         batch = Batch.build(prompts, [0] * len(prompts), slots, device)
-        prefill_logits = engine.to_first(model.gather_logits(forward(batch, cache)), len(prompts))
+        prefill_logits = _send_logits(engine, model.gather_logits(forward(batch, cache)))
     if message.decode:
         slots, tokens, positions = (list(column) for column in zip(*message.decode, strict=True))
         batch = Batch.build([[t] for t in tokens], positions, slots, device)
-        decode_logits = engine.to_first(model.gather_logits(forward(batch, cache)), len(tokens))
+        decode_logits = _send_logits(engine, model.gather_logits(forward(batch, cache)))
     return prefill_logits, decode_logits
+
+
+def _send_logits(engine: RankEngine, logits: torch.Tensor | None) -> torch.Tensor | None:
+    pipe = engine.ctx.pipe
+    if pipe is not None and engine.ctx.rank == pipe.sampler != 0:
+        pipe.send(logits, 0)
+    return logits
+
+
+def take_logits(engine: RankEngine, message: messages.Step) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Rank 0, with pipeline stages: the logits of a step message ``run_stage`` started, from the last stage."""
+    pipe, vocab = engine.ctx.pipe, engine.config.vocab_size
+    recv = lambda rows: pipe.recv(torch.empty((rows, vocab), dtype=torch.float32), pipe.sampler)  # noqa: E731
+    return (recv(len(message.prefill)) if message.prefill else None,
+            recv(len(message.decode)) if message.decode else None)
+
+
+def run_step(engine: RankEngine, message: messages.Step) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Every rank: one step message whole. Full logits on rank 0 (and the last stage); None elsewhere."""
+    logits = run_stage(engine, message)
+    pipe = engine.ctx.pipe
+    if pipe is None or pipe.sampler == 0:
+        return logits
+    return take_logits(engine, message) if engine.ctx.rank == 0 else (None, None)
 
 
 class Scheduler:
@@ -105,6 +139,11 @@ class Scheduler:
         self.eos_token_ids = frozenset(engine.generator.eos_token_ids)
         self.recompute_length = engine.model.recompute_length
         self.steps = 0
+        # Pipeline stages: micro-batches in flight, oldest first, as (step message, prefilled, decoded sequences).
+        self.micro_batches = engine.ctx.pp_size
+        self._in_flight: deque[tuple[messages.Step, list[Sequence], list[Sequence]]] = deque()
+        self.bubble_s = 0.0  # rank 0 waiting for a micro-batch's logits with nothing else to start
+        self.busy_s = 0.0  # time in steps that ran something
         self._free = list(range(max_num_seqs - 1, -1, -1))  # pop() hands out the lowest slot
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []
@@ -146,10 +185,17 @@ class Scheduler:
 
     def heartbeat(self) -> None:
         """An empty step: idle workers wait in a broadcast whose timeout is the collective timeout."""
-        messages.send(self.engine.ctx.control, messages.Step())
+        messages.send(self.engine.ctx, messages.Step())
 
     def step(self) -> bool:
         """Admit, run one step on every rank, sample, retire. False when there was nothing to run."""
+        start = time.perf_counter()
+        ran = self._pipelined_step() if self.micro_batches > 1 else self._step()
+        if ran:
+            self.busy_s += time.perf_counter() - start
+        return ran
+
+    def _step(self) -> bool:
         self._retire()
         decoding = list(self._running)
         admitted = self._admit()
@@ -162,7 +208,7 @@ class Scheduler:
         message = messages.Step([(seq.slot, seq.prompt_ids) for seq in admitted]
                                 + [(seq.slot, seq.prompt_ids + seq.token_ids) for seq in again],
                                 [(seq.slot, seq.token_ids[-1], seq.last_position) for seq in decoding])
-        messages.send(self.engine.ctx.control, message)  # the workers' whole input for this step
+        messages.send(self.engine.ctx, message)  # the workers' whole input for this step
         prefill_logits, decode_logits = run_step(self.engine, message)
         if prefill_logits is not None:
             self._advance(admitted + again, prefill_logits)
@@ -172,14 +218,57 @@ class Scheduler:
         self.steps += 1
         return True
 
-    def _admit(self) -> list[Sequence]:
+    def _pipelined_step(self) -> bool:
+        """Start a micro-batch if there is room and work for one; else take the oldest one's logits back."""
+        self._retire()
+        started = len(self._in_flight) < self.micro_batches and self._start_micro_batch()
+        finished = bool(self._in_flight) and (not started or len(self._in_flight) >= self.micro_batches)
+        if finished:
+            self._finish_micro_batch(idle=not started)
+            self._retire()
+        self.steps += 1 if started else 0
+        return started or finished
+
+    def _start_micro_batch(self) -> bool:
+        ready = [seq for seq in self._running if not seq.in_flight]
+        share = -(-len(self._running) // self.micro_batches)  # at most 1/pp of the running sequences each
+        decoding = ready[:share]
+        admitted = self._admit(max(0, share - len(decoding)) if self._in_flight else None)
+        if not admitted and not decoding:
+            return False
+        again = [seq for seq in decoding if seq.last_position + 1 == self.recompute_length]
+        decoding = [seq for seq in decoding if seq not in again]
+        message = messages.Step([(seq.slot, seq.prompt_ids) for seq in admitted]
+                                + [(seq.slot, seq.prompt_ids + seq.token_ids) for seq in again],
+                                [(seq.slot, seq.token_ids[-1], seq.last_position) for seq in decoding])
+        for seq in admitted + again + decoding:
+            seq.in_flight = True
+        messages.send(self.engine.ctx, message)
+        run_stage(self.engine, message)  # rank 0's stage; its activations are on their way to the next
+        self._in_flight.append((message, admitted + again, decoding))
+        return True
+
+    def _finish_micro_batch(self, idle: bool) -> None:
+        message, prefilled, decoded = self._in_flight.popleft()
+        start = time.perf_counter()
+        prefill_logits, decode_logits = take_logits(self.engine, message)
+        if idle:
+            self.bubble_s += time.perf_counter() - start
+        for seq in prefilled + decoded:
+            seq.in_flight = False
+        if prefill_logits is not None:
+            self._advance(prefilled, prefill_logits)
+        if decode_logits is not None:
+            self._advance(decoded, decode_logits)
+
+    def _admit(self, limit: int | None = None) -> list[Sequence]:
         """Waiting sequences into free slots, first come first served, while the padded prefill fits the budget."""
         admitted: list[Sequence] = []
         width = 0
         with self._cond:
             if any(seq.cancelled for seq in self._waiting):
                 self._waiting = deque(seq for seq in self._waiting if not seq.cancelled)
-            while self._waiting and self._free:
+            while self._waiting and self._free and (limit is None or len(admitted) < max(1, limit)):
                 seq = self._waiting[0]
                 wider = max(width, len(seq.prompt_ids))
                 if admitted and wider * (len(admitted) + 1) > self.prefill_tokens_per_step:
@@ -193,13 +282,13 @@ class Scheduler:
         return admitted
 
     def _retire(self) -> None:
-        """Give back the slots of finished and cancelled sequences."""
-        if not any(seq.finish_reason or seq.cancelled for seq in self._running):
+        """Give back the slots of finished and cancelled sequences (not while a micro-batch still carries them)."""
+        if not any((seq.finish_reason or seq.cancelled) and not seq.in_flight for seq in self._running):
             return
         with self._cond:
             keep = []
             for seq in self._running:
-                if seq.finish_reason or seq.cancelled:
+                if (seq.finish_reason or seq.cancelled) and not seq.in_flight:
                     self._free.append(seq.slot)
                 else:
                     keep.append(seq)

@@ -30,9 +30,11 @@ class ParallelContext:
     """This process's place in the mesh and its communicators.
 
     ``rank``/``world_size`` are global. ``comm`` is the TP group's (the parallel layers' collectives, ``tp_rank`` of
-    ``tp_size``); ``control`` carries rank 0's messages to this rank's replica (and is rank 0's own for replica
-    0); ``pipe`` passes activations between pipeline stages and results back to rank 0 (None with one stage and
-    one replica). ``controls``, on rank 0 only, holds one control communicator per data-parallel replica.
+    ``tp_size``); ``control`` carries rank 0's messages to the first stage of this rank's replica (None on later
+    stages, which receive them from the stage before: ``tpinfer.engine.messages``); ``replica`` spans the replica's
+    ranks and rank 0 (gathers of measurements); ``pipe`` passes activations between pipeline stages and results
+    back to rank 0 (None in plain TP). ``controls``, on rank 0 only, holds one control communicator per
+    data-parallel replica.
     """
 
     rank: int
@@ -41,14 +43,19 @@ class ParallelContext:
     local_world_size: int
     device: torch.device
     comm: Communicator
-    mesh: Mesh = field(default_factory=Mesh)
+    mesh: Mesh | None = None  # None: tensor parallelism over every rank
     control: Communicator | None = None
+    replica: Communicator | None = None
     pipe: Pipe | None = None
     controls: list[Communicator] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if self.control is None:
+        if self.mesh is None:
+            self.mesh = Mesh(tp=self.world_size)
+        if self.control is None and self.replica is None:  # one rank, or a hand-made plain-TP context (tests)
             self.control = self.comm
+        if self.replica is None:
+            self.replica = self.comm
         self.pp_rank, self.dp_rank, self.tp_rank = self.mesh.coords(self.rank)
 
     @property
@@ -140,15 +147,22 @@ class ParallelContext:
                     group = dist.new_group(mesh.tp_group(s, d), timeout=timeout)
                     if (s, d) == (stage, replica):
                         tp_group = group
-        # Per replica, rank 0 and the replica's ranks: a control group for rank 0's messages (waiting for the next
-        # request is not a collective that can be late: no practical timeout there), and, unless that is the whole
-        # plain-TP world, a data group for stage-to-stage activations and results on their way to rank 0.
-        controls, data = [], []
+        # Per replica: rank 0 with the replica's first-stage ranks, for rank 0's control messages (a broadcast; waiting
+        # for the next request is not a collective that can be late: no practical timeout there); and rank 0 with
+        # all of the replica's ranks, twice: the data group (activations from stage to stage, results back to rank 0,
+        # the collective timeout) and the relay group (each stage passes the control messages on to the next, in
+        # point-to-point sends that never wait for the receiver; no practical timeout either). Plain TP: the world.
         plain_tp = mesh.tp == world_size
+        long = timedelta(days=365)
+        controls, data, relays = [], [], []
         for d in range(mesh.dp):
-            ranks = sorted({0, *mesh.replica_group(d)})
-            controls.append((ranks, dist.new_group(ranks, backend="gloo", timeout=timedelta(days=365))))
-            data.append(dist.group.WORLD if plain_tp else dist.new_group(ranks, timeout=timeout))
+            everyone = sorted({0, *mesh.replica_group(d)})
+            first = sorted({0, *mesh.tp_group(0, d)})
+            relay = dist.new_group(everyone, backend="gloo", timeout=long)
+            controls.append((first, relay if first == everyone else dist.new_group(first, backend="gloo",
+                                                                                      timeout=long)))
+            relays.append(relay)
+            data.append((everyone, dist.group.WORLD if plain_tp else dist.new_group(everyone, timeout=timeout)))
         comm = Communicator(tp_group, tp_rank, mesh.tp, device, control_group=controls[0][1] if plain_tp else None)
         if mesh.tp > 1 and not use_cuda:
             comm.all_reduce_impl = _shared_memory_all_reduce(tp_rank, mesh.tp, all_reduce, timeout_s,
@@ -156,13 +170,15 @@ class ParallelContext:
 
         def control_of(d: int) -> Communicator:
             ranks, group = controls[d]
-            return Communicator(data[d], ranks.index(rank), len(ranks), device, control_group=group)
+            return Communicator(group, ranks.index(rank), len(ranks), device, control_group=group)
 
-        control = control_of(replica)
-        pipe = None if plain_tp else Pipe(mesh, rank, data[replica], device)
+        control = control_of(replica) if rank in controls[replica][0] else None
+        ranks, group = data[replica]
+        whole = Communicator(group, ranks.index(rank), len(ranks), device)
+        pipe = None if plain_tp else Pipe(mesh, rank, group, relays[replica], device)
         every = [control] + [control_of(d) for d in range(1, mesh.dp)] if rank == 0 else []
         set_threads(local_world_size)
-        return cls(rank, world_size, local_rank, local_world_size, device, comm, mesh, control, pipe, every)
+        return cls(rank, world_size, local_rank, local_world_size, device, comm, mesh, control, whole, pipe, every)
 
     def close(self) -> None:
         self.comm.close()

@@ -20,10 +20,13 @@ import torch.distributed as dist
 from tpinfer.parallel.comm import CommStats
 from tpinfer.parallel.mesh import Mesh
 
+MAX_PENDING = 64  # sends in flight before the oldest is waited for (a few per micro-batch are in flight at a time)
+
 
 class Pipe:
-    def __init__(self, mesh: Mesh, rank: int, group: Any, device: torch.device) -> None:
+    def __init__(self, mesh: Mesh, rank: int, group: Any, relay_group: Any, device: torch.device) -> None:
         self.mesh, self.rank, self.group, self.device = mesh, rank, group, device
+        self.relay_group = relay_group
         stage, replica, tp_rank = mesh.coords(rank)
         self.stage = stage
         self.prev = mesh.rank(stage - 1, replica, tp_rank) if stage > 0 else None
@@ -36,11 +39,37 @@ class Pipe:
         self.stats.record(kind, tensor.numel() * tensor.element_size(), seconds)
 
     def send_next(self, hidden: torch.Tensor) -> None:
-        """Hand this stage's output to the next stage (asynchronously: the next send, or ``flush``, waits for it)."""
-        self.flush()
+        """Hand this stage's output to the next stage, without waiting for it to be received."""
         hidden = hidden.contiguous()
         self._count("pipe_send", hidden)
-        self._pending.append((dist.isend(hidden, self.next, group=self.group), hidden))
+        self._isend(hidden, self.next, self.group)
+
+    def relay(self, message: bytes) -> None:
+        """Pass a control message on to the next stage (length first, then the bytes), without waiting."""
+        body = torch.frombuffer(bytearray(message), dtype=torch.uint8) if message else torch.empty(0, dtype=torch.uint8)
+        self._isend(torch.tensor([len(message)], dtype=torch.int64), self.next, self.relay_group)
+        if message:
+            self._isend(body, self.next, self.relay_group)
+
+    def receive_relayed(self) -> bytes:
+        """The next control message from the previous stage (waits as long as it takes: the relay group's wait has
+        no practical timeout; a dead peer fails it at once)."""
+        length = torch.empty(1, dtype=torch.int64)
+        dist.recv(length, self.prev, group=self.relay_group)
+        body = torch.empty(int(length), dtype=torch.uint8)
+        if int(length):
+            dist.recv(body, self.prev, group=self.relay_group)
+        return body.numpy().tobytes()
+
+    def _isend(self, tensor: torch.Tensor, dst: int, group: Any) -> None:
+        """A send the caller does not wait for; its buffer lives in ``_pending`` until it completes. Rendezvous
+        transports (gloo) complete a send only once the receiver posts its receive, so no stage ever waits here for
+        a later one: that would stall the pipeline (rank 0 would wait for the last stage before starting the next
+        micro-batch)."""
+        self._pending = [(work, t) for work, t in self._pending if not work.is_completed()]
+        if len(self._pending) >= MAX_PENDING:
+            self._pending.pop(0)[0].wait()
+        self._pending.append((dist.isend(tensor, dst, group=group), tensor))
 
     def recv_prev(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """The previous stage's output for this step."""
@@ -52,11 +81,10 @@ class Pipe:
         return out
 
     def send(self, tensor: torch.Tensor, dst: int) -> None:
-        """A result to global rank ``dst`` (the sampler's logits or tokens to rank 0), asynchronously."""
-        self.flush()
+        """A result to global rank ``dst`` (the sampler's logits to rank 0), without waiting for it to be received."""
         tensor = tensor.contiguous()
         self._count("pipe_send", tensor)
-        self._pending.append((dist.isend(tensor, dst, group=self.group), tensor))
+        self._isend(tensor, dst, self.group)
 
     def recv(self, out: torch.Tensor, src: int) -> torch.Tensor:
         start = time.perf_counter()

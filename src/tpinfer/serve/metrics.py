@@ -50,6 +50,12 @@ class Metrics:
         self.latency = Histogram(LATENCY_BUCKETS)
         self.queue_depth: Callable[[], int] = lambda: 0
         self.running: Callable[[], int] = lambda: 0
+        # Pipeline stages (pp > 1): rank 0's view, read when rendered. Bubble: seconds rank 0 waited for a
+        # micro-batch's logits with nothing else to start; traffic: bytes rank 0 sent to / received from other stages.
+        self.pipeline_parallel_size = 1
+        self.bubble_seconds: Callable[[], float] = lambda: 0.0
+        self.busy_seconds: Callable[[], float] = lambda: 0.0
+        self.pipe_bytes: Callable[[], dict[str, int]] = dict
         self._lock = threading.Lock()
 
     def request(self, outcome: str) -> None:
@@ -98,6 +104,20 @@ class Metrics:
                 "# HELP tpinfer_tensor_parallel_size Ranks the model is sharded over.",
                 "# TYPE tpinfer_tensor_parallel_size gauge",
                 f"tpinfer_tensor_parallel_size {self.tensor_parallel_size}",
+                "# HELP tpinfer_pipeline_parallel_size Pipeline stages of the model.",
+                "# TYPE tpinfer_pipeline_parallel_size gauge",
+                f"tpinfer_pipeline_parallel_size {self.pipeline_parallel_size}",
+                "# HELP tpinfer_pipeline_busy_seconds_total Seconds the engine thread spent running steps.",
+                "# TYPE tpinfer_pipeline_busy_seconds_total counter",
+                f"tpinfer_pipeline_busy_seconds_total {self.busy_seconds():.6f}",
+                "# HELP tpinfer_pipeline_bubble_seconds_total Of those, seconds rank 0 (stage 0) waited for the last "
+                "stage with no micro-batch to start.",
+                "# TYPE tpinfer_pipeline_bubble_seconds_total counter",
+                f"tpinfer_pipeline_bubble_seconds_total {self.bubble_seconds():.6f}",
+                "# HELP tpinfer_pipeline_bytes_total Stage-to-stage bytes rank 0 sent (activations) and received "
+                "(logits).",
+                "# TYPE tpinfer_pipeline_bytes_total counter",
+                *(f'tpinfer_pipeline_bytes_total{{direction="{d}"}} {n}' for d, n in sorted(self.pipe_bytes().items())),
                 "# HELP tpinfer_time_to_first_token_seconds From arrival to the first generated token.",
                 "# TYPE tpinfer_time_to_first_token_seconds histogram",
                 *self.ttft.lines("tpinfer_time_to_first_token_seconds"),

@@ -32,7 +32,7 @@ from pathlib import Path
 import uvicorn
 
 from tpinfer.engine.launcher import Launcher
-from tpinfer.engine.runtime import EngineSpec, RankEngine, load_engine
+from tpinfer.engine.runtime import EngineSpec, RankEngine, layout_label, load_engine
 from tpinfer.engine.scheduler import Scheduler
 from tpinfer.parallel.context import ParallelContext
 from tpinfer.serve.app import AppSettings, ServerState, build_app
@@ -49,6 +49,8 @@ FINAL_WRITES_S = 5.0  # after the drain, how long uvicorn waits for responses to
 class ServeConfig:
     model: str
     tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    data_parallel_size: int = 1
     dtype: str = "auto"
     tp_plan: str | dict[str, str] = "auto"
     quantization: str | None = None
@@ -107,14 +109,22 @@ class _Uvicorn(uvicorn.Server):
 
 def serve(config: ServeConfig) -> int:
     """Serve until SIGTERM/SIGINT (returns 0); a rank failure ends the process with exit code 1."""
-    spec = EngineSpec(model=config.model, tensor_parallel_size=config.tensor_parallel_size, dtype=config.dtype,
+    spec = EngineSpec(model=config.model, tensor_parallel_size=config.tensor_parallel_size,
+                      pipeline_parallel_size=config.pipeline_parallel_size,
+                      data_parallel_size=config.data_parallel_size, dtype=config.dtype,
                       tp_plan=config.tp_plan, quantization=config.quantization,
                       quantize_lm_head=config.quantize_lm_head, max_model_len=config.max_model_len,
                       max_batch_size=config.max_num_seqs, all_reduce=config.all_reduce, timeout_s=config.timeout_s)
+    if config.data_parallel_size != 1:
+        raise ValueError(f"--data-parallel-size {config.data_parallel_size}: replicas behind one endpoint are not "
+                         "built yet; run one server per replica (dp=1)")
     torchrun = "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
     if torchrun:
-        ctx = ParallelContext.from_env(config.timeout_s, config.all_reduce)
-        spec.tensor_parallel_size = ctx.world_size
+        world, stages = int(os.environ["WORLD_SIZE"]), config.pipeline_parallel_size
+        if world % stages:
+            raise ValueError(f"--pipeline-parallel-size {stages} does not divide torchrun's world size {world}")
+        spec.tensor_parallel_size = world // stages
+        ctx = ParallelContext.from_env(config.timeout_s, config.all_reduce, spec.mesh)
         if not ctx.is_first:  # a torchrun worker: run what rank 0 sends
             load_engine(spec, ctx).serve_forever()
             ctx.close()
@@ -190,9 +200,16 @@ def _build_state(config: ServeConfig, engine: RankEngine, tokenizer: Tokenizer, 
                            max_body_bytes=config.max_body_bytes, defaults=engine.defaults)
     if engine.defaults.describe():
         log.info("%s", engine.defaults.describe())
-    metrics = Metrics(engine.ctx.world_size, config.max_num_seqs, cache.nbytes)
+    metrics = Metrics(engine.ctx.tp_size, config.max_num_seqs, cache.nbytes)
     metrics.queue_depth = lambda: scheduler.num_waiting
     metrics.running = lambda: scheduler.num_running
+    metrics.pipeline_parallel_size = engine.ctx.pp_size
+    metrics.bubble_seconds = lambda: scheduler.bubble_s
+    metrics.busy_seconds = lambda: scheduler.busy_s
+    pipe = engine.ctx.pipe
+    if pipe is not None:
+        metrics.pipe_bytes = lambda: {"sent": pipe.stats.bytes.get("pipe_send", 0),
+                                      "received": pipe.stats.bytes.get("pipe_recv", 0)}
     state = ServerState(settings, tokenizer, metrics)
     state.scheduler = scheduler
     return state
@@ -226,8 +243,8 @@ def _run(config: ServeConfig, engine: RankEngine, state: ServerState, launcher: 
     thread.start()
     state.status = "ok"
     host, port = sock.getsockname()[:2]
-    log.info("serving %s at tp=%d on http://%s:%d (max %d sequences x %d tokens, KV cache %.1f MiB per rank)",
-             state.model_name, engine.ctx.world_size, host, port, config.max_num_seqs, state.settings.max_model_len,
+    log.info("serving %s at %s on http://%s:%d (max %d sequences x %d tokens, KV cache %.1f MiB per rank)",
+             state.model_name, layout_label(engine.ctx), host, port, config.max_num_seqs, state.settings.max_model_len,
              engine.generator.cache.nbytes / 2**20)
     try:
         server.run(sockets=[sock])
