@@ -8,6 +8,13 @@ aggregate generated tokens/s (all completion tokens / wall time of the level), t
 
     python benchmarks/serve_load.py --model src/tpinfer/assets/demo-llama --tp 2          # starts a server
     python benchmarks/serve_load.py --url http://127.0.0.1:8000 --model-name demo-llama  # uses a running one
+
+Layouts against each other in one run (servers started in turn, alternating over --rounds so drift on a shared
+machine hits each alike; medians per layout, ratios to the first, and with pipeline stages the bubble share: the
+``tpinfer_pipeline_bubble_seconds_total`` / ``..._busy_seconds_total`` increase over the measured levels):
+
+    python benchmarks/serve_load.py --model /path/llama-250m --dtype float32 --layouts tp1,tp2,pp2 \
+        --concurrency 16 --rounds 3
 """
 
 from __future__ import annotations
@@ -150,10 +157,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
+def _layout(text: str) -> dict[str, int]:
+    """"tp2", "pp2", "tp2pp2", "tp1pp2dp1" -> {"tp": 2, "pp": 1, "dp": 1}, ..."""
+    import re
+
+    parts = dict.fromkeys(("tp", "pp", "dp"), 1)
+    found = re.findall(r"(tp|pp|dp)(\d+)", text)
+    if not found or "".join(k + v for k, v in found) != text:
+        raise argparse.ArgumentTypeError(f"layout {text!r}: expected e.g. tp2, pp2 or tp2pp2")
+    parts.update({k: int(v) for k, v in found})
+    return parts
+
+
+def _metrics(url: str, headers: dict) -> dict[str, float]:
+    out = {}
+    for line in httpx.get(f"{url}/metrics", headers=headers, timeout=10).text.splitlines():
+        if line.startswith("tpinfer_pipeline_") and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def _start_server(args: argparse.Namespace, layout: dict[str, int] | None = None) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     max_num_seqs = max(args.concurrency)
-    cmd = [sys.executable, "-m", "tpinfer.cli.main", "serve", "--model", args.model, "--tp", str(args.tp),
+    mesh = ["--tp", str(args.tp)] if layout is None else [
+        "--tp", str(layout["tp"]), "--pp", str(layout["pp"]), "--dp", str(layout["dp"])]
+    cmd = [sys.executable, "-m", "tpinfer.cli.main", "serve", "--model", args.model, *mesh,
            "--dtype", args.dtype, "--port", str(port), "--max-num-seqs", str(max_num_seqs),
            "--max-model-len", str(args.max_model_len)]
     print("starting:", " ".join(cmd[1:]), file=sys.stderr, flush=True)
@@ -186,9 +216,14 @@ def main() -> int:
     parser.add_argument("--requests-per-client", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--api-key", default=os.environ.get("TPINFER_API_KEY"))
+    parser.add_argument("--layouts", type=lambda s: [_layout(x) for x in s.split(",")], default=None,
+                        help="compare layouts (tp1,tp2,pp2,tp2pp2...) in one run, each its own server in turn")
+    parser.add_argument("--rounds", type=int, default=1, help="with --layouts: alternate them this many times")
     args = parser.parse_args()
     if not args.url and not args.model:
         parser.error("give --url of a running server or --model to start one")
+    if args.layouts:
+        return compare_layouts(args)
     server, url = (None, args.url) if args.url else _start_server(args)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     try:
@@ -211,6 +246,55 @@ def main() -> int:
                "max_tokens": args.max_tokens, "levels": levels,
                "speedup_max_vs_1": round(levels[-1]["tokens_per_s"] / base, 2),
                "model_path": str(Path(args.model).resolve()) if args.model else None}
+    print(json.dumps(summary))
+    return 0
+
+
+def compare_layouts(args: argparse.Namespace) -> int:
+    import statistics
+
+    names = ["".join(f"{k}{v}" for k, v in layout.items() if v > 1 or k == "tp") for layout in args.layouts]
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    for round_ in range(args.rounds):
+        for name, layout in zip(names, args.layouts, strict=True):
+            server, url = _start_server(args, layout)
+            try:
+                model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
+                body = {"model": model, "max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": True,
+                        "stream": True}
+                before = _metrics(url, {})
+                levels = [asyncio.run(_level(url, {}, c, args.requests_per_client, body)) for c in args.concurrency]
+                after = _metrics(url, {})
+            finally:
+                os.killpg(server.pid, signal.SIGTERM)
+                server.wait(60)
+            busy = after.get("tpinfer_pipeline_busy_seconds_total", 0) - before.get(
+                "tpinfer_pipeline_busy_seconds_total", 0)
+            bubble = after.get("tpinfer_pipeline_bubble_seconds_total", 0) - before.get(
+                "tpinfer_pipeline_bubble_seconds_total", 0)
+            runs[name].append({"round": round_, "levels": levels, "bubble_share": bubble / busy if busy else None})
+            print(f"round {round_} {name}: " + ", ".join(f"{lv['concurrency']} clients {lv['tokens_per_s']:.1f} tok/s"
+                                                        for lv in levels), file=sys.stderr, flush=True)
+    summary = {"benchmark": "serve_load", "layouts": {}, "max_tokens": args.max_tokens, "rounds": args.rounds,
+               "model_path": str(Path(args.model).resolve())}
+    print(f"{'layout':>8} {'clients':>7} {'tokens/s':>9} {'vs ' + names[0]:>8} {'TTFT p50':>9} {'tok p50':>8} "
+          f"{'bubble':>7}")
+    for name in names:
+        per_level = []
+        for i, c in enumerate(args.concurrency):
+            rates = [r["levels"][i]["tokens_per_s"] for r in runs[name]]
+            base = [r["levels"][i]["tokens_per_s"] for r in runs[names[0]]]
+            shares = [r["bubble_share"] for r in runs[name] if r["bubble_share"] is not None]
+            level = {"concurrency": c, "tokens_per_s": statistics.median(rates), "runs": rates,
+                     "ratio_to_first": statistics.median(rates) / statistics.median(base),
+                     "ttft_p50_ms": statistics.median(r["levels"][i]["ttft_p50_ms"] for r in runs[name]),
+                     "per_token_p50_ms": statistics.median(r["levels"][i]["per_token_p50_ms"] for r in runs[name]),
+                     "bubble_share": statistics.median(shares) if shares else None}
+            per_level.append(level)
+            bubble = f"{100 * level['bubble_share']:.0f}%" if level["bubble_share"] is not None else "-"
+            print(f"{name:>8} {c:>7} {level['tokens_per_s']:>9.1f} {level['ratio_to_first']:>8.2f} "
+                  f"{level['ttft_p50_ms']:>9.1f} {level['per_token_p50_ms']:>8.2f} {bubble:>7}")
+        summary["layouts"][name] = per_level
     print(json.dumps(summary))
     return 0
 

@@ -2,6 +2,7 @@
 
     torchrun --nproc-per-node 2 examples/tp_inference.py                 # the bundled demo model
     torchrun --nproc-per-node 4 examples/tp_inference.py --model ./my-llama "Explain tensor parallelism:"
+    torchrun --nproc-per-node 4 examples/tp_inference.py --pipeline-parallel-size 2     # TP=2 x 2 stages
 
 Each process loads only its slices of the weights (tp_plan="auto": q/k/v and gate/up column-parallel,
 o and down row-parallel, embedding and LM head split by vocabulary). Every rank runs generate with
@@ -24,10 +25,13 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
     parser.add_argument("--json", action="store_true", help="print the token ids as JSON (for scripts)")
+    parser.add_argument("--pipeline-parallel-size", type=int, default=1,
+                        help="pipeline stages; TP = the world size / stages (default 1)")
     args = parser.parse_args()
     model_dir = args.model or tpinfer.assets.demo_model_path()
 
-    model = tpinfer.from_pretrained(model_dir, dtype=torch.float32, tp_plan="auto")
+    model = tpinfer.from_pretrained(model_dir, dtype=torch.float32, tp_plan="auto",
+                                    pipeline_parallel_size=args.pipeline_parallel_size)
     tokenizer = tpinfer.AutoTokenizer.from_pretrained(model_dir)
     rank = int(os.environ.get("RANK", 0))
 
@@ -43,7 +47,8 @@ def main() -> None:
     if rank == 0:
         new_tokens = outputs[0, inputs["input_ids"].shape[1] :]
         if args.json:
-            print(json.dumps({"world_size": model.world_size, "token_ids": new_tokens.tolist()}))
+            print(json.dumps({"world_size": model.world_size, "tp": model.ctx.tp_size, "pp": model.ctx.pp_size,
+                              "token_ids": new_tokens.tolist()}))
         else:
             print(f"Prompt: {args.prompt}")
             print(f"Response: {tokenizer.decode(outputs[0])}")

@@ -66,6 +66,29 @@ def test_two_nodes_over_loopback_equal_one_process(single_process_tokens):
     assert out["world_size"] == 2 and out["token_ids"] == single_process_tokens
 
 
+def test_two_nodes_tp2_pp2_over_loopback_equal_one_process(single_process_tokens):
+    """TP=2 inside each "node", the two pipeline stages across them: the README's two commands."""
+    port = str(free_port())
+    nodes = [
+        subprocess.Popen(
+            [*TORCHRUN, "--nnodes", "2", "--node-rank", str(rank), "--nproc-per-node", "2", "--master-addr",
+             "127.0.0.1", "--master-port", port, str(EXAMPLES / "tp_inference.py"), "--pipeline-parallel-size", "2",
+             "--greedy", "--json"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(), cwd=REPO,
+        )
+        for rank in (0, 1)
+    ]
+    try:
+        outs = [node.communicate(timeout=180) for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    assert [n.returncode for n in nodes] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    out = _tokens(outs[0][0])
+    assert outs[1][0].strip() == ""
+    assert (out["world_size"], out["tp"], out["pp"]) == (4, 2, 2) and out["token_ids"] == single_process_tokens
+
+
 def test_timed_example_reports_throughput_once():
     proc = _run([*TORCHRUN, "--nproc-per-node", "2", str(EXAMPLES / "tp_inference_timed.py"), "--max-new-tokens", "16"])
     assert proc.stdout.count("Throughput:") == 1 and "Tokens generated: 16" in proc.stdout

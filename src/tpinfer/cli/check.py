@@ -9,6 +9,8 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
+from tpinfer.cli.common import add_mesh_args, resolve_mesh
+
 DESCRIPTION = """\
 Check a model and a launch against the tensor-parallel constraints before starting it: TP <= attention
 heads, heads, KV heads and FFN divisible by TP, TP within one node's GPUs, the GPUs of a TP group
@@ -29,6 +31,8 @@ NVIDIA_SMI_TIMEOUT_S = 10
 class CheckArgs:
     model: str
     tensor_parallel_size: int
+    pipeline_parallel_size: int
+    data_parallel_size: int
     gpus_per_node: int | None
     nnodes: int | None
     json: bool
@@ -43,7 +47,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", required=True, help="directory with config.json, or a catalogue name")
-    p.add_argument("--tensor-parallel-size", "--tp", type=int, required=True, metavar="N", help="TP size to check")
+    p.add_argument("--tensor-parallel-size", "--tp", type=int, default=None, metavar="N",
+                   help="TP size to check (or take it from --layout)")
+    add_mesh_args(p)
     p.add_argument("--gpus-per-node", type=int, metavar="N", help="GPUs per node (default: what nvidia-smi lists)")
     p.add_argument("--nnodes", type=int, metavar="K", help="number of nodes (checked against torchrun's variables)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
@@ -79,18 +85,26 @@ def run(args: argparse.Namespace) -> int:
     from tpinfer.planner import load_model
     from tpinfer.planner.checks import FAIL, run_checks
 
-    a = CheckArgs(args.model, args.tensor_parallel_size, args.gpus_per_node, args.nnodes, args.json)
+    if args.tensor_parallel_size is None and not args.layout:
+        raise ValueError("give --tensor-parallel-size (and optionally --pipeline-parallel-size, "
+                         "--data-parallel-size) or --layout plan.json")
+    resolve_mesh(args)
+    a = CheckArgs(args.model, args.tensor_parallel_size, args.pipeline_parallel_size, args.data_parallel_size,
+                  args.gpus_per_node, args.nnodes, args.json)
     model = load_model(a.model)
     topology, why = nvidia_smi("topo", "-m")
     checks = run_checks(
-        model, a.tensor_parallel_size, a.gpus_per_node, a.nnodes, dict(os.environ), topology, visible_gpu_count(), why
+        model, a.tensor_parallel_size, a.gpus_per_node, a.nnodes, dict(os.environ), topology, visible_gpu_count(), why,
+        a.pipeline_parallel_size, a.data_parallel_size,
     )
     failed = any(c.status == FAIL for c in checks)
     if a.json:
         print(json.dumps({"ok": not failed, "checks": [c.__dict__ for c in checks]}))
     else:
         width = max(len(c.name) for c in checks)
-        print(f"tpinfer check: {model.name} at tp={a.tensor_parallel_size}")
+        mesh = "" if (a.pipeline_parallel_size, a.data_parallel_size) == (1, 1) else (
+            f" x pp={a.pipeline_parallel_size} x dp={a.data_parallel_size}")
+        print(f"tpinfer check: {model.name} at tp={a.tensor_parallel_size}{mesh}")
         for c in checks:
             print(f"  {c.status.upper():7}  {c.name.ljust(width)}  {c.detail}")
         print("result: " + ("FAIL" if failed else "ok (no check failed)"))

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from tpinfer.parallel import shard
+from tpinfer.parallel.mesh import Mesh, MeshError, split_layers
 from tpinfer.planner.model import ModelSpec, kv_replication, local_kv_heads, tp_failure_reason, valid_tp_sizes
 
 PASS, FAIL, UNKNOWN = "pass", "fail", "unknown"
@@ -161,11 +162,13 @@ def interconnect_check(tp: int, topology: str | None, why_unknown: str = "nvidia
     return Check(PASS, "interconnect", f"GPU0-GPU{gpus[-1]} all connected by NVLink ({kinds})")
 
 
-def launcher_checks(tp: int, env: Mapping[str, str], gpus_per_node: int | None, nnodes: int | None) -> list[Check]:
-    """torchrun's variables: present together and consistent with the requested TP and cluster.
+def launcher_checks(tp: int, env: Mapping[str, str], gpus_per_node: int | None, nnodes: int | None,
+                    pp: int = 1, dp: int = 1) -> list[Check]:
+    """torchrun's variables: present together and consistent with the requested mesh and cluster.
 
-    tpinfer runs one TP group per launch, so WORLD_SIZE must equal the TP size.
+    WORLD_SIZE must be tp x pp x dp, and with ranks placed TP innermost no TP group may span two nodes.
     """
+    mesh = Mesh(tp, pp, dp)
     present = [v for v in TORCHRUN_VARS if v in env]
     if not present:
         return [
@@ -173,7 +176,7 @@ def launcher_checks(tp: int, env: Mapping[str, str], gpus_per_node: int | None, 
                 UNKNOWN,
                 "launcher",
                 "not under torchrun (no RANK, WORLD_SIZE, ...): tpinfer's own launcher "
-                f"spawns the ranks, or run `torchrun --nproc-per-node {tp} ...`",
+                f"spawns the ranks, or run `torchrun --nproc-per-node {mesh.world_size} ...`",
             )
         ]
     missing = [v for v in TORCHRUN_VARS if v not in env]
@@ -216,21 +219,21 @@ def launcher_checks(tp: int, env: Mapping[str, str], gpus_per_node: int | None, 
             f"{local_world}, master {env['MASTER_ADDR']}:{port}",
         )
     ]
-    if world != tp:
+    label = f"tp={tp}" if (pp, dp) == (1, 1) else f"tp={tp} x pp={pp} x dp={dp} = {mesh.world_size}"
+    crossing = mesh.tp_crossing(local_world) if local_world >= 1 else None
+    if world != mesh.world_size:
         out.append(
             Check(
                 FAIL,
                 "WORLD_SIZE vs TP",
-                f"WORLD_SIZE={world} but tp={tp}: tpinfer runs one TP group per "
-                f"launch, so start {tp} processes (torchrun --nproc-per-node {tp})",
+                f"WORLD_SIZE={world} but {label}: start {mesh.world_size} processes in all "
+                f"(torchrun --nproc-per-node {mesh.world_size}, or that many across --nnodes)",
             )
         )
-    elif local_world < tp:
-        out.append(
-            Check(FAIL, "WORLD_SIZE vs TP", f"tp={tp} > LOCAL_WORLD_SIZE={local_world}: the TP group spans nodes")
-        )
+    elif crossing:
+        out.append(Check(FAIL, "WORLD_SIZE vs TP", f"{label} with LOCAL_WORLD_SIZE={local_world}: {crossing}"))
     else:
-        out.append(Check(PASS, "WORLD_SIZE vs TP", f"WORLD_SIZE={world} = tp={tp}"))
+        out.append(Check(PASS, "WORLD_SIZE vs TP", f"WORLD_SIZE={world} = {label}, each TP group inside a node"))
     return out
 
 
@@ -243,13 +246,29 @@ def run_checks(
     topology: str | None,
     visible_gpus: int | None,
     why_unknown: str = "nvidia-smi not found",
+    pp: int = 1,
+    dp: int = 1,
 ) -> list[Check]:
     """The whole checklist, in the seeds' order: model constraints, GPUs, interconnect, launcher."""
     if tp < 1:
         raise ValueError(f"--tensor-parallel-size must be at least 1, got {tp}")
+    Mesh(tp, pp, dp)  # positive sizes
     return (
         model_checks(model, tp)
+        + stage_checks(model, pp)
         + gpu_count_check(tp, gpus_per_node, nnodes, visible_gpus)
         + [interconnect_check(tp, topology, why_unknown)]
-        + launcher_checks(tp, env, gpus_per_node, nnodes)
+        + launcher_checks(tp, env, gpus_per_node, nnodes, pp, dp)
     )
+
+
+def stage_checks(model: ModelSpec, pp: int) -> list[Check]:
+    """Pipeline stages: at least one layer each (uneven splits are fine: the first stages take one more)."""
+    if pp == 1:
+        return []
+    try:
+        layers = split_layers(model.num_hidden_layers, pp)
+    except MeshError as exc:
+        return [Check(FAIL, "layers per stage", str(exc))]
+    return [Check(PASS, "layers per stage", f"{model.num_hidden_layers} layers over pp={pp}: "
+                  + ", ".join(map(str, layers)))]
