@@ -46,3 +46,30 @@ def test_pipeline_serves_concurrent_requests_like_sequential_ones(model_dir, tmp
         assert _metric(server, 'tpinfer_pipeline_bytes_total{direction="received"}') > 0
     finally:
         stop_server(server)
+
+
+def _replica_metric(server, name: str) -> dict[str, float]:
+    import httpx
+
+    out = {}
+    for line in httpx.get(f"{server.url}/metrics").text.splitlines():
+        if line.startswith(name + "{"):
+            out[line.split('replica="')[1].split('"')[0]] = float(line.split()[1])
+    return out
+
+
+def test_two_replicas_serve_32_concurrent_requests_like_sequential_ones(model_dir, tmp_path):
+    requests = [(f"{PROMPTS[i % len(PROMPTS)]} {i}", 6 + (i * 7) % 19) for i in range(32)]
+    server = start_server(model_dir, tmp_path / "dp2.log", "--data-parallel-size", "2", "--max-num-seqs", "8",
+                          "--max-model-len", "256")
+    try:
+        alone = [_greedy(server.client(), p, max_tokens=n).choices[0].text for p, n in requests]
+        generated = _replica_metric(server, "tpinfer_replica_generation_tokens_total")
+        assert _together(server, requests) == alone  # routed to the least-loaded replica, queued, batched
+        after = _replica_metric(server, "tpinfer_replica_generation_tokens_total")
+        assert sorted(after) == ["0", "1"]
+        assert all(after[d] > generated[d] for d in after), (generated, after)  # both replicas took requests
+        assert sum(after.values()) - sum(generated.values()) == sum(n for _, n in requests)
+    finally:
+        stop_server(server)
+    assert "tp=1 x pp=1 x dp=2" in server.log.read_text()

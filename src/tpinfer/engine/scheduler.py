@@ -103,9 +103,8 @@ def _send_logits(engine: RankEngine, logits: torch.Tensor | None) -> torch.Tenso
     return logits
 
 
-def take_logits(engine: RankEngine, message: messages.Step) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Rank 0, with pipeline stages: the logits of a step message ``run_stage`` started, from the last stage."""
-    pipe, vocab = engine.ctx.pipe, engine.config.vocab_size
+def take_logits(pipe, vocab: int, message: messages.Step) -> tuple[torch.Tensor | None, torch.Tensor | None]:  # noqa: ANN001
+    """Rank 0: the logits of a step message, from the sampler (last stage) of the replica ``pipe`` leads to."""
     recv = lambda rows: pipe.recv(torch.empty((rows, vocab), dtype=torch.float32), pipe.sampler)  # noqa: E731
     return (recv(len(message.prefill)) if message.prefill else None,
             recv(len(message.decode)) if message.decode else None)
@@ -117,28 +116,34 @@ def run_step(engine: RankEngine, message: messages.Step) -> tuple[torch.Tensor |
     pipe = engine.ctx.pipe
     if pipe is None or pipe.sampler == 0:
         return logits
-    return take_logits(engine, message) if engine.ctx.rank == 0 else (None, None)
+    return take_logits(pipe, engine.config.vocab_size, message) if engine.ctx.rank == 0 else (None, None)
 
 
 class Scheduler:
     """Rank 0: a fixed number of KV-cache slots, a bounded waiting queue, and one step at a time.
 
     ``add`` may be called from any thread; ``step`` and ``heartbeat`` only from the engine thread, the one
-    thread that issues collectives.
+    thread that issues collectives. With data-parallel replicas rank 0 runs one scheduler (and one engine thread) per
+    replica; ``replica`` > 0 drives ranks rank 0 is not one of: it sends their step messages and takes their logits
+    back, and computes nothing itself (every replica has the same model, limits and cache shape as rank 0's).
     """
 
     def __init__(self, engine: RankEngine, max_num_seqs: int, max_waiting: int,
-                 prefill_tokens_per_step: int = PREFILL_TOKENS_PER_STEP) -> None:
+                 prefill_tokens_per_step: int = PREFILL_TOKENS_PER_STEP, replica: int = 0) -> None:
         cache = engine.generator.cache
         if cache.max_seqs < max_num_seqs:
             raise ValueError(f"the KV cache has {cache.max_seqs} slots, fewer than max_num_seqs={max_num_seqs}")
         self.engine = engine
+        self.replica = replica
+        self.local = replica == engine.ctx.dp_rank  # rank 0 computes this replica's first stage itself
+        self.vocab_size = engine.config.vocab_size
         self.max_num_seqs, self.max_waiting = max_num_seqs, max_waiting
         self.max_seq_len = min(cache.max_seq_len, engine.model.max_seq_len)
         self.prefill_tokens_per_step = prefill_tokens_per_step
         self.eos_token_ids = frozenset(engine.generator.eos_token_ids)
         self.recompute_length = engine.model.recompute_length
         self.steps = 0
+        self.generated_tokens = 0
         # Pipeline stages: micro-batches in flight, oldest first, as (step message, prefilled, decoded sequences).
         self.micro_batches = engine.ctx.pp_size
         self._in_flight: deque[tuple[messages.Step, list[Sequence], list[Sequence]]] = deque()
@@ -149,6 +154,12 @@ class Scheduler:
         self._running: list[Sequence] = []
         self._cond = threading.Condition()
         self._interrupted = False
+
+    @property
+    def _results(self):  # noqa: ANN202
+        """The pipe this replica's logits come back on (rank 0's own for its replica)."""
+        ctx = self.engine.ctx
+        return ctx.remotes[self.replica] if ctx.remotes else ctx.pipe
 
     @property
     def num_waiting(self) -> int:
@@ -185,7 +196,7 @@ class Scheduler:
 
     def heartbeat(self) -> None:
         """An empty step: idle workers wait in a broadcast whose timeout is the collective timeout."""
-        messages.send(self.engine.ctx, messages.Step())
+        messages.send(self.engine.ctx, messages.Step(), self.replica)
 
     def step(self) -> bool:
         """Admit, run one step on every rank, sample, retire. False when there was nothing to run."""
@@ -208,8 +219,11 @@ class Scheduler:
         message = messages.Step([(seq.slot, seq.prompt_ids) for seq in admitted]
                                 + [(seq.slot, seq.prompt_ids + seq.token_ids) for seq in again],
                                 [(seq.slot, seq.token_ids[-1], seq.last_position) for seq in decoding])
-        messages.send(self.engine.ctx, message)  # the workers' whole input for this step
-        prefill_logits, decode_logits = run_step(self.engine, message)
+        messages.send(self.engine.ctx, message, self.replica)  # the workers' whole input for this step
+        if self.local:
+            prefill_logits, decode_logits = run_step(self.engine, message)
+        else:
+            prefill_logits, decode_logits = take_logits(self._results, self.vocab_size, message)
         if prefill_logits is not None:
             self._advance(admitted + again, prefill_logits)
         if decode_logits is not None:
@@ -243,15 +257,16 @@ class Scheduler:
                                 [(seq.slot, seq.token_ids[-1], seq.last_position) for seq in decoding])
         for seq in admitted + again + decoding:
             seq.in_flight = True
-        messages.send(self.engine.ctx, message)
-        run_stage(self.engine, message)  # rank 0's stage; its activations are on their way to the next
+        messages.send(self.engine.ctx, message, self.replica)
+        if self.local:
+            run_stage(self.engine, message)  # rank 0's stage; its activations are on their way to the next
         self._in_flight.append((message, admitted + again, decoding))
         return True
 
     def _finish_micro_batch(self, idle: bool) -> None:
         message, prefilled, decoded = self._in_flight.popleft()
         start = time.perf_counter()
-        prefill_logits, decode_logits = take_logits(self.engine, message)
+        prefill_logits, decode_logits = take_logits(self._results, self.vocab_size, message)
         if idle:
             self.bubble_s += time.perf_counter() - start
         for seq in prefilled + decoded:
@@ -309,6 +324,7 @@ class Scheduler:
                     values, ids = logprobs.topk(seq.top_logprobs)
                     top = list(zip(ids.tolist(), values.tolist(), strict=True))
             seq.token_ids.append(token)
+            self.generated_tokens += 1
             stop_string = seq.output.add(token, logprob, top)
             params = seq.params
             if stop_string or token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids):
@@ -326,3 +342,34 @@ class Scheduler:
             greedy[row] if seq.params.greedy else int(sample(logits[row : row + 1], seq.params, seq.generator)[0])
             for row, seq in enumerate(sequences)
         ]
+
+
+class Router:
+    """Rank 0 with data-parallel replicas: one scheduler per replica behind the server's single endpoint. A request's
+    sequences all go to the least-loaded replica (running + waiting; the lowest-numbered among equals)."""
+
+    def __init__(self, schedulers: list[Scheduler]) -> None:
+        self.schedulers = schedulers
+        self.max_seq_len = schedulers[0].max_seq_len
+        self.max_waiting = sum(s.max_waiting for s in schedulers)
+        self._lock = threading.Lock()
+
+    @property
+    def num_waiting(self) -> int:
+        return sum(s.num_waiting for s in self.schedulers)
+
+    @property
+    def num_running(self) -> int:
+        return sum(s.num_running for s in self.schedulers)
+
+    def load(self, replica: int) -> int:
+        s = self.schedulers[replica]
+        return s.num_running + s.num_waiting
+
+    def add(self, sequences: list[Sequence]) -> bool:
+        """Queue on the least-loaded replica that has room; False when none has."""
+        with self._lock:  # two requests arriving together do not both pick the same "least loaded" replica blindly
+            for replica in sorted(range(len(self.schedulers)), key=self.load):
+                if self.schedulers[replica].add(sequences):
+                    return True
+        return False

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from tpinfer.parallel.comm import Communicator
-from tpinfer.parallel.mesh import Mesh, MeshError
+from tpinfer.parallel.mesh import Mesh
 from tpinfer.parallel.pipe import Pipe
 
 log = logging.getLogger(__name__)
@@ -33,8 +33,8 @@ class ParallelContext:
     ``tp_size``); ``control`` carries rank 0's messages to the first stage of this rank's replica (None on later
     stages, which receive them from the stage before: ``tpinfer.engine.messages``); ``replica`` spans the replica's
     ranks and rank 0 (gathers of measurements); ``pipe`` passes activations between pipeline stages and results
-    back to rank 0 (None in plain TP). ``controls``, on rank 0 only, holds one control communicator per
-    data-parallel replica.
+    back to rank 0 (None in plain TP). ``controls`` and ``remotes``, on rank 0 only, hold per data-parallel replica
+    its control communicator and the pipe its results come back on.
     """
 
     rank: int
@@ -48,6 +48,7 @@ class ParallelContext:
     replica: Communicator | None = None
     pipe: Pipe | None = None
     controls: list[Communicator] = field(default_factory=list)
+    remotes: list[Pipe] = field(default_factory=list)  # rank 0: per replica, the pipe its logits come back on
 
     def __post_init__(self) -> None:
         if self.mesh is None:
@@ -101,8 +102,9 @@ class ParallelContext:
         mesh = mesh or Mesh(tp=world)
         mesh.check_world(world)
         crossing = mesh.tp_crossing(local_world)
-        if crossing:
-            raise MeshError(crossing)
+        if crossing and rank == 0:  # allowed (a fast interconnect may carry it), but rarely what anyone wants
+            log.warning("%s; tensor parallelism across nodes all-reduces twice per layer over the network "
+                        "(pipeline stages across nodes send one activation per step)", crossing)
         return cls.initialize(rank, world, local_rank, local_world, init_method="env://", timeout_s=timeout_s,
                               all_reduce=all_reduce, mesh=mesh)
 
@@ -176,9 +178,13 @@ class ParallelContext:
         ranks, group = data[replica]
         whole = Communicator(group, ranks.index(rank), len(ranks), device)
         pipe = None if plain_tp else Pipe(mesh, rank, group, relays[replica], device)
-        every = [control] + [control_of(d) for d in range(1, mesh.dp)] if rank == 0 else []
+        every, remotes = [], []
+        if rank == 0:  # rank 0 schedules every replica: their control broadcasts, and their logits coming back
+            every = [control] + [control_of(d) for d in range(1, mesh.dp)]
+            remotes = [pipe] + [Pipe(mesh, 0, data[d][1], relays[d], device, replica=d) for d in range(1, mesh.dp)]
         set_threads(local_world_size)
-        return cls(rank, world_size, local_rank, local_world_size, device, comm, mesh, control, whole, pipe, every)
+        return cls(rank, world_size, local_rank, local_world_size, device, comm, mesh, control, whole, pipe, every,
+                   remotes)
 
     def close(self) -> None:
         self.comm.close()

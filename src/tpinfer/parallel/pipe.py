@@ -24,13 +24,17 @@ MAX_PENDING = 64  # sends in flight before the oldest is waited for (a few per m
 
 
 class Pipe:
-    def __init__(self, mesh: Mesh, rank: int, group: Any, relay_group: Any, device: torch.device) -> None:
+    def __init__(self, mesh: Mesh, rank: int, group: Any, relay_group: Any, device: torch.device,
+                 replica: int | None = None) -> None:
+        """The pipe of this rank's replica, or (rank 0, ``replica`` another one) the way to that replica's results."""
         self.mesh, self.rank, self.group, self.device = mesh, rank, group, device
         self.relay_group = relay_group
-        stage, replica, tp_rank = mesh.coords(rank)
+        stage, own, tp_rank = mesh.coords(rank)
+        member = replica is None or replica == own
+        replica = own if replica is None else replica
         self.stage = stage
-        self.prev = mesh.rank(stage - 1, replica, tp_rank) if stage > 0 else None
-        self.next = mesh.rank(stage + 1, replica, tp_rank) if stage < mesh.pp - 1 else None
+        self.prev = mesh.rank(stage - 1, replica, tp_rank) if member and stage > 0 else None
+        self.next = mesh.rank(stage + 1, replica, tp_rank) if member and stage < mesh.pp - 1 else None
         self.sampler = mesh.rank(mesh.pp - 1, replica, 0)  # last stage, TP rank 0: the replica's full logits
         self.stats = CommStats()
         self._pending: list[Any] = []

@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tpinfer.engine.sampling import SamplingParams
-from tpinfer.engine.scheduler import Scheduler, Sequence
+from tpinfer.engine.scheduler import Router, Scheduler, Sequence
 from tpinfer.generation import GenerationDefaults
 from tpinfer.serve import handlers
 from tpinfer.serve.handlers import APIError
@@ -62,7 +62,8 @@ class ServerState:
 
     def __init__(self, settings: AppSettings, tokenizer: Tokenizer, metrics: Metrics) -> None:
         self.settings, self.tokenizer, self.metrics = settings, tokenizer, metrics
-        self.scheduler: Scheduler | None = None
+        self.scheduler: Scheduler | Router | None = None  # a Router over one scheduler per data-parallel replica
+        self.schedulers: list[Scheduler] = []
         self.status = "starting"
         self.failure: str | None = None
         self.on_failure: Callable[[], None] | None = None  # the server's "exit now" (thread-safe)

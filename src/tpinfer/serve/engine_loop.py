@@ -30,13 +30,13 @@ def heartbeat_interval(collective_timeout_s: float) -> float:
 
 class EngineThread:
     def __init__(self, scheduler: Scheduler, on_fatal: Callable[[str], None], stop_ranks: Callable[[], None],
-                 heartbeat_s: float) -> None:
+                 heartbeat_s: float, name: str = "tpinfer-engine") -> None:
         self.scheduler = scheduler
         self.on_fatal = on_fatal  # a step failed (a collective error or timeout): fail everything, exit
         self.stop_ranks = stop_ranks  # on a clean stop: tell the workers to leave, and wait for them
         self.heartbeat_s = heartbeat_s
         self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="tpinfer-engine", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> None:
         self._thread.start()

@@ -56,6 +56,8 @@ class Metrics:
         self.bubble_seconds: Callable[[], float] = lambda: 0.0
         self.busy_seconds: Callable[[], float] = lambda: 0.0
         self.pipe_bytes: Callable[[], dict[str, int]] = dict
+        # Data-parallel replicas: per replica {"running", "waiting", "steps", "generated_tokens"}.
+        self.replicas: Callable[[], list[dict[str, int]]] = list
         self._lock = threading.Lock()
 
     def request(self, outcome: str) -> None:
@@ -78,6 +80,7 @@ class Metrics:
             self.latency.observe(seconds)
 
     def render(self) -> str:
+        replicas = list(enumerate(self.replicas()))
         with self._lock:
             lines = [
                 "# HELP tpinfer_requests_total Completion and chat requests by outcome.",
@@ -118,6 +121,19 @@ class Metrics:
                 "(logits).",
                 "# TYPE tpinfer_pipeline_bytes_total counter",
                 *(f'tpinfer_pipeline_bytes_total{{direction="{d}"}} {n}' for d, n in sorted(self.pipe_bytes().items())),
+                "# HELP tpinfer_replica_requests_running Sequences in each data-parallel replica's running batch.",
+                "# TYPE tpinfer_replica_requests_running gauge",
+                *(f'tpinfer_replica_requests_running{{replica="{d}"}} {r["running"]}' for d, r in replicas),
+                "# HELP tpinfer_replica_requests_waiting Sequences waiting for a slot of each replica.",
+                "# TYPE tpinfer_replica_requests_waiting gauge",
+                *(f'tpinfer_replica_requests_waiting{{replica="{d}"}} {r["waiting"]}' for d, r in replicas),
+                "# HELP tpinfer_replica_generation_tokens_total Tokens each replica generated.",
+                "# TYPE tpinfer_replica_generation_tokens_total counter",
+                *(f'tpinfer_replica_generation_tokens_total{{replica="{d}"}} {r["generated_tokens"]}'
+                  for d, r in replicas),
+                "# HELP tpinfer_replica_steps_total Steps (micro-batches) each replica ran.",
+                "# TYPE tpinfer_replica_steps_total counter",
+                *(f'tpinfer_replica_steps_total{{replica="{d}"}} {r["steps"]}' for d, r in replicas),
                 "# HELP tpinfer_time_to_first_token_seconds From arrival to the first generated token.",
                 "# TYPE tpinfer_time_to_first_token_seconds histogram",
                 *self.ttft.lines("tpinfer_time_to_first_token_seconds"),

@@ -33,7 +33,7 @@ import uvicorn
 
 from tpinfer.engine.launcher import Launcher
 from tpinfer.engine.runtime import EngineSpec, RankEngine, layout_label, load_engine
-from tpinfer.engine.scheduler import Scheduler
+from tpinfer.engine.scheduler import Router, Scheduler
 from tpinfer.parallel.context import ParallelContext
 from tpinfer.serve.app import AppSettings, ServerState, build_app
 from tpinfer.serve.engine_loop import EngineThread, heartbeat_interval
@@ -115,15 +115,13 @@ def serve(config: ServeConfig) -> int:
                       tp_plan=config.tp_plan, quantization=config.quantization,
                       quantize_lm_head=config.quantize_lm_head, max_model_len=config.max_model_len,
                       max_batch_size=config.max_num_seqs, all_reduce=config.all_reduce, timeout_s=config.timeout_s)
-    if config.data_parallel_size != 1:
-        raise ValueError(f"--data-parallel-size {config.data_parallel_size}: replicas behind one endpoint are not "
-                         "built yet; run one server per replica (dp=1)")
     torchrun = "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
     if torchrun:
-        world, stages = int(os.environ["WORLD_SIZE"]), config.pipeline_parallel_size
-        if world % stages:
-            raise ValueError(f"--pipeline-parallel-size {stages} does not divide torchrun's world size {world}")
-        spec.tensor_parallel_size = world // stages
+        world, copies = int(os.environ["WORLD_SIZE"]), config.pipeline_parallel_size * config.data_parallel_size
+        if world % copies:
+            raise ValueError(f"--pipeline-parallel-size {config.pipeline_parallel_size} x --data-parallel-size "
+                             f"{config.data_parallel_size} does not divide torchrun's world size {world}")
+        spec.tensor_parallel_size = world // copies
         ctx = ParallelContext.from_env(config.timeout_s, config.all_reduce, spec.mesh)
         if not ctx.is_first:  # a torchrun worker: run what rank 0 sends
             load_engine(spec, ctx).serve_forever()
@@ -193,7 +191,9 @@ def _workers_shielded_from_group_signals() -> Iterator[None]:
 
 def _build_state(config: ServeConfig, engine: RankEngine, tokenizer: Tokenizer, names: tuple[str, ...],
                  vocab_size: int) -> ServerState:
-    scheduler = Scheduler(engine, config.max_num_seqs, config.max_queue)
+    schedulers = [Scheduler(engine, config.max_num_seqs, config.max_queue, replica=d)
+                  for d in range(engine.ctx.dp_size)]
+    scheduler = schedulers[0] if len(schedulers) == 1 else Router(schedulers)
     cache = engine.generator.cache
     settings = AppSettings(model_names=tuple(dict.fromkeys(names)), max_model_len=scheduler.max_seq_len,
                            max_num_seqs=config.max_num_seqs, vocab_size=vocab_size, api_key=config.api_key,
@@ -204,14 +204,17 @@ def _build_state(config: ServeConfig, engine: RankEngine, tokenizer: Tokenizer, 
     metrics.queue_depth = lambda: scheduler.num_waiting
     metrics.running = lambda: scheduler.num_running
     metrics.pipeline_parallel_size = engine.ctx.pp_size
-    metrics.bubble_seconds = lambda: scheduler.bubble_s
-    metrics.busy_seconds = lambda: scheduler.busy_s
-    pipe = engine.ctx.pipe
-    if pipe is not None:
-        metrics.pipe_bytes = lambda: {"sent": pipe.stats.bytes.get("pipe_send", 0),
-                                      "received": pipe.stats.bytes.get("pipe_recv", 0)}
+    metrics.bubble_seconds = lambda: sum(s.bubble_s for s in schedulers)
+    metrics.busy_seconds = lambda: sum(s.busy_s for s in schedulers)
+    metrics.replicas = lambda: [{"running": s.num_running, "waiting": s.num_waiting, "steps": s.steps,
+                                 "generated_tokens": s.generated_tokens} for s in schedulers]
+    pipes = [pipe for pipe in engine.ctx.remotes or [engine.ctx.pipe] if pipe is not None]
+    if pipes:
+        metrics.pipe_bytes = lambda: {"sent": sum(p.stats.bytes.get("pipe_send", 0) for p in pipes),
+                                      "received": sum(p.stats.bytes.get("pipe_recv", 0) for p in pipes)}
     state = ServerState(settings, tokenizer, metrics)
     state.scheduler = scheduler
+    state.schedulers = schedulers
     return state
 
 
@@ -230,7 +233,12 @@ def _run(config: ServeConfig, engine: RankEngine, state: ServerState, launcher: 
             time.sleep(0.05)
         state.fail(launcher.failure if launcher is not None and launcher.failure else message)
 
-    thread = EngineThread(state.scheduler, on_fatal, stop_ranks, heartbeat_interval(config.timeout_s))
+    heartbeat = heartbeat_interval(config.timeout_s)
+    if len(state.schedulers) == 1:
+        threads = [EngineThread(state.scheduler, on_fatal, stop_ranks, heartbeat)]
+    else:  # one engine thread per replica, each telling its own replica to stop; then the processes are joined
+        threads = [EngineThread(s, on_fatal, _stop_replica(engine, s.replica), heartbeat, name=f"tpinfer-engine{d}")
+                   for d, s in enumerate(state.schedulers)]
     app = build_app(state)
     uv_config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
                                timeout_graceful_shutdown=FINAL_WRITES_S, timeout_keep_alive=30)
@@ -240,7 +248,8 @@ def _run(config: ServeConfig, engine: RankEngine, state: ServerState, launcher: 
         server.should_exit = True
 
     state.on_failure = exit_soon
-    thread.start()
+    for thread in threads:
+        thread.start()
     state.status = "ok"
     host, port = sock.getsockname()[:2]
     log.info("serving %s at %s on http://%s:%d (max %d sequences x %d tokens, KV cache %.1f MiB per rank)",
@@ -256,13 +265,25 @@ def _run(config: ServeConfig, engine: RankEngine, state: ServerState, launcher: 
             launcher.shutdown(force=True)
         logging.shutdown()
         os._exit(1)  # the engine thread may be blocked in a collective with a dead rank: do not wait for it
-    if not thread.stop(timeout=30.0):
+    stopped = [thread.stop(timeout=30.0) for thread in threads]
+    if not all(stopped):
         print("tpinfer serve: the engine thread did not stop; killing the workers", file=sys.stderr, flush=True)
         for process in launcher.processes if launcher is not None else ():
             process.kill()
         os._exit(1)
+    if len(threads) > 1:  # every replica was told to stop by its own thread
+        if launcher is not None:
+            launcher.shutdown()
+        engine.ctx.close()
     log.info("stopped")
     return 0
+
+
+def _stop_replica(engine: RankEngine, replica: int):  # noqa: ANN202
+    """A replica's engine thread, stopping: tell that replica's ranks to leave (from the thread that steps it)."""
+    from tpinfer.engine import messages
+
+    return lambda: messages.send(engine.ctx, messages.Stop(), replica)
 
 
 def _bind(host: str, port: int) -> socket.socket:
