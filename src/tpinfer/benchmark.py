@@ -39,9 +39,9 @@ def weight_bytes_per_step(engine: RankEngine) -> int:
     """Parameter bytes one decode step reads on this rank: all of them but the embedding table, of which a
     step reads one row per token (unless the table is also the LM head)."""
     total = engine.param_bytes
-    if not engine.config.tie_word_embeddings:
-        emb = engine.model.model.embed_tokens.weight
-        total -= emb.numel() * emb.element_size()
+    embed = engine.model.model.embed_tokens  # None on a pipeline stage after the first
+    if embed is not None and not engine.config.tie_word_embeddings:
+        total -= embed.weight.numel() * embed.weight.element_size()
     return total
 
 
@@ -69,7 +69,7 @@ def run_one(options: BenchOptions, progress: bool = True) -> dict[str, Any]:
 
 
 def _measure(engine: RankEngine, options: BenchOptions) -> dict[str, Any]:
-    config, tp = engine.config, engine.ctx.world_size
+    config, tp, pp = engine.config, engine.ctx.tp_size, engine.ctx.pp_size
     generator = torch.Generator().manual_seed(options.seed)
     vocab = min(config.vocab_size, 32000)
     prompts = [torch.randint(3, vocab, (options.input_len,), generator=generator).tolist()
@@ -104,13 +104,15 @@ def _measure(engine: RankEngine, options: BenchOptions) -> dict[str, Any]:
                for name, times in bandwidth[0]["seconds"].items()}
     bandwidth_method = min(methods, key=methods.get)
     measured_bw = sum(b["bytes"] for b in bandwidth) / methods[bandwidth_method]
-    # Ranks hold equal shapes under a plan (vocabulary padding is allocated alike), so one rank's bytes times TP.
-    step_bytes = weight_bytes_per_step(engine) * tp
+    step_bytes = sum(r["weight_bytes_per_step"] for r in ranks)  # every rank's share: all stages, all TP ranks
+    # Waiting for another stage: receiving activations or logits, and the chosen tokens' broadcast from the last stage.
+    decode_wait = [sum(r["pipe"].get(k, {}).get("seconds", 0.0) for k in ("pipe_wait", "pipe_broadcast")) for r in ranks]
     decode_tps = decode_tokens / decode_s
     latency = collect(engine, "all_reduce_latency", numel=config.hidden_size)[0] if tp > 1 else {}
     return {
         "model": engine.spec.model,
         "tp": tp,
+        "pp": pp,
         "dtype": str(engine.model.dtype).removeprefix("torch."),
         "threads_per_rank": ranks[0]["threads"],
         "all_reduce_backend": ranks[0]["all_reduce_backend"],
@@ -137,7 +139,14 @@ def _measure(engine: RankEngine, options: BenchOptions) -> dict[str, Any]:
         "all_reduce_latency_us": latency,
         "quantization": quantization_name(engine),
         "bytes_per_weight": projection_bytes_per_weight(engine),
-        "lm_head": head_format(engine),
+        "lm_head": next(r["lm_head"] for r in ranks if r["lm_head"] is not None),
+        # Pipeline stages: activations rank 0 sends per step, and each rank's share of the timed run spent waiting
+        # for another stage (lockstep generation: one stage works at a time, so about 1 - 1/pp).
+        "pipeline": None if pp == 1 else {
+            "stage_of_rank": [r["stage"] for r in ranks],
+            "activation_bytes_per_step": ranks[0]["pipe"].get("pipe_send", {}).get("bytes", 0) / forwards,
+            "wait_share": [w / timed_s if timed_s else 0.0 for w in decode_wait],
+        },
     }
 
 
@@ -150,11 +159,13 @@ def quantization_name(engine: RankEngine) -> str | None:
     return ", ".join(sorted(names)) if names else None
 
 
-def head_format(engine: RankEngine) -> str:
+def head_format(engine: RankEngine) -> str | None:
     """The LM head's format: its quantization scheme (``--quantize-lm-head``) or its float dtype."""
     from tpinfer.quant.layers import QuantLMHead
 
     head = engine.model.lm_head
+    if head is None:  # a pipeline stage before the last
+        return None
     return head.scheme.name if isinstance(head, QuantLMHead) else str(head.weight.dtype).removeprefix("torch.")
 
 
@@ -208,6 +219,12 @@ def table(results: list[dict[str, Any]]) -> str:
                      f"bandwidth achieved {r['achieved_bandwidth_gb_s']:.1f} of measured {r['measured_bandwidth_gb_s']:.1f} GB/s; "
                      f"native decode kernels {'on' if r['native_kernels'] else 'off'}; "
                      f"weights in huge pages {_huge_pages(r)}")
+        pipe = r.get("pipeline")
+        if pipe:
+            lines.append(f"tp={r['tp']} x pp={r['pp']}: stages of ranks {pipe['stage_of_rank']}; "
+                         f"{pipe['activation_bytes_per_step'] / 1024:.1f} KiB of activations to the next stage per "
+                         f"step; share of the run each rank waited for another stage (the bubble of lockstep "
+                         f"generation): {', '.join(f'{100 * w:.0f}%' for w in pipe['wait_share'])}")
     return "\n".join(lines)
 
 

@@ -146,3 +146,12 @@ def test_cli_json_with_torchrun_env(monkeypatch: pytest.MonkeyPatch, capsys: pyt
     statuses = {c["name"]: c["status"] for c in out["checks"]}
     assert statuses["launcher"] == PASS and statuses["WORLD_SIZE vs TP"] == PASS
     assert statuses["interconnect"] == UNKNOWN
+
+
+def test_launcher_checks_a_mesh() -> None:
+    # WORLD_SIZE 4 = tp 2 x pp 2; two nodes of 2 ranks: each TP group inside one node
+    two_nodes = torchrun_env(LOCAL_WORLD_SIZE="2", LOCAL_RANK="0")
+    assert launcher_checks(2, two_nodes, None, 2, pp=2)[1].status == PASS
+    assert launcher_checks(2, torchrun_env(), None, None, pp=3)[1].status == FAIL  # 4 != 6
+    crossing = launcher_checks(4, two_nodes, None, 2)[1]  # tp=4 over nodes of 2 ranks
+    assert crossing.status == FAIL and "spans nodes" in crossing.detail

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from tpinfer.cli.common import add_engine_args, add_model_args, model_path, tp_plan
+from tpinfer.cli.common import add_engine_args, add_model_args, model_path, resolve_mesh, tp_plan
 
 EPILOG = """examples:
   tpinfer bench --model ./llama-250m --tensor-parallel-size 2 --dtype float32 --batch-size 1 \\
@@ -31,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_model_args(parser, tp=False)
-    parser.add_argument("--tensor-parallel-size", "--tp", default="1", dest="tensor_parallel_size", metavar="N[,N...]",
+    parser.add_argument("--tensor-parallel-size", "--tp", default=None, dest="tensor_parallel_size", metavar="N[,N...]",
                         help="one size, or a comma-separated sweep such as 1,2,4 (default 1)")
     add_engine_args(parser)
     parser.add_argument("--batch-size", type=int, default=1, metavar="B", help="prompts per batch (default 1)")
@@ -54,12 +54,17 @@ def run(args: argparse.Namespace) -> int:
     from tpinfer.benchmark import BenchOptions, plot, sweep, table
     from tpinfer.engine.runtime import EngineSpec
 
+    resolve_mesh(args, sweep=True)
+    if args.data_parallel_size != 1:
+        raise ValueError(f"--data-parallel-size {args.data_parallel_size}: tpinfer bench measures one replica; "
+                         "replicas serve concurrent requests (benchmarks/serve_load.py --layouts tp1dp2 measures them)")
     sizes = [int(s) for s in str(args.tensor_parallel_size).split(",") if s.strip()]
     if args.accuracy and args.quantization is None:
         raise ValueError("--accuracy compares a model quantized on load (--quantization SCHEME) with its float source; "
                          "give --quantization")
     spec = EngineSpec(
         model=model_path(args),
+        pipeline_parallel_size=args.pipeline_parallel_size,
         dtype=args.dtype,
         tp_plan=tp_plan(args.tp_plan),
         quantization=args.quantization,

@@ -49,8 +49,17 @@ def _stats(engine: RankEngine, reset: bool = False, timed: bool | None = None) -
         "comm": comm.stats.snapshot(),
         "all_reduce_backend": type(comm.all_reduce_impl).__name__ if comm.all_reduce_impl else "process group",
     }
+    pipe = engine.ctx.pipe
+    from tpinfer.benchmark import head_format, weight_bytes_per_step
+
+    out["weight_bytes_per_step"] = weight_bytes_per_step(engine)
+    out["lm_head"] = head_format(engine)
+    out["stage"] = engine.ctx.pp_rank
+    out["pipe"] = pipe.stats.snapshot() if pipe is not None else {}
     if reset:
         comm.stats.reset()
+        if pipe is not None:
+            pipe.stats.reset()
     if timed is not None:
         comm.stats.timed = timed
     return out
