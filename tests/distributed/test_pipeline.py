@@ -7,7 +7,7 @@ import pytest
 import torch
 from test_engine_faults import _no_orphans, _run_script
 
-from helpers import make_checkpoint
+from helpers import make_checkpoint, run_ranks
 from tpinfer import LLM, SamplingParams
 from tpinfer.config import ModelConfig
 from tpinfer.engine.bench import collect
@@ -129,3 +129,38 @@ def test_a_killed_last_stage_rank_ends_every_process(four_layers, tp):
     assert re.search(rf"rank {last} exited with code (-9|None)", proc.stderr), proc.stderr[-2000:]
     assert elapsed < 30
     _no_orphans(proc.stdout)
+
+
+def _residual_shapes(ctx, path, plan, length):
+    """Every layer's output shape in a prefill of ``length`` tokens, and the greedy tokens after it."""
+    from tpinfer.api import TPModel
+    from tpinfer.engine.runtime import EngineSpec, load_engine
+
+    engine = load_engine(EngineSpec(str(path), tensor_parallel_size=ctx.tp_size, tp_plan=plan, dtype="float32"), ctx)
+    shapes = []
+    for layer in engine.model.model.layers:
+        layer.register_forward_hook(lambda module, args, out: shapes.append(tuple(out.shape)))
+    ids = torch.arange(1, length + 1)[None]
+    tokens = TPModel(engine).generate(ids, max_new_tokens=4)[0, length:].tolist()
+    return shapes[: len(engine.model.model.layers)], tokens
+
+
+@pytest.mark.parametrize("variant", ["llama", "gemma2", "phi3"])
+def test_sequence_parallel_splits_the_residual_stream_and_gives_the_same_tokens(four_layers, variant):
+    path, length = four_layers[variant], 9  # not a multiple of tp: the last rank's chunk is padded
+    plain = run_ranks(2, _residual_shapes, path, "auto", length)
+    split = run_ranks(2, _residual_shapes, path, "auto-sp", length)
+    hidden = ModelConfig.from_pretrained(path).hidden_size
+    assert all(shape == (1, length, hidden) for shape in plain[0][0])
+    assert all(shape == (1, 5, hidden) for rank in split for shape in rank[0])  # ceil(9 / 2) positions per rank
+    assert split[0][1] == split[1][1] == plain[0][1]
+
+
+def test_sequence_parallel_plans_are_all_or_nothing(four_layers):
+    from tpinfer.parallel.plan import PlanError, resolve_plan
+
+    config = ModelConfig.from_pretrained(four_layers["llama"])
+    assert resolve_plan(config, 2, "auto-sp").sequence_parallel
+    assert not resolve_plan(config, 2, "auto").sequence_parallel
+    with pytest.raises(PlanError, match="every norm must be sequence_parallel"):
+        resolve_plan(config, 2, {**config.family.auto_plan, "model.norm": "sequence_parallel"})

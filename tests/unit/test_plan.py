@@ -56,7 +56,7 @@ def test_rowwise_input_projection_is_refused():
     [
         ({"model.layers.*.self_attn.q_proj": "diagonal"}, "unknown strategy 'diagonal'"),
         ({"model.layers.*.attn.q_proj": "colwise"}, "matches no module"),
-        ({"model.layers.*.input_layernorm": "sequence_parallel"}, "sequence_parallel is not supported yet"),
+        ({"model.layers.*.input_layernorm": "sequence_parallel"}, "every norm must be sequence_parallel: 2 of 5"),
         ({"model.norm": "colwise"}, "can only be 'replicate'"),
     ],
 )

@@ -67,6 +67,7 @@ class DecoderModel(nn.Module):
                  embed_scale: float | None = None):
         super().__init__()
         self.ctx, self.hidden_size, self.dtype = ctx, config.hidden_size, dtype
+        self.sequence_parallel = plan.sequence_parallel and ctx.tp_size > 1
         embed = Embedding(EMBED, config.vocab_size, config.hidden_size)
         self.embed_tokens = embedding_layer(embed, plan.strategy(EMBED), ctx, dtype) if ctx.is_first_stage else None
         held = stage_layers(config.num_hidden_layers, ctx.pp_size, ctx.pp_rank)
@@ -81,9 +82,24 @@ class DecoderModel(nn.Module):
         self.register_buffer("embed_scale", scale, persistent=False)
 
     def forward(self, batch: Batch, cache: KVCache) -> torch.Tensor | None:
-        """Final hidden states (B, T, hidden) on the last stage; None on the others, which send theirs on."""
+        """Final hidden states (B, T, hidden) on the last stage; None on the others, which send theirs on.
+
+        With a sequence-parallel plan, a prefill step (T > 1) keeps the residual stream split along the sequence
+        between layers: each rank holds (B, T / tp, hidden) of it (``Communicator.sum_partials``)."""
+        comm, T = self.ctx.comm, batch.input_ids.shape[1]
+        if self.sequence_parallel and T > 1:
+            comm.sequence_len = T
+        try:
+            return self._forward(batch, cache)
+        finally:
+            comm.end_sequence_parallel()
+
+    def _forward(self, batch: Batch, cache: KVCache) -> torch.Tensor | None:
+        comm, T = self.ctx.comm, batch.input_ids.shape[1]
         x = self.embed(batch.input_ids) if self.embed_tokens is not None else self.ctx.pipe.recv_prev(
             (*batch.input_ids.shape, self.hidden_size), self.dtype)
+        if comm.sequence_len is not None and x.shape[1] == T:  # a replicated embedding, or the previous stage's
+            x = comm.scatter_sequence(x)
         seq_lens = None
         if any(rope.limit is not None for rope in self.rotary_emb.values()):  # tables that depend on the length
             seq_lens = [int(start) + n for start, n in zip(batch.positions[:, 0].tolist(), batch.lengths, strict=True)]
@@ -91,9 +107,9 @@ class DecoderModel(nn.Module):
         for layer, kind in zip(self.layers, self.layer_types, strict=True):
             x = layer(x, ropes[kind], batch, cache)
         if self.norm is None:
-            self.ctx.pipe.send_next(x)
+            self.ctx.pipe.send_next(comm.gather_sequence(x))
             return None
-        return self.norm(x)
+        return comm.gather_sequence(self.norm(x))
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)

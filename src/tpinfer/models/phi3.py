@@ -79,7 +79,7 @@ class Phi3Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: Batch,
                 cache: KVCache) -> torch.Tensor:
-        B, T, _ = x.shape
+        B, T = batch.input_ids.shape  # x may be this rank's chunk of the sequence (sequence parallelism)
         q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
         q = q.reshape(B, T, self.num_local_heads, self.head_dim).transpose(1, 2)  # (B, H_local, T, D)
         k = k.reshape(B, T, self.num_local_kv_heads, self.head_dim).transpose(1, 2)

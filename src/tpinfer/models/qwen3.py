@@ -43,7 +43,7 @@ class Qwen3Attention(LlamaAttention):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: Batch,
                 cache: KVCache) -> torch.Tensor:
-        B, T, _ = x.shape
+        B, T = batch.input_ids.shape  # x may be this rank's chunk of the sequence (sequence parallelism)
         q = self.q_norm(self.q_proj(x).view(B, T, self.num_local_heads, self.head_dim)).transpose(1, 2)
         k = self.k_norm(self.k_proj(x).view(B, T, self.num_local_kv_heads, self.head_dim)).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.num_local_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv_local, T, D)

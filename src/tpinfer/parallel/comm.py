@@ -43,6 +43,14 @@ class CommStats:
         return {k: {"calls": self.calls[k], "bytes": self.bytes[k], "seconds": self.seconds[k]} for k in self.calls}
 
 
+def _pad_sequence(x: torch.Tensor, world: int) -> torch.Tensor:
+    """(B, T, ...) zero-padded along T to a multiple of ``world``."""
+    pad = -x.shape[1] % world
+    if not pad:
+        return x
+    return torch.cat([x, x.new_zeros((x.shape[0], pad, *x.shape[2:]))], dim=1)
+
+
 class Communicator:
     """Collectives over one process group; ``world_size == 1`` makes every call free."""
 
@@ -65,6 +73,9 @@ class Communicator:
         self.stats = CommStats()
         # An object with all_reduce_(tensor) (the shared-memory all-reduce) or None for the process group's.
         self.all_reduce_impl = all_reduce_impl
+        # Sequence parallelism: the full sequence length of the forward running sequence-parallel, else None.
+        self.sequence_len: int | None = None
+        self._gathered: tuple[torch.Tensor, torch.Tensor] | None = None  # (local input, its gathered sequence)
 
     def _timed(self, kind: str, nbytes: int, fn: Any, *args: Any) -> Any:
         if not self.stats.timed:
@@ -84,6 +95,50 @@ class Communicator:
             return self._timed("all_reduce", nbytes, self.all_reduce_impl.all_reduce_, tensor)
         self._timed("all_reduce", nbytes, dist.all_reduce, tensor, dist.ReduceOp.SUM, self.group)
         return tensor
+
+    # Sequence parallelism (Megatron's SP): in a forward where ``sequence_len`` is set, the residual stream between
+    # layers holds this rank's 1/tp of the (padded) sequence, (B, T_local, H). A row-parallel output's partial sums
+    # are reduce-scattered along the sequence instead of all-reduced, and a column-parallel input is all-gathered
+    # first: the same bytes as the all-reduce (reduce-scatter + all-gather = all-reduce), activations 1/tp.
+
+    def sum_partials(self, partial: torch.Tensor) -> torch.Tensor:
+        """Every rank's partial (B, T, H) summed: whole (all-reduce), or under sequence parallelism this rank's
+        sequence chunk (B, T_local, H) of the sum."""
+        if self.world_size == 1:
+            return partial
+        if self.sequence_len is None:
+            return self.all_reduce(partial)
+        partial = _pad_sequence(partial, self.world_size)
+        if partial.device.type == "cuda":  # NCCL reduce-scatters; the chunks are the sequence's, so move it first
+            chunks = partial.movedim(1, 0).contiguous()
+            out = torch.empty_like(chunks.chunk(self.world_size)[0])
+            nbytes = partial.numel() * partial.element_size()
+            self._timed("reduce_scatter", nbytes, dist.reduce_scatter_tensor, out, chunks, dist.ReduceOp.SUM,
+                        self.group)
+            return out.movedim(0, 1).contiguous()
+        # gloo has no reduce-scatter: the all-reduce (shared memory or gloo), then this rank's chunk
+        self.all_reduce(partial)
+        return partial.chunk(self.world_size, dim=1)[self.rank].contiguous()
+
+    def gather_sequence(self, local: torch.Tensor) -> torch.Tensor:
+        """Under sequence parallelism, the whole sequence (B, T, H) from every rank's chunk; else ``local``. The
+        last gather is kept, so q, k and v (or gate and up) reading the same input gather it once."""
+        if self.world_size == 1 or self.sequence_len is None:
+            return local
+        if self._gathered is not None and self._gathered[0] is local:
+            return self._gathered[1]
+        full = self.all_gather(local, dim=1)[:, : self.sequence_len]
+        self._gathered = (local, full)
+        return full
+
+    def scatter_sequence(self, full: torch.Tensor) -> torch.Tensor:
+        """This rank's chunk of a (B, T, H) tensor every rank holds whole (no communication)."""
+        if self.world_size == 1 or self.sequence_len is None:
+            return full
+        return _pad_sequence(full, self.world_size).chunk(self.world_size, dim=1)[self.rank].contiguous()
+
+    def end_sequence_parallel(self) -> None:
+        self.sequence_len, self._gathered = None, None
 
     # Native decode (tpinfer.kernels.DecodeStack) all-reduces through the shared-memory segment itself.
 

@@ -135,9 +135,11 @@ class ColumnParallelLinear(ParallelModule):
         self.bias = nn.Parameter(torch.empty(length, dtype=dtype, device=ctx.device), False) if bias else None
         piece = Slice(0, tuple(out_ranges), length)
         self.shards = {"weight": piece, "bias": piece}
+        self.comm = ctx.comm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        # Under sequence parallelism x is this rank's chunk of the sequence: the whole sequence first.
+        return linear(self.comm.gather_sequence(x), self.weight, self.bias)
 
 
 class RowParallelLinear(ParallelModule):
@@ -163,8 +165,9 @@ class RowParallelLinear(ParallelModule):
         return self.finish(linear(x, self.weight))
 
     def finish(self, y: torch.Tensor) -> torch.Tensor:
-        """Sum the partial products X_i W_i^T of every rank (the layer's one collective), then add the bias."""
-        self.comm.all_reduce(y)
+        """Sum the partial products X_i W_i^T of every rank (the layer's one collective: an all-reduce, or under
+        sequence parallelism a reduce-scatter along the sequence), then add the bias."""
+        y = self.comm.sum_partials(y)
         return y if self.bias is None else y + self.bias
 
 
@@ -190,9 +193,9 @@ class VocabParallelEmbedding(ParallelModule):
         outside = (local < 0) | (local >= self.length)
         out = F.embedding(local.masked_fill(outside, 0), self.weight)
         out.masked_fill_(outside.unsqueeze(-1), 0.0)
-        # Exactly one rank contributed each token's row; the sum is the lookup.
-        self.comm.all_reduce(out)
-        return out
+        # Exactly one rank contributed each token's row; the sum is the lookup (this rank's sequence chunk of it
+        # under sequence parallelism).
+        return self.comm.sum_partials(out)
 
 
 class ParallelLMHead(ParallelModule):

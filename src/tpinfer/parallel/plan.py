@@ -35,7 +35,10 @@ LINEAR_STRATEGIES = (COLWISE, ROWWISE, REPLICATE)
 # Embedding and LM head: split the vocabulary ("vocab"; HF's colwise/rowwise mean the same for them) or replicate.
 VOCAB_ALIASES = {VOCAB: VOCAB, COLWISE: VOCAB, ROWWISE: VOCAB, "colwise_rep": VOCAB, "colwise_gather_output": VOCAB,
                  REPLICATE: REPLICATE}
-NOT_YET = {"sequence_parallel": "sequence_parallel is not supported yet; norms are replicated ('replicate')"}
+# A norm under sequence parallelism: it runs on this rank's chunk of the sequence (HF's strategy name). Every norm of
+# the model must say it, or none (the residual stream between layers is either split along the sequence or not).
+SEQUENCE = "sequence_parallel"
+AUTO_SP = "auto-sp"  # the family's auto plan with every norm sequence_parallel
 MAX_LISTED_SIZE = 4096
 
 
@@ -55,6 +58,11 @@ class ResolvedPlan:
     tp: int
     schemes: dict[str, Scheme] = field(default_factory=dict)  # module name -> its weight format; absent: float
 
+    @property
+    def sequence_parallel(self) -> bool:
+        """Prefill steps keep the residual stream split along the sequence between layers (Megatron's SP)."""
+        return SEQUENCE in self.strategies.values()
+
     def strategy(self, module: str) -> str:
         return self.strategies[module]
 
@@ -69,8 +77,6 @@ def strategies_for(config: ModelConfig, plan: dict[str, str], modules: list[Modu
     strategies = {name: REPLICATE for name in by_name}
     claimed: dict[str, str] = {}
     for pattern, strategy in plan.items():
-        if strategy in NOT_YET:
-            raise PlanError(f"{pattern}: {NOT_YET[strategy]}")
         regex = _pattern(pattern)
         matched = [n for n in by_name if regex.match(n)]
         if not matched:
@@ -131,14 +137,17 @@ def resolve_plan(config: ModelConfig, tp: int, plan: str | dict[str, str] = "aut
     if tp < 1:
         raise PlanError(f"tensor-parallel size must be at least 1, got {tp}")
     family = config.family
-    auto = plan == "auto"
+    auto = plan in ("auto", AUTO_SP)
     if auto:
-        plan = family.auto_plan
+        modules = family.modules(config)
+        plan = {**family.auto_plan, **({m.name: SEQUENCE for m in modules if isinstance(m, Norm)}
+                                       if plan == AUTO_SP else {})}
     if not isinstance(plan, dict):
         raise PlanError(f"tp_plan must be 'auto' or a dict of module pattern -> strategy, got {plan!r}")
     modules = family.modules(config)
     resolved = ResolvedPlan(strategies_for(config, plan, modules), tp, quantized_projections(config, quantization, lm_head))
     _check_pairs(config, family, resolved)
+    _check_sequence_parallel(config, family, resolved)
     reason = tp_failure(modules, resolved.strategies, tp, resolved.schemes)
     if reason:
         sizes = ", ".join(map(str, valid_sizes(modules, resolved.strategies, config.num_attention_heads,
@@ -155,9 +164,9 @@ def _normalize(module: Module, strategy: str, pattern: str) -> str:
             raise PlanError(f"{pattern}: strategy {strategy!r} for {leaf}; choose one of vocab, replicate")
         return VOCAB_ALIASES[strategy]
     if isinstance(module, Norm):
-        if strategy != REPLICATE:
-            raise PlanError(f"{pattern}: {leaf} can only be 'replicate'")
-        return REPLICATE
+        if strategy not in (REPLICATE, SEQUENCE):
+            raise PlanError(f"{pattern}: {leaf} can only be 'replicate' or '{SEQUENCE}'")
+        return strategy
     if strategy not in LINEAR_STRATEGIES:
         raise PlanError(f"{pattern}: unknown strategy {strategy!r}; choose one of {', '.join(LINEAR_STRATEGIES)}")
     return strategy
@@ -185,6 +194,25 @@ def _check_pairs(config: ModelConfig, family: Family, plan: ResolvedPlan) -> Non
                 )
     if config.tie_word_embeddings and plan.strategy("model.embed_tokens") != plan.strategy("lm_head"):
         raise PlanError("tied embeddings need model.embed_tokens and lm_head to share a strategy (vocab or replicate)")
+
+
+def _check_sequence_parallel(config: ModelConfig, family: Family, plan: ResolvedPlan) -> None:
+    """Sequence parallelism is all or nothing, and needs every layer's pairs split (colwise then rowwise): a
+    replicated projection would see only this rank's chunk of the sequence."""
+    # The norms on the residual stream (q/k norms inside attention run on the gathered sequence either way).
+    norms = [m.name for m in family.modules(config) if isinstance(m, Norm) and ".self_attn." not in m.name]
+    split = [name for name in norms if plan.strategy(name) == SEQUENCE]
+    if not split:
+        return
+    if len(split) != len(norms):
+        rest = [n for n in norms if n not in split]
+        raise PlanError(f"{SEQUENCE} splits the residual stream between layers along the sequence, so every norm "
+                        f"must be {SEQUENCE}: {len(split)} of {len(norms)} are (not {rest[0]})")
+    for i in range(config.num_hidden_layers):
+        for inputs, _ in family.layer_pairs(i):
+            if plan.strategy(inputs[0]) != COLWISE:
+                raise PlanError(f"{SEQUENCE} needs {inputs[0]} colwise (its input is all-gathered along the "
+                                f"sequence first); it is {plan.strategy(inputs[0])}")
 
 
 def _split_features(modules: list[Module], strategies: dict[str, str],

@@ -120,13 +120,15 @@ class QuantLinear(ParallelModule):
         return linear(x.to(wide.dtype), wide).to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == COLWISE:  # under sequence parallelism, the whole sequence from every rank's chunk
+            x = self.comm.gather_sequence(x)
         return self.finish(self.matmul(x))
 
     def finish(self, y: torch.Tensor) -> torch.Tensor:
         """The output from X W^T (computed here or elsewhere): all-reduce if row-parallel (the partial products
         X_i W_i^T of every rank summed: the layer's one collective), then the bias."""
         if self.mode == ROWWISE:
-            self.comm.all_reduce(y)
+            y = self.comm.sum_partials(y)
         return y if self.bias is None else y + self.bias
 
 
