@@ -2,6 +2,7 @@
 
     python benchmarks/load_memory.py --model /tmp/llama-1b --sizes 1,2
     python benchmarks/load_memory.py --model /tmp/llama-1b --sizes 1,2 --quantization int4
+    python benchmarks/load_memory.py --model /tmp/llama-1b --sizes 1,2x2       # TP=2 x 2 pipeline stages
     (writes a ~1.1B-parameter bfloat16 checkpoint there first if the directory does not exist)
 
 Peak RSS is VmHWM from /proc/<pid>/status of every rank, read right after loading: model weights,
@@ -20,10 +21,11 @@ CHILD = """
 import json, sys
 from tpinfer import LLM
 from tpinfer.engine.bench import collect
-llm = LLM(sys.argv[1], tensor_parallel_size=int(sys.argv[2]), dtype=sys.argv[3], max_model_len=64, progress=False,
-          quantization=sys.argv[4] or None)
+tp, _, pp = sys.argv[2].partition("x")
+llm = LLM(sys.argv[1], tensor_parallel_size=int(tp), pipeline_parallel_size=int(pp or 1), dtype=sys.argv[3],
+          max_model_len=64, progress=False, quantization=sys.argv[4] or None)
 ranks = collect(llm.engine, "stats")
-print(json.dumps({"tp": int(sys.argv[2]), "load_s": llm.engine.load_s,
+print(json.dumps({"tp": int(tp), "pp": int(pp or 1), "load_s": llm.engine.load_s,
                   "peak_rss_bytes": [r["peak_rss_bytes"] for r in ranks], "param_bytes": [r["param_bytes"] for r in ranks]}))
 llm.close()
 """
@@ -43,17 +45,18 @@ def main() -> None:
 
         write_checkpoint(args.model, "llama-1b", args.dtype)
     results = []
-    for tp in [int(s) for s in args.sizes.split(",")]:
-        proc = subprocess.run([sys.executable, "-c", CHILD, str(args.model), str(tp), args.dtype,
+    for layout in args.sizes.split(","):  # "2" (TP) or "2x2" (TP x PP)
+        proc = subprocess.run([sys.executable, "-c", CHILD, str(args.model), layout, args.dtype,
                                args.quantization],
                               capture_output=True, text=True, check=True)
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     base = max(results[0]["peak_rss_bytes"])
-    print(f"{'TP':>3} {'params/rank GiB':>16} {'peak RSS/rank GiB':>18} {'vs TP=1':>8} {'load s':>7}")
+    print(f"{'TPxPP':>5} {'params/rank GiB':>16} {'peak RSS/rank GiB':>18} {'vs first':>8} {'load s':>7}")
     for r in results:
         peak = max(r["peak_rss_bytes"])
         r["peak_vs_tp1"] = peak / base
-        print(f"{r['tp']:>3} {max(r['param_bytes']) / 2**30:>16.2f} {peak / 2**30:>18.2f} {peak / base:>7.0%} {r['load_s']:>7.1f}")
+        print(f"{r['tp']:>3}x{r['pp']} {max(r['param_bytes']) / 2**30:>16.2f} {peak / 2**30:>18.2f} {peak / base:>7.0%} "
+              f"{r['load_s']:>7.1f}")
     print(json.dumps({"model": str(args.model), "dtype": args.dtype, "quantization": args.quantization or None,
                       "runs": results}))
 

@@ -11,8 +11,10 @@ from helpers import make_checkpoint, run_ranks
 from tpinfer import LLM, SamplingParams
 from tpinfer.config import ModelConfig
 from tpinfer.engine.bench import collect
-from tpinfer.parallel.mesh import Mesh, MeshError, split_layers
+from tpinfer.parallel.mesh import Mesh, MeshError, split_layers, stage_layers
 from tpinfer.planner.dtypes import get_dtype
+from tpinfer.planner.hardware import get_device
+from tpinfer.planner.memory import Layout, estimate_memory
 from tpinfer.planner.model import EngineModel, stage_elements
 
 pytestmark = pytest.mark.timeout(300)
@@ -66,11 +68,18 @@ def test_rank_bytes_at_tp2_pp2_equal_the_planner(four_layers):
         stats = collect(llm.engine, "stats")
         cache = llm.engine.generator.cache
         assert sum(k is not None for k in cache.keys) == layers[0]  # rank 0's cache holds only its layers
-    by_rank = {s["rank"]: s["param_bytes"] for s in stats}
+    by_rank = {s["rank"]: s for s in stats}
     assert sorted(by_rank) == [0, 1, 2, 3]
-    for rank, nbytes in by_rank.items():
+    # The planner's memory estimate splits layers with the same function the stages were built from.
+    planned = estimate_memory(EngineModel(config, "tiny"), Layout(2, 2, 1), get_dtype("float32"),
+                              get_device("cpu"), 4, 64, 1)
+    assert planned.stage_layers == layers
+    for rank, s in by_rank.items():
         stage = mesh.coords(rank)[0]
-        assert nbytes == stage_elements(rank_bytes, layers, stage), rank  # the planner's figure, to the byte
+        assert s["param_bytes"] == stage_elements(rank_bytes, layers, stage), rank  # the planner's figure, exactly
+        assert s["param_bytes"] == planned.stages[stage].weights
+        assert s["layers"] == list(stage_layers(config.num_hidden_layers, 2, stage))
+        assert s["all_reduce_backend"] == "ShmAllReduce"  # each stage's TP group has its own shared-memory segment
 
 
 def test_bad_layouts_are_refused_before_loading(four_layers):

@@ -32,6 +32,8 @@ class PlanArgs:
     nodes: int
     interconnect: str | None
     network: str
+    network_bandwidth: float | None
+    network_latency: float | None
     dtype: str
     max_model_len: int | None
     batch_size: int
@@ -66,6 +68,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--network", choices=sorted(LINKS), default="infiniband", help="link between nodes (default infiniband)"
     )
+    p.add_argument("--network-bandwidth", type=float, metavar="GB/s",
+                   help="override the network's bandwidth per direction (e.g. 1.25 for 10 Gb/s Ethernet)")
+    p.add_argument("--network-latency", type=float, metavar="US", help="override the network's cost of a message, us")
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="weight dtype (default bf16)")
     p.add_argument(
         "--max-model-len", type=int, metavar="L", help="tokens of context per sequence; default: the model's"
@@ -86,6 +91,8 @@ def parse(args: argparse.Namespace) -> PlanArgs:
         nodes=args.nodes,
         interconnect=args.interconnect,
         network=args.network,
+        network_bandwidth=args.network_bandwidth,
+        network_latency=args.network_latency,
         dtype=args.dtype,
         max_model_len=args.max_model_len,
         batch_size=args.batch_size,
@@ -110,6 +117,8 @@ def run(args: argparse.Namespace) -> int:
         nodes=a.nodes,
         interconnect=a.interconnect,
         network=a.network,
+        network_bandwidth=a.network_bandwidth,
+        network_latency=a.network_latency,
         dtype=a.dtype,
         max_model_len=a.max_model_len,
         batch_size=a.batch_size,

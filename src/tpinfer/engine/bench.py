@@ -55,6 +55,7 @@ def _stats(engine: RankEngine, reset: bool = False, timed: bool | None = None) -
     out["weight_bytes_per_step"] = weight_bytes_per_step(engine)
     out["lm_head"] = head_format(engine)
     out["stage"] = engine.ctx.pp_rank
+    out["layers"] = list(engine.model.model.layers.indices)
     out["pipe"] = pipe.stats.snapshot() if pipe is not None else {}
     if reset:
         comm.stats.reset()

@@ -105,7 +105,8 @@ def _send_logits(engine: RankEngine, logits: torch.Tensor | None) -> torch.Tenso
 
 def take_logits(pipe, vocab: int, message: messages.Step) -> tuple[torch.Tensor | None, torch.Tensor | None]:  # noqa: ANN001
     """Rank 0: the logits of a step message, from the sampler (last stage) of the replica ``pipe`` leads to."""
-    recv = lambda rows: pipe.recv(torch.empty((rows, vocab), dtype=torch.float32), pipe.sampler)  # noqa: E731
+    recv = lambda rows: pipe.recv(torch.empty((rows, vocab), dtype=torch.float32, device=pipe.device),  # noqa: E731
+                                  pipe.sampler)
     return (recv(len(message.prefill)) if message.prefill else None,
             recv(len(message.decode)) if message.decode else None)
 

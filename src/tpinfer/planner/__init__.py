@@ -11,6 +11,8 @@ modules, so torch is imported but nothing is allocated.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from tpinfer.planner.catalogue import catalogue_names, load_model
 from tpinfer.planner.dtypes import get_dtype
 from tpinfer.planner.hardware import get_device, get_link
@@ -44,9 +46,20 @@ def build_request(
     max_model_len: int | None = None,
     batch_size: int = 1,
     objective: str = "latency",
+    network_bandwidth: float | None = None,
+    network_latency: float | None = None,
 ) -> PlanRequest:
-    """A ``PlanRequest`` from the CLI's vocabulary, filling the device's defaults."""
+    """A ``PlanRequest`` from the CLI's vocabulary, filling the device's defaults. ``network_bandwidth`` (GB/s per
+    direction) and ``network_latency`` (microseconds a message) override the network link's figures."""
     device = get_device(gpu, gpu_memory, memory_bandwidth)
+    link = get_link(network, device)
+    if network_bandwidth is not None or network_latency is not None:
+        bandwidth = link.bandwidth_gbs if network_bandwidth is None else network_bandwidth
+        latency = link.latency_us if network_latency is None else network_latency
+        if bandwidth <= 0 or latency < 0:
+            raise ValueError("--network-bandwidth must be positive and --network-latency at least 0")
+        link = replace(link, bandwidth_gbs=bandwidth, latency_us=latency,
+                       description=f"{link.name} at {bandwidth:g} GB/s, {latency:g} us a message")
     if gpus_per_node is None:
         gpus_per_node = 1 if device.shared_host else 8
     return PlanRequest(
@@ -54,7 +67,7 @@ def build_request(
         gpus_per_node=gpus_per_node,
         nodes=nodes,
         intra=get_link(interconnect or device.default_link, device),
-        network=get_link(network, device),
+        network=link,
         dtype=get_dtype(dtype),
         max_model_len=max_model_len or model.max_position_embeddings,
         batch=batch_size,
