@@ -99,4 +99,4 @@ def test_idle_workers_outlive_the_collective_timeout(checkpoints):
         prompts = [list(range(3 + i, 203 + i)) for i in range(8)]  # ~8 KB of JSON: two control broadcasts
         outputs = llm.generate(prompts, params)
         assert [len(o.token_ids) for o in outputs] == [3] * 8
-        assert llm.engine.ctx.comm.stats.calls["control"] >= 2
+        assert llm.engine.ctx.control.stats.calls["control"] >= 2

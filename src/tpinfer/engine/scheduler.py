@@ -244,6 +244,13 @@ class Scheduler:
         self.steps += 1 if started else 0
         return started or finished
 
+    def finish_in_flight(self) -> None:
+        """Take back every micro-batch still in flight (before the workers are told to stop: a later stage must not
+        be left sending logits nobody receives)."""
+        while self._in_flight:
+            self._finish_micro_batch(idle=False)
+        self._retire()
+
     def _start_micro_batch(self) -> bool:
         ready = [seq for seq in self._running if not seq.in_flight]
         share = -(-len(self._running) // self.micro_batches)  # at most 1/pp of the running sequences each

@@ -187,6 +187,8 @@ class ParallelContext:
                    remotes)
 
     def close(self) -> None:
+        if self.pipe is not None:
+            self.pipe.flush()  # sends still in flight (a relayed "stop") must reach the next stage first
         self.comm.close()
         if self.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()

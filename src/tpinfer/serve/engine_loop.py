@@ -66,6 +66,7 @@ class EngineThread:
             self.on_fatal(f"{type(exc).__name__}: {exc}")
             return
         try:
+            scheduler.finish_in_flight()
             self.stop_ranks()
         except Exception:
             log.exception("stopping the workers failed")
