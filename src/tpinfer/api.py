@@ -193,9 +193,15 @@ class LLM:
         # A checkpoint without tokenizer files still serves prompts given as token ids.
         has_tokenizer = str(model).endswith(".gguf") or any(
             (Path(model) / name).is_file() for name in ("tokenizer.json", "tokenizer.model"))
-        self.tokenizer = Tokenizer.from_pretrained(model) if has_tokenizer else None
         self.launcher = Launcher(self.spec)
         self.engine = self.launcher.start(progress)
+        # After the weights: rank 0's peak memory is then its share of them plus the tokenizer, not plus the pages a
+        # read briefly maps as well.
+        try:
+            self.tokenizer = Tokenizer.from_pretrained(model) if has_tokenizer else None
+        except BaseException:
+            self.launcher.shutdown(self.engine)
+            raise
 
     def sampling_params(self, max_new_tokens: int | None = None, temperature: float | None = None,
                         top_p: float | None = None, top_k: int | None = None,
