@@ -173,3 +173,12 @@ def test_sequence_parallel_plans_are_all_or_nothing(four_layers):
     assert not resolve_plan(config, 2, "auto").sequence_parallel
     with pytest.raises(PlanError, match="every norm must be sequence_parallel"):
         resolve_plan(config, 2, {**config.family.auto_plan, "model.norm": "sequence_parallel"})
+
+
+def test_torchrun_world_that_stages_do_not_divide_is_refused_before_joining(four_layers, monkeypatch):
+    from tpinfer import from_pretrained
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(MeshError, match="pipeline_parallel_size=2 does not divide the world size 3"):
+        from_pretrained(str(four_layers["llama"]), pipeline_parallel_size=2)
