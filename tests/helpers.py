@@ -90,6 +90,15 @@ VARIANTS = {
     "llama-dynamic": {"model_type": "llama", "max_position_embeddings": 24,
                       "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}},
     "mistral-window": {"model_type": "mistral", "sliding_window": 8, "tie_word_embeddings": False},
+    # Mixture of experts: 8 experts, top-2 (Mixtral renormalises; Qwen3-MoE with norm_topk_prob; Qwen2-MoE without,
+    # with a shared expert, and a dense first layer through mlp_only_layers).
+    "mixtral": {"model_type": "mixtral", "num_local_experts": 8, "num_experts_per_tok": 2, "rope_theta": 1e6,
+                "tie_word_embeddings": False},
+    "qwen2_moe": {"model_type": "qwen2_moe", "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 48,
+                  "shared_expert_intermediate_size": 96, "norm_topk_prob": False, "mlp_only_layers": [0],
+                  "num_hidden_layers": 3, "tie_word_embeddings": False},
+    "qwen3_moe": {"model_type": "qwen3_moe", "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 48,
+                  "norm_topk_prob": True, "head_dim": 16, "tie_word_embeddings": False},
     # a window (24) too long for a ring at max_model_len 40: a full cache masked to the window
     "mistral-long-window": {"model_type": "mistral", "sliding_window": 24, "tie_word_embeddings": False},
 }

@@ -170,12 +170,14 @@ class LLM:
         quantization: str | None = None,
         quantize_lm_head: bool | str = False,
         pipeline_parallel_size: int = 1,
+        moe_parallel: str = "tensor",
         _fault: dict[str, int] | None = None,
     ) -> None:
         self.spec = EngineSpec(
             model=str(model),
             tensor_parallel_size=tensor_parallel_size,
             pipeline_parallel_size=pipeline_parallel_size,
+            moe_parallel=moe_parallel,
             dtype=_dtype_name(dtype),
             tp_plan=tp_plan,
             quantization=quantization,

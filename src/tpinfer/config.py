@@ -67,6 +67,15 @@ class ModelConfig:
     torch_dtype: str | None = None
     bos_token_id: int | None = None
     eos_token_id: tuple[int, ...] = field(default_factory=tuple)
+    # Mixture of experts (tpinfer.models.moe): experts per MoE layer, experts each token routes to, each expert's
+    # FFN width, a shared expert's width (0: none), whether the top-k routing weights are renormalised to sum to 1,
+    # and which layers are MoE layers (the others are dense MLPs of intermediate_size).
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    moe_layers: tuple[int, ...] = ()
     name: str = ""
 
     @classmethod
@@ -75,7 +84,7 @@ class ModelConfig:
 
         family = family_for(raw.get("model_type"))
         for key, what in UNSUPPORTED_KEYS.items():
-            if raw.get(key):
+            if raw.get(key) and not (family.expert_plan is not None and "experts" in key):
                 raise ConfigError(f"{key}={raw[key]!r}: {what} are not supported by tpinfer's {family.name} family")
         config = cls(**family.read_config(raw), name=name)
         config.check_shapes()

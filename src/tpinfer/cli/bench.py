@@ -65,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
     spec = EngineSpec(
         model=model_path(args),
         pipeline_parallel_size=args.pipeline_parallel_size,
+        moe_parallel=args.moe_parallel,
         dtype=args.dtype,
         tp_plan=tp_plan(args.tp_plan),
         quantization=args.quantization,

@@ -31,6 +31,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="quantize the LM head too instead of keeping it float: alone, in the --quantization "
                         "scheme (a GGUF file: its own head blocks); with a SCHEME (e.g. int8), in that one. Fewer "
                         "bytes a decode step, at some accuracy")
+    parser.add_argument("--moe-parallel", default="tensor", choices=("tensor", "expert"),
+                        help="mixture-of-experts models: split every expert over the TP ranks (tensor) or give each "
+                        "rank whole experts (expert); default tensor")
     parser.add_argument("--max-model-len", type=int, default=None, metavar="L",
                         help="longest prompt + generation per sequence (default min(2048, the model's))")
     parser.add_argument("--all-reduce", default="auto", choices=("auto", "shm", "gloo"),

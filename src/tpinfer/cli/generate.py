@@ -67,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
         model_path(args),
         tensor_parallel_size=args.tensor_parallel_size,
         pipeline_parallel_size=args.pipeline_parallel_size,
+        moe_parallel=args.moe_parallel,
         dtype=args.dtype,
         tp_plan=tp_plan(args.tp_plan),
         quantization=args.quantization,

@@ -22,11 +22,11 @@ from tpinfer.engine import messages
 from tpinfer.engine.generator import GenerationOutput, Generator
 from tpinfer.engine.sampling import SamplingParams
 from tpinfer.generation import GenerationDefaults
-from tpinfer.loading.checkpoint import load_weights, open_checkpoint, resolve_dtype
+from tpinfer.loading.checkpoint import expected_tensors, load_weights, open_checkpoint, resolve_dtype
 from tpinfer.models import build_model
-from tpinfer.models.family import EMBED, LAYER_PREFIX, LM_HEAD
+from tpinfer.models.family import LM_HEAD
 from tpinfer.parallel.context import ParallelContext
-from tpinfer.parallel.mesh import Mesh, split_layers, stage_layers
+from tpinfer.parallel.mesh import Mesh, split_layers
 from tpinfer.parallel.plan import ResolvedPlan, resolve_plan
 from tpinfer.parallel.shard import parameter_shapes, shape_notes
 
@@ -52,6 +52,8 @@ class EngineSpec:
     # The LM head quantized too, not float: True in the projections' scheme (a GGUF file's own head blocks), or a
     # scheme of its own ("int8", ...)
     quantize_lm_head: bool | str = False
+    # Mixture-of-experts models: "tensor" (every expert split over the TP group) or "expert" (whole experts per rank)
+    moe_parallel: str = "tensor"
     max_model_len: int | None = None
     max_batch_size: int = 8
     all_reduce: str = "auto"
@@ -100,7 +102,8 @@ class EngineSpec:
         mesh = self.mesh
         split_layers(config.num_hidden_layers, mesh.pp)
         checkpoint = open_checkpoint(self.model, config)
-        plan = resolve_plan(config, mesh.tp, self.tp_plan, self.schemes(checkpoint), self.head_scheme())
+        plan = resolve_plan(config, mesh.tp, self.tp_plan, self.schemes(checkpoint), self.head_scheme(),
+                            self.moe_parallel)
         resolve_dtype(self.dtype, config.torch_dtype)
         max_model_len(config, self.max_model_len)
         return config, plan
@@ -233,24 +236,6 @@ def layout_label(ctx: ParallelContext) -> str:
     return f"tp={ctx.tp_size} x pp={ctx.pp_size} x dp={ctx.dp_size}"
 
 
-def other_stages_tensors(config: ModelConfig, ctx: ParallelContext, full_shapes: dict[str, Any]) -> tuple[str, ...]:
-    """Checkpoint tensors other pipeline stages load (this stage skips them): their layers, the embedding unless
-    this is the first stage (or the last, whose head it feeds when tied), the final norm and head unless the last."""
-    if ctx.pp_size == 1:
-        return ()
-    held = set(stage_layers(config.num_hidden_layers, ctx.pp_size, ctx.pp_rank))
-    tied_here = config.tie_word_embeddings and ctx.is_last_stage
-
-    def skipped(name: str) -> bool:
-        if name.startswith(LAYER_PREFIX.split("{")[0]):
-            return int(name.split(".")[2]) not in held
-        if name.startswith(EMBED + "."):
-            return not (ctx.is_first_stage or tied_here)
-        return not ctx.is_last_stage  # model.norm, lm_head
-
-    return tuple(name for name in full_shapes if skipped(name))
-
-
 def load_engine(spec: EngineSpec, ctx: ParallelContext, progress: bool = False) -> RankEngine:
     """Build this rank's model at its per-rank sizes and read its slices of the checkpoint."""
     start = time.perf_counter()
@@ -258,13 +243,16 @@ def load_engine(spec: EngineSpec, ctx: ParallelContext, progress: bool = False) 
         torch.set_num_threads(spec.threads)
     config = ModelConfig.from_pretrained(spec.model)
     checkpoint = open_checkpoint(spec.model, config)
-    plan = resolve_plan(config, ctx.tp_size, spec.tp_plan, spec.schemes(checkpoint), spec.head_scheme())
+    plan = resolve_plan(config, ctx.tp_size, spec.tp_plan, spec.schemes(checkpoint), spec.head_scheme(),
+                        spec.moe_parallel)
     dtype = resolve_dtype(spec.dtype, config.torch_dtype)
     max_len = max_model_len(config, spec.max_model_len)
     model = build_model(config, ctx, plan, dtype, max_len)
     full_shapes = parameter_shapes(config, 1, 0, padded=False)
     ignore = ("lm_head.weight",) if config.tie_word_embeddings else ()
-    ignore += other_stages_tensors(config, ctx, full_shapes)
+    # Tensors the family declares that this rank does not hold: other pipeline stages' layers, other ranks' experts.
+    held = expected_tensors(model)
+    ignore += tuple(name for name in full_shapes if name not in held)
     stats = load_weights(model, checkpoint, full_shapes, progress and ctx.is_first, ignore, shape_notes(config))
     model.eval()
     adapter = config.family.decode_adapter

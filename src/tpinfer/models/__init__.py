@@ -25,6 +25,9 @@ FAMILY_MODULES = {
     "gemma2": "tpinfer.models.gemma",
     "gemma3_text": "tpinfer.models.gemma",
     "phi3": "tpinfer.models.phi3",
+    "mixtral": "tpinfer.models.moe",
+    "qwen2_moe": "tpinfer.models.moe",
+    "qwen3_moe": "tpinfer.models.moe",
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILY_MODULES)
 
@@ -37,7 +40,9 @@ def family_for(model_type: str | None) -> Family:
             model_type == "gemma3") else ""
         raise ConfigError(f"model_type {model_type!r} is not supported{hint}; supported: "
                           f"{', '.join(SUPPORTED_MODEL_TYPES)}")
-    return importlib.import_module(FAMILY_MODULES[model_type]).FAMILY
+    module = importlib.import_module(FAMILY_MODULES[model_type])
+    # A module declaring several families (models/moe.py) names them in FAMILIES; the others have one FAMILY.
+    return module.FAMILIES[model_type] if hasattr(module, "FAMILIES") else module.FAMILY
 
 
 def build_model(config: ModelConfig, ctx: ParallelContext, plan: ResolvedPlan, dtype: torch.dtype,

@@ -31,10 +31,13 @@ class Family:
     read_config: Callable[[dict[str, Any]], dict[str, Any]]  # config.json -> ModelConfig fields
     layer: Callable[[ModelConfig, int], dict[str, Module]]  # short name ("self_attn.q_proj") -> module
     auto_plan: dict[str, str]  # module pattern ("model.layers.*.mlp.up_proj") -> strategy
-    pairs: tuple[Pair, ...]
+    # Column->row pairs relative to a layer; a callable (config, layer) when they depend on the layer (experts)
+    pairs: tuple[Pair, ...] | Callable[[ModelConfig, int], tuple[Pair, ...]]
     model: Callable[..., Any]  # (config, ctx, plan, dtype, max_seq_len) -> the rank's nn.Module
     # Optional fast decode: takes the built model, returns a step callable or None when it does not apply.
     decode_adapter: Callable[[Any], Any] | None = None
+    # Mixture of experts: the auto plan's entries for whole experts per rank (--moe-parallel expert); None: dense
+    expert_plan: dict[str, str] | None = None
 
     def modules(self, config: ModelConfig) -> list[Module]:
         """Every module of the model in registration order, with full HF names."""
@@ -46,10 +49,11 @@ class Family:
                         EMBED if config.tie_word_embeddings else None))
         return out
 
-    def layer_pairs(self, layer: int) -> list[tuple[list[str], str]]:
+    def layer_pairs(self, layer: int, config: ModelConfig | None = None) -> list[tuple[list[str], str]]:
         """This layer's pairs with full module names."""
         prefix = LAYER_PREFIX.format(layer)
-        return [([prefix + name for name in pair.inputs], prefix + pair.output) for pair in self.pairs]
+        pairs = self.pairs(config, layer) if callable(self.pairs) else self.pairs
+        return [([prefix + name for name in pair.inputs], prefix + pair.output) for pair in pairs]
 
 
 def decoder_layer_name(layer: int, short: str) -> str:

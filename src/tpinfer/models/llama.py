@@ -54,7 +54,7 @@ def layer_modules(config, layer: int) -> dict[str, Module]:  # noqa: ANN001
     f = decoder_features(config)
     hidden, heads, kv_heads, ffn = f.hidden, f.heads, f.kv_heads, f.ffn
     qkv_bias = config.attention_bias
-    o_bias = config.attention_bias and config.model_type != "qwen2"
+    o_bias = config.attention_bias and config.model_type not in ("qwen2", "qwen2_moe")
     mlp_bias = config.mlp_bias
     return {
         "self_attn.q_proj": Linear(name("self_attn.q_proj"), hidden, heads, qkv_bias),

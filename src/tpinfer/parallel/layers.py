@@ -12,7 +12,7 @@ from torch import nn
 
 from tpinfer import kernels
 from tpinfer.parallel.context import ParallelContext
-from tpinfer.parallel.spec import COLWISE, REPLICATE, Embedding, Head, Linear, Slice, vocab_slice
+from tpinfer.parallel.spec import COLWISE, EXPERT, REPLICATE, Embedding, Head, Linear, Slice, vocab_slice
 
 # CPUs without native bfloat16 arithmetic (no AVX512-BF16/AMX) run bf16 GEMMs several times slower than
 # float32 ones once more than a few rows share the weight (measured here: 2.5x at 32 rows, 3.7x at 128),
@@ -285,7 +285,7 @@ def linear_layer(module: Linear, strategy: str, ctx: ParallelContext, dtype: tor
     if strategy == COLWISE:
         return ColumnParallelLinear(module.in_features.total, module.out_features.ranges(rank, tp), ctx, module.bias,
                                     dtype)
-    if strategy == REPLICATE:
+    if strategy in (REPLICATE, EXPERT):  # an expert's projection lives whole on its owner (who alone builds it)
         sizes = tuple(p.features for p in module.out_features.parts)
         return ReplicatedLinear(module.in_features.total, module.out_features.total, module.bias, dtype, ctx.device,
                                 sizes)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from tpinfer.config import ConfigError, ModelConfig
 from tpinfer.parallel.spec import (
     COLWISE,
+    EXPERT,
     REPLICATE,
     ROWWISE,
     VOCAB,
@@ -39,6 +40,7 @@ VOCAB_ALIASES = {VOCAB: VOCAB, COLWISE: VOCAB, ROWWISE: VOCAB, "colwise_rep": VO
 # the model must say it, or none (the residual stream between layers is either split along the sequence or not).
 SEQUENCE = "sequence_parallel"
 AUTO_SP = "auto-sp"  # the family's auto plan with every norm sequence_parallel
+MOE_LAYOUTS = ("tensor", "expert")  # --moe-parallel: each expert split over the TP group, or whole experts per rank
 MAX_LISTED_SIZE = 4096
 
 
@@ -70,8 +72,12 @@ class ResolvedPlan:
         return self.schemes.get(module)
 
 
-def strategies_for(config: ModelConfig, plan: dict[str, str], modules: list[Module] | None = None) -> dict[str, str]:
-    """Module name -> strategy under ``plan`` (unlisted modules replicated), checking every entry's strategy."""
+def strategies_for(config: ModelConfig, plan: dict[str, str], modules: list[Module] | None = None,
+                   strict: bool = False) -> dict[str, str]:
+    """Module name -> strategy under ``plan`` (unlisted modules replicated), checking every entry's strategy.
+
+    ``strict``: an entry matching no module is an error (a user's plan); an auto plan covers every variant of its
+    family (Qwen-MoE with or without dense layers), so its entries may match nothing."""
     modules = modules if modules is not None else config.family.modules(config)
     by_name = {m.name: m for m in modules}
     strategies = {name: REPLICATE for name in by_name}
@@ -79,7 +85,7 @@ def strategies_for(config: ModelConfig, plan: dict[str, str], modules: list[Modu
     for pattern, strategy in plan.items():
         regex = _pattern(pattern)
         matched = [n for n in by_name if regex.match(n)]
-        if not matched:
+        if not matched and strict:
             raise PlanError(f"tp_plan entry {pattern!r} matches no module of this {config.model_type} model")
         for name in matched:
             normalized = _normalize(by_name[name], strategy, pattern)
@@ -102,6 +108,8 @@ def quantized_projections(config: ModelConfig, scheme: Scheme | dict[str, Scheme
             raise PlanError("--quantize-lm-head quantizes the head in the projections' scheme; give --quantization "
                             "(or a quantized checkpoint)")
         return {}
+    if config.family.expert_plan is not None:
+        raise PlanError(f"quantized weights for mixture-of-experts models ({config.model_type}) are not supported yet")
     modules = config.family.modules(config)
     linears = {m.name for m in modules if isinstance(m, Linear)}
     head = next(m.name for m in modules if isinstance(m, Head))
@@ -131,21 +139,27 @@ def quantized_projections(config: ModelConfig, scheme: Scheme | dict[str, Scheme
 
 def resolve_plan(config: ModelConfig, tp: int, plan: str | dict[str, str] = "auto",
                  quantization: Scheme | dict[str, Scheme] | None = None,
-                 lm_head: bool | Scheme = False) -> ResolvedPlan:
+                 lm_head: bool | Scheme = False, moe_parallel: str = "tensor") -> ResolvedPlan:
     """Resolve ``plan`` for ``config`` (and its quantized projections) and check it can run at ``tp``; raises
-    PlanError naming the problem."""
+    PlanError naming the problem. ``moe_parallel`` picks a mixture-of-experts family's expert layout for the auto
+    plan: "tensor" (every expert's gate/up colwise, down rowwise) or "expert" (whole experts per rank)."""
     if tp < 1:
         raise PlanError(f"tensor-parallel size must be at least 1, got {tp}")
+    if moe_parallel not in MOE_LAYOUTS:
+        raise PlanError(f"--moe-parallel must be one of {', '.join(MOE_LAYOUTS)}, got {moe_parallel!r}")
     family = config.family
+    if moe_parallel == "expert" and family.expert_plan is None:
+        raise PlanError(f"--moe-parallel expert: {config.model_type} has no mixture-of-experts layers")
     auto = plan in ("auto", AUTO_SP)
     if auto:
         modules = family.modules(config)
-        plan = {**family.auto_plan, **({m.name: SEQUENCE for m in modules if isinstance(m, Norm)}
-                                       if plan == AUTO_SP else {})}
+        plan = {**family.auto_plan, **(family.expert_plan if moe_parallel == "expert" else {}),
+                **({m.name: SEQUENCE for m in modules if isinstance(m, Norm)} if plan == AUTO_SP else {})}
     if not isinstance(plan, dict):
         raise PlanError(f"tp_plan must be 'auto' or a dict of module pattern -> strategy, got {plan!r}")
     modules = family.modules(config)
-    resolved = ResolvedPlan(strategies_for(config, plan, modules), tp, quantized_projections(config, quantization, lm_head))
+    resolved = ResolvedPlan(strategies_for(config, plan, modules, strict=not auto), tp,
+                            quantized_projections(config, quantization, lm_head))
     _check_pairs(config, family, resolved)
     _check_sequence_parallel(config, family, resolved)
     reason = tp_failure(modules, resolved.strategies, tp, resolved.schemes)
@@ -167,8 +181,12 @@ def _normalize(module: Module, strategy: str, pattern: str) -> str:
         if strategy not in (REPLICATE, SEQUENCE):
             raise PlanError(f"{pattern}: {leaf} can only be 'replicate' or '{SEQUENCE}'")
         return strategy
+    if strategy == EXPERT and isinstance(module, Linear) and module.expert is not None:
+        return strategy
     if strategy not in LINEAR_STRATEGIES:
-        raise PlanError(f"{pattern}: unknown strategy {strategy!r}; choose one of {', '.join(LINEAR_STRATEGIES)}")
+        extra = f" ({EXPERT} for an expert's projections)" if isinstance(module, Linear) and module.expert else ""
+        raise PlanError(f"{pattern}: unknown strategy {strategy!r}; choose one of {', '.join(LINEAR_STRATEGIES)}"
+                        + extra)
     return strategy
 
 
@@ -176,7 +194,7 @@ def _check_pairs(config: ModelConfig, family: Family, plan: ResolvedPlan) -> Non
     """A colwise group must feed a rowwise layer; a replicated group a replicated one. Embedding and head that share
     a weight must share a strategy."""
     for i in range(config.num_hidden_layers):
-        for inputs, output in family.layer_pairs(i):
+        for inputs, output in family.layer_pairs(i, config):
             first = plan.strategy(inputs[0])
             for name in inputs:
                 s = plan.strategy(name)
@@ -184,7 +202,7 @@ def _check_pairs(config: ModelConfig, family: Family, plan: ResolvedPlan) -> Non
                     raise PlanError(f"{name} cannot be rowwise: its input is the full hidden state; use colwise")
                 if s != first:
                     raise PlanError(f"{inputs[0]} is {first} but {name} is {s}: they must match")
-            expected = ROWWISE if first == COLWISE else REPLICATE
+            expected = {COLWISE: ROWWISE, EXPERT: EXPERT}.get(first, REPLICATE)
             got = plan.strategy(output)
             if got != expected:
                 short = "/".join(n.rsplit(".", 1)[-1] for n in inputs)
@@ -209,8 +227,8 @@ def _check_sequence_parallel(config: ModelConfig, family: Family, plan: Resolved
         raise PlanError(f"{SEQUENCE} splits the residual stream between layers along the sequence, so every norm "
                         f"must be {SEQUENCE}: {len(split)} of {len(norms)} are (not {rest[0]})")
     for i in range(config.num_hidden_layers):
-        for inputs, _ in family.layer_pairs(i):
-            if plan.strategy(inputs[0]) != COLWISE:
+        for inputs, _ in family.layer_pairs(i, config):
+            if plan.strategy(inputs[0]) not in (COLWISE, EXPERT):
                 raise PlanError(f"{SEQUENCE} needs {inputs[0]} colwise (its input is all-gathered along the "
                                 f"sequence first); it is {plan.strategy(inputs[0])}")
 
@@ -221,8 +239,9 @@ def _split_features(modules: list[Module], strategies: dict[str, str],
     seen: dict[tuple, tuple[Linear, str, Scheme | None]] = {}
     for m in modules:
         scheme = schemes.get(m.name)
-        if isinstance(m, Linear) and (strategies[m.name] in (COLWISE, ROWWISE) or scheme is not None):
-            key = (m.in_features, m.out_features, strategies[m.name], scheme, scheme.unit if scheme else None)
+        if isinstance(m, Linear) and (strategies[m.name] in (COLWISE, ROWWISE, EXPERT) or scheme is not None):
+            key = (m.in_features, m.out_features, strategies[m.name], scheme, scheme.unit if scheme else None,
+                   m.expert[1] if m.expert and strategies[m.name] == EXPERT else None)
             seen.setdefault(key, (m, strategies[m.name], scheme))
     return list(seen.values())
 
@@ -261,5 +280,6 @@ def valid_sizes(modules: list[Module], strategies: dict[str, str], default_limit
     splits = _split_features(modules, strategies, schemes or {})
     counts = [p.count for m, s, _ in splits if s in (COLWISE, ROWWISE)
               for p in (m.out_features if s == COLWISE else m.in_features).parts]
+    counts += [m.expert[1] for m, s, _ in splits if s == EXPERT]
     limit = min(max(counts, default=default_limit), MAX_LISTED_SIZE)
     return [t for t in range(1, limit + 1) if all(_failure(m, s, q, t) is None for m, s, q in splits)]

@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from tpinfer.parallel.shard import kv_head_range, shard_range, vocab_range
 
 COLWISE, ROWWISE, REPLICATE, VOCAB = "colwise", "rowwise", "replicate", "vocab"
+# A mixture-of-experts expert's projection under expert parallelism: whole, on the one rank that owns the expert
+# (``Linear.expert``: rank r owns experts shard_range(experts, r, tp)), absent on the others.
+EXPERT = "expert"
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,12 @@ class Linear:
     in_features: Features
     out_features: Features
     bias: bool = False
+    expert: tuple[int, int] | None = None  # (index, experts in the layer) for a mixture-of-experts expert's projection
+
+    def owner(self, tp: int) -> int:
+        """The rank that holds this expert whole under expert parallelism."""
+        index, count = self.expert
+        return next(r for r in range(tp) if shard_range(count, r, tp)[0] <= index < sum(shard_range(count, r, tp)))
 
 
 @dataclass(frozen=True)
@@ -188,6 +197,8 @@ def parameters(module: Module, strategy: str, rank: int, tp: int,
         return {"weight": ((module.vocab_size, module.hidden_size), None)}
     full_in, full_out = module.in_features.total, module.out_features.total
     out: dict[str, tuple[tuple[int, ...], Slice | None]] = {}
+    if strategy == EXPERT and tp > 1 and module.owner(tp) != rank:
+        return out  # another rank's expert
     if strategy == COLWISE and tp > 1:
         ranges = module.out_features.ranges(rank, tp)
         piece = Slice(0, ranges, sum(length for _, length in ranges))
@@ -214,4 +225,7 @@ def size_failure(module: Module, strategy: str, tp: int) -> str | None:
             return module.out_features.failure(tp)
         if strategy == ROWWISE:
             return module.in_features.failure(tp)
+        if strategy == EXPERT:
+            count = module.expert[1]
+            return None if count % tp == 0 else f"{count} experts are not divisible by tp={tp} (expert parallelism)"
     return None

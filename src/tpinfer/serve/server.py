@@ -51,6 +51,7 @@ class ServeConfig:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     data_parallel_size: int = 1
+    moe_parallel: str = "tensor"
     dtype: str = "auto"
     tp_plan: str | dict[str, str] = "auto"
     quantization: str | None = None
@@ -111,7 +112,8 @@ def serve(config: ServeConfig) -> int:
     """Serve until SIGTERM/SIGINT (returns 0); a rank failure ends the process with exit code 1."""
     spec = EngineSpec(model=config.model, tensor_parallel_size=config.tensor_parallel_size,
                       pipeline_parallel_size=config.pipeline_parallel_size,
-                      data_parallel_size=config.data_parallel_size, dtype=config.dtype,
+                      data_parallel_size=config.data_parallel_size, moe_parallel=config.moe_parallel,
+                      dtype=config.dtype,
                       tp_plan=config.tp_plan, quantization=config.quantization,
                       quantize_lm_head=config.quantize_lm_head, max_model_len=config.max_model_len,
                       max_batch_size=config.max_num_seqs, all_reduce=config.all_reduce, timeout_s=config.timeout_s)
