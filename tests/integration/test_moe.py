@@ -1,0 +1,79 @@
+"""Mixture-of-experts families against HF transformers' own classes, in both expert layouts, and their bad inputs."""
+
+import json
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from helpers import hf_greedy, hf_model, make_checkpoint
+from tpinfer import LLM, SamplingParams
+from tpinfer.config import ConfigError, ModelConfig
+from tpinfer.engine.bench import collect
+from tpinfer.loading.checkpoint import CheckpointError
+from tpinfer.parallel.plan import PlanError, resolve_plan
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+VARIANTS = ("mixtral", "qwen2_moe", "qwen3_moe")
+PROMPT = [1, 5, 9, 14, 3, 8, 2, 40, 77, 120]
+# Float32 HF and tpinfer sum the same products in other orders (TP's all-reduce, the experts' index_add): a few ulps.
+LOGPROB_TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def moe(tmp_path_factory):
+    root = tmp_path_factory.mktemp("moe")
+    return {v: make_checkpoint(root / v, v) for v in VARIANTS}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_greedy_tokens_equal_hf_at_every_size_and_layout(moe, variant):
+    path = moe[variant]
+    tokens, first = hf_greedy(hf_model(path), PROMPT, 10)
+    for tp, layout in [(1, "tensor"), (2, "tensor"), (2, "expert"), (4, "tensor"), (4, "expert")]:
+        with LLM(str(path), tensor_parallel_size=tp, moe_parallel=layout, dtype="float32", progress=False) as llm:
+            out = llm.generate([PROMPT], SamplingParams(max_new_tokens=10, temperature=0.0, ignore_eos=True))[0]
+            load = llm.engine.model.expert_load()
+        assert out.token_ids == tokens, (tp, layout)
+        assert out.logprobs[0] == pytest.approx(first, abs=LOGPROB_TOL), (tp, layout)
+        # Every token of the prefill and of each decode step picked top-2 of 8 in every MoE layer.
+        assert all(sum(counts) == 2 * (len(PROMPT) + 9) for counts in load.values()), load
+
+
+def test_expert_parallelism_holds_and_reads_only_its_experts(moe):
+    path = moe["mixtral"]
+    config = ModelConfig.from_pretrained(path)
+    hidden, ffn = config.hidden_size, config.intermediate_size
+    with LLM(str(path), tensor_parallel_size=4, moe_parallel="expert", dtype="float32", progress=False) as llm:
+        ranks = collect(llm.engine, "stats")
+        read = llm.engine.load_stats["bytes"]
+        experts = [k for k in llm.engine.model.model.layers[0].block_sparse_moe.experts]
+    assert experts == ["0", "1"]  # rank 0 owns experts 0 and 1 of 8
+    expert_bytes = 3 * hidden * ffn * 4
+    with LLM(str(path), tensor_parallel_size=4, moe_parallel="tensor", dtype="float32", progress=False) as llm:
+        tensor_ranks = collect(llm.engine, "stats")
+    # Whole experts, 2 of 8 per rank, against a quarter of each of the 8: the same bytes per rank.
+    assert [r["param_bytes"] for r in ranks] == [r["param_bytes"] for r in tensor_ranks]
+    layers = config.num_hidden_layers
+    assert read >= layers * 2 * expert_bytes  # its two experts' tensors in every layer
+    assert read < layers * 3 * expert_bytes + 4 * config.vocab_size * hidden * 2  # and not the other six
+
+
+def test_bad_moe_inputs_are_refused_by_name(moe, tmp_path):
+    raw = json.loads((moe["mixtral"] / "config.json").read_text())
+    six = ModelConfig.from_dict({**raw, "num_local_experts": 6})  # 8 heads and 6 experts: only 1 and 2 split both
+    with pytest.raises(PlanError, match="6 experts are not divisible by tp=4 .*valid sizes for this model: 1, 2$"):
+        resolve_plan(six, 4, "auto", moe_parallel="expert")
+    resolve_plan(six, 4, "auto", moe_parallel="tensor")  # each expert split: the expert count does not matter
+    with pytest.raises(PlanError, match="has no mixture-of-experts layers"):
+        resolve_plan(ModelConfig.from_pretrained(make_checkpoint(tmp_path / "dense", "mistral")), 1, "auto",
+                     moe_parallel="expert")
+    with pytest.raises(ConfigError, match="num_experts_per_tok=9 must be between 1 and the 8 experts"):
+        ModelConfig.from_dict({**raw, "num_experts_per_tok": 9})
+    # A checkpoint missing one expert's tensor: named, before anything is served.
+    broken = make_checkpoint(tmp_path / "broken", "mixtral", shards=1)
+    tensors = load_file(broken / "model.safetensors")
+    del tensors["model.layers.1.block_sparse_moe.experts.5.w2.weight"]
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"missing tensor model\.layers\.1\.block_sparse_moe\.experts\.5\.w2"):
+        LLM(str(broken), progress=False)
