@@ -97,6 +97,7 @@ class Launcher:
                 process.join(1)  # the exit code can lag the sentinel by a moment
                 if self._closing or process.exitcode == 0:
                     continue
+                process = self._root_cause(process)
                 self.failure = self._read_error(process)
                 log.error("%s", self.failure)
                 threading.Timer(GRACE_S, self._end_job).start()
@@ -104,13 +105,24 @@ class Launcher:
                     self.on_failure(self.failure)
                 return
 
+    def _root_cause(self, first: mp.Process) -> mp.Process:
+        """The worker that failed first in cause, not only in time: when one dies, its peers' collectives fail a
+        moment later ("connection closed by peer") and they exit too; a worker killed by a signal, or one that
+        exited without reporting an error, is the cause."""
+        time.sleep(0.3)
+        dead = [p for p in self.processes if p.exitcode not in (None, 0)]
+        killed = [p for p in dead if p.exitcode is not None and p.exitcode < 0]
+        return killed[0] if killed else first
+
     def _read_error(self, process: mp.Process) -> str:
-        rank = process.name.removeprefix("tpinfer-rank")
-        message = f"rank {rank} exited with code {process.exitcode}"
+        rank = int(process.name.removeprefix("tpinfer-rank"))
+        reported = {}
         while self._errors is not None and not self._errors.empty():
             err_rank, text = self._errors.get()
-            message = f"rank {err_rank} failed: {text}"
-        return message
+            reported.setdefault(err_rank, text)
+        if rank in reported:
+            return f"rank {rank} failed: {reported[rank]}"
+        return f"rank {rank} exited with code {process.exitcode}"
 
     def _end_job(self) -> None:
         if self._closing:
