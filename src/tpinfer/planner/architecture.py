@@ -12,7 +12,7 @@ from typing import Any
 from tpinfer.parallel import shard
 from tpinfer.planner.model import RankElements
 
-PLANNER_ONLY_TYPES = ("mixtral", "opt")
+PLANNER_ONLY_TYPES = ("opt",)  # Mixtral is an engine family now (tpinfer.models.moe), counted by its declaration
 
 
 @dataclass(frozen=True)

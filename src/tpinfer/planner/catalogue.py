@@ -48,22 +48,11 @@ def _gemma(vocab: int, hidden: int, ffn: int, layers: int, heads: int, kv: int, 
             "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True, **extra}
 
 
-def _moe(name: str, vocab: int, hidden: int, ffn: int, layers: int, heads: int, kv: int, max_pos: int) -> Architecture:
-    """A Mixtral: Mistral attention, 8 SwiGLU experts per layer, 2 active per token, and a router."""
-    return Architecture(
-        name=name,
-        model_type="mixtral",
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=ffn,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv,
-        head_dim=hidden // heads,
-        max_position_embeddings=max_pos,
-        num_local_experts=8,
-        num_experts_per_tok=2,
-    )
+def _moe(vocab: int, hidden: int, ffn: int, layers: int, heads: int, kv: int, max_pos: int) -> dict:
+    """HF config.json keys of a Mixtral: Mistral attention, 8 SwiGLU experts per layer, 2 active per token, and a
+    router; counted by the engine's own declaration (``tpinfer.models.moe``)."""
+    return {**_llama(vocab, hidden, ffn, layers, heads, kv, max_pos, rope_theta=1e6), "model_type": "mixtral",
+            "num_local_experts": 8, "num_experts_per_tok": 2}
 
 
 # name -> (HF ids it is published under, HF config keys or an Architecture)
@@ -159,11 +148,11 @@ CATALOGUE: dict[str, tuple[tuple[str, ...], dict[str, Any] | Architecture]] = {
     ),
     "mixtral-8x7b": (
         ("mistralai/Mixtral-8x7B-v0.1", "mistralai/Mixtral-8x7B-Instruct-v0.1"),
-        _moe("mixtral-8x7b", vocab=32000, hidden=4096, ffn=14336, layers=32, heads=32, kv=8, max_pos=32768),
+        _moe(vocab=32000, hidden=4096, ffn=14336, layers=32, heads=32, kv=8, max_pos=32768),
     ),
     "mixtral-8x22b": (
         ("mistralai/Mixtral-8x22B-v0.1", "mistralai/Mixtral-8x22B-Instruct-v0.1"),
-        _moe("mixtral-8x22b", vocab=32768, hidden=6144, ffn=16384, layers=56, heads=48, kv=8, max_pos=65536),
+        _moe(vocab=32768, hidden=6144, ffn=16384, layers=56, heads=48, kv=8, max_pos=65536),
     ),
     "opt-175b": (
         ("facebook/opt-175b",),

@@ -71,10 +71,16 @@ def model_checks(model: ModelSpec, tp: int) -> list[Check]:
             Check(
                 FAIL,
                 "engine supports the model",
-                f"model_type {model.model_type} is planned only; the engine runs llama, mistral and qwen2",
+                f"model_type {model.model_type} is planned only; the engine runs {', '.join(_engine_types())}",
             )
         )
     return out
+
+
+def _engine_types() -> tuple[str, ...]:
+    from tpinfer.models import SUPPORTED_MODEL_TYPES
+
+    return SUPPORTED_MODEL_TYPES
 
 
 def gpu_count_check(tp: int, gpus_per_node: int | None, nnodes: int | None, visible_gpus: int | None) -> list[Check]:

@@ -74,8 +74,14 @@ class EngineModel:
     _cache: dict[int, RankElements] = field(default_factory=dict, compare=False, repr=False)
 
     engine_supported = True
-    num_local_experts = 0
-    num_experts_per_tok = 0
+
+    @property
+    def num_local_experts(self) -> int:
+        return self.config.num_experts
+
+    @property
+    def num_experts_per_tok(self) -> int:
+        return self.config.num_experts_per_tok
 
     @property
     def model_type(self) -> str:
@@ -131,18 +137,21 @@ class EngineModel:
 
     def _split(self, by_module: dict[str, int]) -> RankElements:
         """Module name -> amount (elements or bytes) as embedding, one decoder layer, and the rest (norm, head)."""
-        embed = layers = head = 0
+        embed = layers = head = experts = 0
         for name, n in by_module.items():
             if name.startswith("model.layers."):
                 layers += n
+                experts += n if ".experts." in name else 0
             elif name == "model.embed_tokens":
                 embed += n
             else:
                 head += n
         num_layers = self.config.num_hidden_layers
-        assert layers % num_layers == 0, "decoder layers of one model have equal sizes"
         tied = embed if self.config.tie_word_embeddings else 0
-        return RankElements(embed, layers // num_layers, head, tied)
+        # Layers of one model have equal sizes, except Qwen-MoE's dense mlp_only_layers: then a layer counts as the
+        # largest (every stage's figure an upper bound).
+        per_layer = -(-layers // num_layers)
+        return RankElements(embed, per_layer, head, tied, -(-experts // num_layers))
 
 
 def engine_schemes(config: ModelConfig, dtype: DType) -> dict | None:
