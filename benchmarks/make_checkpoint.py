@@ -2,6 +2,7 @@
 
     python benchmarks/make_checkpoint.py --preset llama-250m --dtype float32 --out /tmp/llama-250m
     python benchmarks/make_checkpoint.py --preset llama-1b --dtype bfloat16 --out /tmp/llama-1b
+    python benchmarks/make_checkpoint.py --preset mixtral-500m --out /tmp/mixtral-500m
 
 Weights are N(0, 0.02) from a fixed seed, written one tensor at a time so memory stays small.
 The shapes come from tpinfer's own shard arithmetic at tp=1 (the checkpoint's full shapes).
@@ -28,6 +29,13 @@ PRESETS = {
     # ~1.1B parameters (TinyLlama-like shapes) for the loading-memory measurement.
     "llama-1b": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
                  "num_attention_heads": 32, "num_key_value_heads": 4, "vocab_size": 32000},
+    # A ~540M-parameter Mixtral (8 experts of FFN 1792, top 2: ~170M active per token) and a dense Llama with the
+    # same total (FFN 8 x 1792), for the mixture-of-experts decode benchmark.
+    "mixtral-500m": {"model_type": "mixtral", "architectures": ["MixtralForCausalLM"], "hidden_size": 1024,
+                     "intermediate_size": 1792, "num_hidden_layers": 10, "num_attention_heads": 16,
+                     "num_key_value_heads": 8, "vocab_size": 32000, "num_local_experts": 8, "num_experts_per_tok": 2},
+    "llama-500m-dense": {"hidden_size": 1024, "intermediate_size": 14336, "num_hidden_layers": 10,
+                         "num_attention_heads": 16, "num_key_value_heads": 8, "vocab_size": 32000},
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

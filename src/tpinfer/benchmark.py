@@ -35,13 +35,20 @@ class BenchOptions:
     seed: int = 0
 
 
-def weight_bytes_per_step(engine: RankEngine) -> int:
-    """Parameter bytes one decode step reads on this rank: all of them but the embedding table, of which a
-    step reads one row per token (unless the table is also the LM head)."""
+def weight_bytes_per_step(engine: RankEngine, batch: int = 1) -> int:
+    """Parameter bytes one decode step of ``batch`` rows reads on this rank: all of them but the embedding table, of
+    which a step reads one row per token (unless the table is also the LM head), and of a mixture-of-experts
+    model's experts only the share ``batch`` tokens pick, 1 - (1 - k/E)^batch with uniform routing (the planner's
+    expectation)."""
     total = engine.param_bytes
     embed = engine.model.model.embed_tokens  # None on a pipeline stage after the first
     if embed is not None and not engine.config.tie_word_embeddings:
         total -= embed.weight.numel() * embed.weight.element_size()
+    config = engine.config
+    if config.num_experts:
+        experts = sum(p.numel() * p.element_size() for name, p in engine.model.named_parameters() if ".experts." in name)
+        read = 1.0 - (1.0 - config.num_experts_per_tok / config.num_experts) ** batch
+        total -= int(experts * (1.0 - read))
     return total
 
 
@@ -92,7 +99,7 @@ def _measure(engine: RankEngine, options: BenchOptions) -> dict[str, Any]:
     before = (stats.prefill_s, stats.decode_s)
     engine.run(prompts, params)
     timed_s = stats.prefill_s - before[0] + stats.decode_s - before[1]
-    ranks = collect(engine, "stats", reset=True, timed=False)
+    ranks = collect(engine, "stats", reset=True, timed=False, batch=options.batch_size)
     forwards = options.output_len
     comm = {k: v for k, v in ranks[0]["comm"].items() if not k.endswith("_object")}  # not the bench's own
     comm_s = sum(v["seconds"] for v in comm.values())
@@ -140,6 +147,7 @@ def _measure(engine: RankEngine, options: BenchOptions) -> dict[str, Any]:
         "quantization": quantization_name(engine),
         "bytes_per_weight": projection_bytes_per_weight(engine),
         "lm_head": next(r["lm_head"] for r in ranks if r["lm_head"] is not None),
+        "moe": _moe_report(engine, ranks),
         # Pipeline stages: activations rank 0 sends per step, and each rank's share of the timed run spent waiting
         # for another stage (lockstep generation: one stage works at a time, so about 1 - 1/pp).
         "pipeline": None if pp == 1 else {
@@ -148,6 +156,25 @@ def _measure(engine: RankEngine, options: BenchOptions) -> dict[str, Any]:
             "wait_share": [w / timed_s if timed_s else 0.0 for w in decode_wait],
         },
     }
+
+
+def _moe_report(engine: RankEngine, ranks: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """A mixture-of-experts model: experts, top-k, the layout, the tokens each expert received in the timed run
+    (summed over the MoE layers), and the busiest rank's share of that expert work: under ``--moe-parallel expert``
+    the tokens its own experts took (1/tp when balanced), under ``tensor`` 1/tp (every rank shares every expert)."""
+    config = engine.config
+    if not config.num_experts:
+        return None
+    load = [sum(counts) for counts in zip(*ranks[0]["expert_load"].values(), strict=True)]
+    layout, tp = engine.spec.moe_parallel, engine.ctx.tp_size
+    total = sum(load) or 1
+    if layout == "expert" and tp > 1:
+        per_rank = [sum(n for j, n in enumerate(load) if j * tp // config.num_experts == r) for r in range(tp)]
+        busiest = max(per_rank) / total
+    else:
+        busiest = 1 / tp
+    return {"experts": config.num_experts, "top_k": config.num_experts_per_tok, "layout": layout,
+            "tokens_per_expert": load, "busiest_rank_share": busiest}
 
 
 def quantization_name(engine: RankEngine) -> str | None:

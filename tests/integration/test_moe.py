@@ -77,3 +77,33 @@ def test_bad_moe_inputs_are_refused_by_name(moe, tmp_path):
     save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=r"missing tensor model\.layers\.1\.block_sparse_moe\.experts\.5\.w2"):
         LLM(str(broken), progress=False)
+
+
+def test_serving_a_moe_model_batches_and_reports_expert_load(moe, tmp_path):
+    import asyncio
+
+    import httpx
+    import openai
+    from test_serve import NAME, _greedy, start_server, stop_server
+
+    server = start_server(moe["qwen2_moe"], tmp_path / "moe.log", "--tensor-parallel-size", "2", "--moe-parallel",
+                          "expert", "--max-num-seqs", "4", "--max-model-len", "256")
+    try:
+        prompts = [f"Hello world {i}" for i in range(8)]
+        alone = [_greedy(server.client(), p, max_tokens=6, ignore_eos=True).choices[0].text for p in prompts]
+
+        async def together() -> list[str]:
+            async with openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0) as client:
+                outs = await asyncio.gather(*(client.completions.create(
+                    model=NAME, prompt=p, max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+                    for p in prompts))
+                return [o.choices[0].text for o in outs]
+
+        assert asyncio.run(together()) == alone
+        lines = [line for line in httpx.get(f"{server.url}/metrics").text.splitlines()
+                 if line.startswith("tpinfer_expert_tokens_total{")]
+        layers = {line.split('layer="')[1].split('"')[0] for line in lines}
+        assert layers == {"1", "2"} and len(lines) == 2 * 8  # layer 0 is dense (mlp_only_layers)
+        assert sum(float(line.split()[-1]) for line in lines) > 0
+    finally:
+        stop_server(server)

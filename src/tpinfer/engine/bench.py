@@ -34,7 +34,7 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _stats(engine: RankEngine, reset: bool = False, timed: bool | None = None) -> dict[str, Any]:
+def _stats(engine: RankEngine, reset: bool = False, timed: bool | None = None, batch: int = 1) -> dict[str, Any]:
     comm = engine.ctx.comm
     out = {
         "rank": engine.ctx.rank,
@@ -52,7 +52,9 @@ def _stats(engine: RankEngine, reset: bool = False, timed: bool | None = None) -
     pipe = engine.ctx.pipe
     from tpinfer.benchmark import head_format, weight_bytes_per_step
 
-    out["weight_bytes_per_step"] = weight_bytes_per_step(engine)
+    out["weight_bytes_per_step"] = weight_bytes_per_step(engine, batch)
+    load = getattr(engine.model, "expert_load", None)
+    out["expert_load"] = load() if load is not None else {}
     out["lm_head"] = head_format(engine)
     out["stage"] = engine.ctx.pp_rank
     out["layers"] = list(engine.model.model.layers.indices)
@@ -61,6 +63,8 @@ def _stats(engine: RankEngine, reset: bool = False, timed: bool | None = None) -
         comm.stats.reset()
         if pipe is not None:
             pipe.stats.reset()
+        if hasattr(engine.model, "reset_expert_load"):
+            engine.model.reset_expert_load()
     if timed is not None:
         comm.stats.timed = timed
     return out

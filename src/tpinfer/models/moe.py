@@ -252,6 +252,11 @@ class MoEForCausalLM(CausalLM):
                              lambda size: RMSNorm(size, config.rms_norm_eps, dtype, ctx.device))
         super().__init__(config, ctx, plan, dtype, max_seq_len, model)
 
+    def reset_expert_load(self) -> None:
+        for layer in self.model.layers:
+            if isinstance(layer, MoEDecoderLayer):
+                layer.moe.tokens_per_expert.zero_()
+
     def expert_load(self) -> dict[int, list[int]]:
         """Tokens routed to each expert so far, per MoE layer (every rank of a TP group sees the same routing)."""
         return {layer.self_attn.layer: layer.moe.tokens_per_expert.tolist() for layer in self.model.layers

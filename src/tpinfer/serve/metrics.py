@@ -58,6 +58,8 @@ class Metrics:
         self.pipe_bytes: Callable[[], dict[str, int]] = dict
         # Data-parallel replicas: per replica {"running", "waiting", "steps", "generated_tokens"}.
         self.replicas: Callable[[], list[dict[str, int]]] = list
+        # Mixture of experts: MoE layer -> tokens routed to each expert so far (rank 0's replica).
+        self.expert_load: Callable[[], dict[int, list[int]]] = dict
         self._lock = threading.Lock()
 
     def request(self, outcome: str) -> None:
@@ -81,6 +83,7 @@ class Metrics:
 
     def render(self) -> str:
         replicas = list(enumerate(self.replicas()))
+        experts = [(layer, e, n) for layer, counts in sorted(self.expert_load().items()) for e, n in enumerate(counts)]
         with self._lock:
             lines = [
                 "# HELP tpinfer_requests_total Completion and chat requests by outcome.",
@@ -134,6 +137,9 @@ class Metrics:
                 "# HELP tpinfer_replica_steps_total Steps (micro-batches) each replica ran.",
                 "# TYPE tpinfer_replica_steps_total counter",
                 *(f'tpinfer_replica_steps_total{{replica="{d}"}} {r["steps"]}' for d, r in replicas),
+                "# HELP tpinfer_expert_tokens_total Tokens routed to each expert of each mixture-of-experts layer.",
+                "# TYPE tpinfer_expert_tokens_total counter",
+                *(f'tpinfer_expert_tokens_total{{layer="{layer}",expert="{e}"}} {n}' for layer, e, n in experts),
                 "# HELP tpinfer_time_to_first_token_seconds From arrival to the first generated token.",
                 "# TYPE tpinfer_time_to_first_token_seconds histogram",
                 *self.ttft.lines("tpinfer_time_to_first_token_seconds"),

@@ -210,6 +210,8 @@ def _build_state(config: ServeConfig, engine: RankEngine, tokenizer: Tokenizer, 
     metrics.busy_seconds = lambda: sum(s.busy_s for s in schedulers)
     metrics.replicas = lambda: [{"running": s.num_running, "waiting": s.num_waiting, "steps": s.steps,
                                  "generated_tokens": s.generated_tokens} for s in schedulers]
+    if hasattr(engine.model, "expert_load"):
+        metrics.expert_load = engine.model.expert_load
     pipes = [pipe for pipe in engine.ctx.remotes or [engine.ctx.pipe] if pipe is not None]
     if pipes:
         metrics.pipe_bytes = lambda: {"sent": sum(p.stats.bytes.get("pipe_send", 0) for p in pipes),
