@@ -6,7 +6,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from helpers import hf_greedy, hf_model, make_checkpoint
-from tpinfer import LLM, SamplingParams
+from tpinfer import LLM, SamplingParams, kernels
 from tpinfer.config import ConfigError, ModelConfig
 from tpinfer.engine.bench import collect
 from tpinfer.loading.checkpoint import CheckpointError
@@ -34,6 +34,9 @@ def test_greedy_tokens_equal_hf_at_every_size_and_layout(moe, variant):
         with LLM(str(path), tensor_parallel_size=tp, moe_parallel=layout, dtype="float32", progress=False) as llm:
             out = llm.generate([PROMPT], SamplingParams(max_new_tokens=10, temperature=0.0, ignore_eos=True))[0]
             load = llm.engine.model.expert_load()
+            native = llm.engine.native_decode
+        # Decode through the kernels' attention where they apply (not with Qwen3-MoE's q/k norms).
+        assert native == (variant != "qwen3_moe" and kernels.available())
         assert out.token_ids == tokens, (tp, layout)
         assert out.logprobs[0] == pytest.approx(first, abs=LOGPROB_TOL), (tp, layout)
         # Every token of the prefill and of each decode step picked top-2 of 8 in every MoE layer.

@@ -26,13 +26,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tpinfer import kernels
 from tpinfer.config import ConfigError, decoder_fields, read_rope
 from tpinfer.models.decoder import CausalLM, DecoderModel, build_linear
 from tpinfer.models.family import VOCAB_PLAN, Family, decoder_layer_name
 from tpinfer.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaMLP, qwen_sliding_layers
 from tpinfer.models.llama import layer_modules as llama_layer_modules
 from tpinfer.models.qwen3 import Qwen3Attention
-from tpinfer.parallel.layers import RMSNorm
+from tpinfer.parallel.layers import NATIVE_MAX_ROWS, RMSNorm, linear
 from tpinfer.parallel.spec import COLWISE, EXPERT, ROWWISE, Linear, Module, Norm, Pair, decoder_features, units
 from tpinfer.quant.layers import QuantLinear
 
@@ -148,10 +149,22 @@ def _auto_plans(kind: str) -> tuple[dict[str, str], dict[str, str]]:
 
 
 def partial(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """x W^T of this rank's slice of ``layer``, before any all-reduce (and without a bias: experts have none)."""
+    """x W^T of this rank's slice of ``layer``, before any all-reduce (and without a bias: experts have none); the
+    native GEMV for a few rows, as every linear layer."""
     if isinstance(layer, QuantLinear):
         return layer.matmul(x)
-    return F.linear(x, layer.weight)
+    return linear(x, layer.weight)
+
+
+def expert_output(expert: nn.ModuleDict, names: tuple[str, str, str], h: torch.Tensor) -> torch.Tensor:
+    """down(silu(gate(h)) * up(h)) of this rank's slice of one expert, before the all-reduce; gate and up in one
+    native call when the kernels take them (a few rows, float weights)."""
+    gate, up, down = (expert[n] for n in names)
+    rows = h.numel() // h.shape[-1]
+    if (not isinstance(gate, QuantLinear) and kernels.usable(h, gate.weight)
+            and 0 < rows <= NATIVE_MAX_ROWS.get(h.dtype, 0) and gate.bias is None and up.bias is None):
+        return partial(down, kernels.gated_linear(h, gate.weight, up.weight))
+    return partial(down, F.silu(gate(h)) * up(h))
 
 
 class MoEBlock(nn.Module):
@@ -199,14 +212,18 @@ class MoEBlock(nn.Module):
         weights, chosen = self.route(x)
         self.tokens_per_expert += torch.bincount(chosen.flatten().cpu(), minlength=self.num_experts)
         out = torch.zeros_like(x)
-        gate, up, down = self.names
-        for j in torch.unique(chosen).tolist():  # only the experts some token picked: only their weights are read
+        if x.shape[0] == 1:  # one token (batch-1 decode): its k experts in turn, no gathering of rows
+            for slot, j in enumerate(chosen[0].tolist()):
+                expert = self.experts[str(j)] if str(j) in self.experts else None
+                if expert is not None:
+                    y = expert_output(expert, self.names, x)
+                    out += (y * weights[:, slot, None]).to(out.dtype)
+        for j in torch.unique(chosen).tolist() if x.shape[0] > 1 else ():  # only the experts some token picked
             expert = self.experts[str(j)] if str(j) in self.experts else None
             if expert is None:
                 continue  # another rank's expert (expert parallelism): its owner adds it in the all-reduce
             tokens, slot = torch.where(chosen == j)
-            h = x[tokens]
-            y = partial(expert[down], F.silu(expert[gate](h)) * expert[up](h))
+            y = expert_output(expert, self.names, x[tokens])
             out.index_add_(0, tokens, (y * weights[tokens, slot, None]).to(out.dtype))
         if self.shared_expert is not None:
             s = self.shared_expert
@@ -263,10 +280,16 @@ class MoEForCausalLM(CausalLM):
                 if isinstance(layer, MoEDecoderLayer)}
 
 
+def _native_decode(model):  # noqa: ANN001, ANN202
+    from tpinfer.kernels.moe_decode import moe_native_decode
+
+    return moe_native_decode(model)
+
+
 def _family(kind: str) -> Family:
     tensor, expert = _auto_plans(kind)
     return Family(name=kind, model_types=(kind,), read_config=read_config, layer=layer_modules, auto_plan=tensor,
-                  pairs=layer_pairs, model=MoEForCausalLM, expert_plan=expert)
+                  pairs=layer_pairs, model=MoEForCausalLM, decode_adapter=_native_decode, expert_plan=expert)
 
 
 MIXTRAL, QWEN2_MOE, QWEN3_MOE = _family("mixtral"), _family("qwen2_moe"), _family("qwen3_moe")
