@@ -195,10 +195,12 @@ class LLM:
         # A checkpoint without tokenizer files still serves prompts given as token ids.
         has_tokenizer = str(model).endswith(".gguf") or any(
             (Path(model) / name).is_file() for name in ("tokenizer.json", "tokenizer.model"))
+        if has_tokenizer:
+            Tokenizer.check_files(model)  # broken tokenizer files are refused before any rank starts
         self.launcher = Launcher(self.spec)
         self.engine = self.launcher.start(progress)
-        # After the weights: rank 0's peak memory is then its share of them plus the tokenizer, not plus the pages a
-        # read briefly maps as well.
+        # Loaded after the weights: rank 0's peak memory is then its share of them plus the tokenizer (transformers'
+        # import, ~90 MiB), not also the pages a read maps for a moment.
         try:
             self.tokenizer = Tokenizer.from_pretrained(model) if has_tokenizer else None
         except BaseException:

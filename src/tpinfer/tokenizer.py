@@ -40,15 +40,24 @@ class Tokenizer:
     def __init__(self, hf: Any, path: Path) -> None:
         self.hf, self.path = hf, path
 
+    @staticmethod
+    def check_files(path: str | Path) -> None:
+        """The cheap checks of ``from_pretrained`` (the files exist and parse), without importing transformers: a
+        caller can refuse a broken directory before starting anything, and load the tokenizer later."""
+        path = Path(path)
+        if path.suffix == ".gguf":
+            return
+        if not any((path / name).is_file() for name in TOKENIZER_FILES):
+            raise TokenizerError(f"no tokenizer in {path} (looked for {', '.join(TOKENIZER_FILES)})")
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            _check_json(path / name)
+
     @classmethod
     def from_pretrained(cls, path: str | Path) -> Tokenizer:
         path = Path(path)
         if path.suffix == ".gguf":
             return cls._from_gguf(path)
-        if not any((path / name).is_file() for name in TOKENIZER_FILES):
-            raise TokenizerError(f"no tokenizer in {path} (looked for {', '.join(TOKENIZER_FILES)})")
-        for name in ("tokenizer.json", "tokenizer_config.json"):
-            _check_json(path / name)
+        cls.check_files(path)
         try:
             import transformers
             from transformers import AutoTokenizer

@@ -80,9 +80,11 @@ class Launcher:
 
     def raise_failure(self, exc: BaseException) -> None:
         """Re-raise a collective error as the failing worker's own error when there is one."""
-        deadline = time.monotonic() + 3.0
-        while self.failure is None and time.monotonic() < deadline and self.processes:
-            if all(p.is_alive() for p in self.processes):
+        start = time.monotonic()
+        while self.failure is None and time.monotonic() < start + 3.0 and self.processes:
+            # A peer killed a moment ago can still look alive when its socket has already closed: give it half a
+            # second to show up as dead before taking the error for this rank's own.
+            if all(p.is_alive() for p in self.processes) and time.monotonic() > start + 0.5:
                 break
             time.sleep(0.05)
         if self.failure is not None:
