@@ -110,3 +110,21 @@ def test_serving_a_moe_model_batches_and_reports_expert_load(moe, tmp_path):
         assert sum(float(line.split()[-1]) for line in lines) > 0
     finally:
         stop_server(server)
+
+
+def test_planner_counts_moe_communication_as_the_engine_measures_it(moe):
+    from tpinfer.planner import build_request, load_model, make_plan
+    from tpinfer.planner.report_json import to_json
+
+    path = moe["mixtral"]
+    model = load_model(path)
+    assert model.engine_supported and model.num_local_experts == 8
+    plan = to_json(make_plan(model, build_request(model, gpu="cpu", gpus_per_node=2, dtype="fp32")))
+    (tp2,) = [lay for lay in plan["layouts"] if (lay["tp"], lay["pp"], lay["dp"]) == (2, 1, 1)]
+    for layout in ("tensor", "expert"):
+        with LLM(str(path), tensor_parallel_size=2, moe_parallel=layout, dtype="float32", progress=False) as llm:
+            stats = llm.engine.ctx.comm.stats
+            stats.reset()
+            llm.generate([PROMPT], SamplingParams(max_new_tokens=5, temperature=0.0, ignore_eos=True))
+            # Per step: the embedding's all-reduce, then o_proj's and the MoE block's in every layer.
+            assert stats.calls["all_reduce"] / 5 == tp2["comm"]["all_reduces_per_token"] == 2 * 2 + 1

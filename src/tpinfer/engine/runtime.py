@@ -77,6 +77,7 @@ class EngineSpec:
         from tpinfer.quant.formats import parse
 
         stored = checkpoint.schemes() if hasattr(checkpoint, "schemes") else None
+
         if stored:
             if self.quantization is not None:
                 raise ConfigError(f"--quantization {self.quantization}: {self.model} is already quantized (GGUF "
@@ -102,8 +103,8 @@ class EngineSpec:
         mesh = self.mesh
         split_layers(config.num_hidden_layers, mesh.pp)
         checkpoint = open_checkpoint(self.model, config)
-        plan = resolve_plan(config, mesh.tp, self.tp_plan, self.schemes(checkpoint), self.head_scheme(),
-                            self.moe_parallel)
+        plan = resolve_plan(config, mesh.tp, self.tp_plan, float_experts(config, self.schemes(checkpoint)),
+                            self.head_scheme(), self.moe_parallel)
         resolve_dtype(self.dtype, config.torch_dtype)
         max_model_len(config, self.max_model_len)
         return config, plan
@@ -229,6 +230,15 @@ def max_model_len(config: ModelConfig, requested: int | None) -> int:
     return requested
 
 
+def float_experts(config: ModelConfig, schemes):  # noqa: ANN001, ANN201
+    """``schemes``, refused for a mixture-of-experts model (the planner counts quantized MoE; the engine does not
+    run it yet)."""
+    if schemes and config.family.expert_plan is not None:
+        raise ConfigError(f"quantized weights for mixture-of-experts models ({config.model_type}) are not supported "
+                          "yet; load the float checkpoint without --quantization")
+    return schemes
+
+
 def layout_label(ctx: ParallelContext) -> str:
     """"tp=2", or "tp=2 x pp=2 x dp=1" for a mesh."""
     if ctx.pp_size == 1 and ctx.dp_size == 1:
@@ -243,8 +253,8 @@ def load_engine(spec: EngineSpec, ctx: ParallelContext, progress: bool = False) 
         torch.set_num_threads(spec.threads)
     config = ModelConfig.from_pretrained(spec.model)
     checkpoint = open_checkpoint(spec.model, config)
-    plan = resolve_plan(config, ctx.tp_size, spec.tp_plan, spec.schemes(checkpoint), spec.head_scheme(),
-                        spec.moe_parallel)
+    plan = resolve_plan(config, ctx.tp_size, spec.tp_plan, float_experts(config, spec.schemes(checkpoint)),
+                        spec.head_scheme(), spec.moe_parallel)
     dtype = resolve_dtype(spec.dtype, config.torch_dtype)
     max_len = max_model_len(config, spec.max_model_len)
     model = build_model(config, ctx, plan, dtype, max_len)

@@ -108,8 +108,6 @@ def quantized_projections(config: ModelConfig, scheme: Scheme | dict[str, Scheme
             raise PlanError("--quantize-lm-head quantizes the head in the projections' scheme; give --quantization "
                             "(or a quantized checkpoint)")
         return {}
-    if config.family.expert_plan is not None:
-        raise PlanError(f"quantized weights for mixture-of-experts models ({config.model_type}) are not supported yet")
     modules = config.family.modules(config)
     linears = {m.name for m in modules if isinstance(m, Linear)}
     head = next(m.name for m in modules if isinstance(m, Head))
