@@ -119,7 +119,8 @@ def test_planner_counts_moe_communication_as_the_engine_measures_it(moe):
     path = moe["mixtral"]
     model = load_model(path)
     assert model.engine_supported and model.num_local_experts == 8
-    plan = to_json(make_plan(model, build_request(model, gpu="cpu", gpus_per_node=2, dtype="fp32")))
+    plan = to_json(make_plan(model, build_request(model, gpu="cpu", gpus_per_node=2, dtype="fp32",
+                                                  memory_bandwidth=20.0)))
     (tp2,) = [lay for lay in plan["layouts"] if (lay["tp"], lay["pp"], lay["dp"]) == (2, 1, 1)]
     for layout in ("tensor", "expert"):
         with LLM(str(path), tensor_parallel_size=2, moe_parallel=layout, dtype="float32", progress=False) as llm:
