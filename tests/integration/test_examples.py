@@ -45,34 +45,13 @@ def test_torchrun_greedy_equals_one_process(single_process_tokens):
     assert out["world_size"] == 2 and out["token_ids"] == single_process_tokens
 
 
-def test_two_nodes_over_loopback_equal_one_process(single_process_tokens):
+def _two_nodes(nproc_per_node: int, *script_args: str) -> tuple[dict, str]:
+    """The example as two torchrun "nodes" on loopback: rank 0's JSON line and node 1's stdout."""
     port = str(free_port())
     nodes = [
         subprocess.Popen(
-            [*TORCHRUN, "--nnodes", "2", "--node-rank", str(rank), "--nproc-per-node", "1", "--master-addr",
-             "127.0.0.1", "--master-port", port, str(EXAMPLES / "tp_inference.py"), "--greedy", "--json"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(), cwd=REPO,
-        )
-        for rank in (0, 1)
-    ]
-    try:
-        outs = [node.communicate(timeout=180) for node in nodes]
-    finally:
-        for node in nodes:
-            node.kill()
-    assert [n.returncode for n in nodes] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
-    out = _tokens(outs[0][0])
-    assert outs[1][0].strip() == ""  # node 1 holds rank 1, which prints nothing
-    assert out["world_size"] == 2 and out["token_ids"] == single_process_tokens
-
-
-def test_two_nodes_tp2_pp2_over_loopback_equal_one_process(single_process_tokens):
-    """TP=2 inside each "node", the two pipeline stages across them: the README's two commands."""
-    port = str(free_port())
-    nodes = [
-        subprocess.Popen(
-            [*TORCHRUN, "--nnodes", "2", "--node-rank", str(rank), "--nproc-per-node", "2", "--master-addr",
-             "127.0.0.1", "--master-port", port, str(EXAMPLES / "tp_inference.py"), "--pipeline-parallel-size", "2",
+            [*TORCHRUN, "--nnodes", "2", "--node-rank", str(rank), "--nproc-per-node", str(nproc_per_node),
+             "--master-addr", "127.0.0.1", "--master-port", port, str(EXAMPLES / "tp_inference.py"), *script_args,
              "--greedy", "--json"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(), cwd=REPO,
         )
@@ -84,8 +63,19 @@ def test_two_nodes_tp2_pp2_over_loopback_equal_one_process(single_process_tokens
         for node in nodes:
             node.kill()
     assert [n.returncode for n in nodes] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
-    out = _tokens(outs[0][0])
-    assert outs[1][0].strip() == ""
+    return _tokens(outs[0][0]), outs[1][0]
+
+
+def test_two_nodes_over_loopback_equal_one_process(single_process_tokens):
+    out, node1 = _two_nodes(1)
+    assert node1.strip() == ""  # node 1 holds rank 1, which prints nothing
+    assert out["world_size"] == 2 and out["token_ids"] == single_process_tokens
+
+
+def test_two_nodes_tp2_pp2_over_loopback_equal_one_process(single_process_tokens):
+    """TP=2 inside each "node", the two pipeline stages across them: the README's two commands."""
+    out, node1 = _two_nodes(2, "--pipeline-parallel-size", "2")
+    assert node1.strip() == ""
     assert (out["world_size"], out["tp"], out["pp"]) == (4, 2, 2) and out["token_ids"] == single_process_tokens
 
 

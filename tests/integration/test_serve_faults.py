@@ -57,19 +57,23 @@ def _metric(server: Server, name: str) -> float:
     raise AssertionError(name)
 
 
-def test_a_worker_killed_mid_stream_fails_the_request_and_the_server_exits(plain_model, tmp_path):
-    server = start_server(plain_model, tmp_path / "kill.log", "--tensor-parallel-size", "2", "--max-model-len", "1024")
+@pytest.mark.parametrize("layout", [("--tensor-parallel-size", "2"), ("--pipeline-parallel-size", "2"),
+                                    ("--data-parallel-size", "2")])
+def test_a_worker_killed_mid_stream_fails_the_request_and_the_server_exits(plain_model, tmp_path, layout):
+    """The one worker is TP rank 1, the last pipeline stage, or replica 1 (whose stream is the second opened)."""
+    server = start_server(plain_model, tmp_path / "kill.log", *layout, "--max-model-len", "1024")
     try:
         family = _family(server)
         workers = [p for p in family if "spawn_main" in " ".join(p.cmdline())]
         assert len(workers) == 1, [p.cmdline() for p in family]
-        chunks = iter(_long_stream(server.client(), "Hello world", 1000))
-        for _ in range(3):
-            next(chunks)
+        streams = [iter(_long_stream(server.client(), "Hello world", 1000)) for _ in range(2)]
+        for chunks in streams:
+            for _ in range(3):
+                next(chunks)
         killed_at = time.monotonic()
         workers[0].send_signal(signal.SIGKILL)
         with pytest.raises(openai.APIError, match="rank 1 exited"):
-            for _ in chunks:
+            for _ in streams[1]:
                 pass
         assert server.proc.wait(30) != 0
         assert time.monotonic() - killed_at < 30
@@ -129,26 +133,3 @@ def test_sigterm_drains_open_requests_refuses_new_ones_and_exits_cleanly(plain_m
     finally:
         stop_server(server)
 
-
-@pytest.mark.parametrize("layout", [("--pipeline-parallel-size", "2"), ("--data-parallel-size", "2")])
-def test_a_killed_last_stage_or_replica_fails_the_stream_and_the_server_exits(plain_model, tmp_path, layout):
-    """PP=2: the killed rank is the last stage; DP=2: it is replica 1 (its stream is the second one opened)."""
-    server = start_server(plain_model, tmp_path / "kill.log", *layout, "--max-model-len", "1024")
-    try:
-        family = _family(server)
-        workers = [p for p in family if "spawn_main" in " ".join(p.cmdline())]
-        assert len(workers) == 1, [p.cmdline() for p in family]
-        streams = [iter(_long_stream(server.client(), "Hello world", 1000)) for _ in range(2)]
-        for chunks in streams:
-            for _ in range(3):
-                next(chunks)
-        killed_at = time.monotonic()
-        workers[0].send_signal(signal.SIGKILL)
-        with pytest.raises(openai.APIError, match="rank 1 exited"):
-            for _ in streams[1]:
-                pass
-        assert server.proc.wait(30) != 0
-        assert time.monotonic() - killed_at < 30
-        _assert_gone(family)
-    finally:
-        stop_server(server)

@@ -43,8 +43,8 @@ def _row_parallel(m) -> bool:  # noqa: ANN001
     return isinstance(m, RowParallelLinear) or (isinstance(m, QuantLinear) and m.mode == ROWWISE)
 
 
-def unsupported_reason(model: torch.nn.Module) -> str | None:
-    """Why the fused kernels cannot run this model's decode; None when they can."""
+def model_reason(model: torch.nn.Module) -> str | None:
+    """What keeps the kernels' attention from any layer of this model (device, library, scaling, rope, windows)."""
     if model.ctx.device.type != "cpu":
         return f"the kernels are CPU kernels; this rank runs on {model.ctx.device}"
     if not kernels.available():
@@ -57,6 +57,27 @@ def unsupported_reason(model: torch.nn.Module) -> str | None:
     windows = [model.config.window(i) for i in range(model.config.num_hidden_layers)]
     if any(w is not None and w < model.max_seq_len for w in windows):
         return "a sliding window shorter than the context: the attention kernel attends every cached position"
+    return None
+
+
+def takes_step(batch: Batch, weight: torch.Tensor) -> bool:
+    """A step the kernels run: one new token per row, few enough rows, activations of ``weight``'s dtype."""
+    return (batch.input_ids.shape[1] == 1 and not batch.all_logits
+            and batch.input_ids.shape[0] <= NATIVE_MAX_ROWS.get(weight.dtype, 0) and kernels.usable(weight))
+
+
+def check_in_cache(batch: Batch, cache: KVCache) -> None:
+    """The kernels index the cache without bounds checks: check the step's slots and positions once."""
+    if batch.kv_len > cache.max_seq_len or int(batch.slots.max()) >= cache.max_seqs:
+        raise IndexError(f"decode step outside the KV cache: positions up to {batch.kv_len - 1} and slots up "
+                         f"to {int(batch.slots.max())} for {cache.max_seqs} slots x {cache.max_seq_len}")
+
+
+def unsupported_reason(model: torch.nn.Module) -> str | None:
+    """Why the fused kernels cannot run this model's decode; None when they can."""
+    reason = model_reason(model)
+    if reason:
+        return reason
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         if not all(_local(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj)):
@@ -103,10 +124,7 @@ class NativeDecode:
         return None if hidden is None else self.model.logits(hidden)
 
     def takes(self, batch: Batch) -> bool:
-        """One new token per row, few enough rows, activations the kernels read (the model's dtype)."""
-        weight = self.layers[0].input_layernorm.weight
-        return (batch.input_ids.shape[1] == 1 and not batch.all_logits
-                and batch.input_ids.shape[0] <= NATIVE_MAX_ROWS.get(weight.dtype, 0) and kernels.usable(weight))
+        return takes_step(batch, self.layers[0].input_layernorm.weight)
 
     def decode(self, batch: Batch, cache: KVCache) -> torch.Tensor | None:
         """Final hidden states (B, hidden) of a decode step the kernels take (``takes``); on a pipeline stage before
@@ -116,10 +134,7 @@ class NativeDecode:
             x = decoder.embed(batch.input_ids)
         else:  # a later pipeline stage: the previous stage's output (a fresh tensor the kernels update in place)
             x = self.ctx.pipe.recv_prev((batch.input_ids.shape[0], decoder.hidden_size), decoder.dtype)
-        # The kernels index the cache without bounds checks: check the step's slots and positions once here.
-        if batch.kv_len > cache.max_seq_len or int(batch.slots.max()) >= cache.max_seqs:
-            raise IndexError(f"decode step outside the KV cache: positions up to {batch.kv_len - 1} and slots up "
-                             f"to {int(batch.slots.max())} for {cache.max_seqs} slots x {cache.max_seq_len}")
+        check_in_cache(batch, cache)
         cos, sin = self.rope.cos, self.rope.sin
         x = x.view(x.shape[0], -1)
         positions = batch.positions.view(-1)

@@ -1,9 +1,8 @@
 """Native decode for mixture-of-experts models: the kernels' attention half of each layer, the experts in Python.
 
 ``moe_native_decode(model)`` returns a step callable for a MoE model whose attention the fused kernels implement
-(as ``decode_adapter.unsupported_reason`` checks for the Llama layer: CPU, float weights, one rope table rotating
-whole heads, no short sliding window, q/k/v local and o reduced; no q/k norms, so Qwen3-MoE is left to its torch
-forward), else None. Per layer of a decode step: ``kernels.layer_attention`` (residual add, norm, q/k/v, rope, cache,
+(``decode_adapter.model_reason``, then per layer: float attention, q/k/v local and o reduced, no q/k norms, so
+Qwen3-MoE is left to its torch forward), else None. Per layer of a decode step: ``kernels.layer_attention`` (residual add, norm, q/k/v, rope, cache,
 attention, o_proj), o_proj's all-reduce, ``kernels.add_rms_norm``, then the MoE block (router, the chosen experts'
 GEMVs through the native GEMV, one all-reduce). A dense layer among them (Qwen's ``mlp_only_layers``) runs the
 kernels' MLP half. Every other step goes to the model.
@@ -15,25 +14,17 @@ import torch
 
 from tpinfer import kernels
 from tpinfer.engine.kv_cache import Batch, KVCache
-from tpinfer.kernels.decode_adapter import _local, _reduced, _row_parallel
-from tpinfer.parallel.layers import NATIVE_MAX_ROWS
+from tpinfer.kernels.decode_adapter import _local, _reduced, _row_parallel, check_in_cache, model_reason, takes_step
 from tpinfer.quant.layers import QuantLinear
 
 
 def unsupported_reason(model: torch.nn.Module) -> str | None:
     """Why the kernels cannot run this MoE model's attention at decode; None when they can."""
-    if model.ctx.device.type != "cpu":
-        return f"the kernels are CPU kernels; this rank runs on {model.ctx.device}"
-    if not kernels.available():
-        return kernels.unavailable_reason()
     if model.ctx.pp_size > 1:
         return "pipeline stages: the MoE decode adapter runs whole models only"
-    ropes = list(model.model.rotary_emb.values())
-    if len(ropes) != 1 or not ropes[0].static or ropes[0].rotary_dim != model.config.head_dim:
-        return "the kernels take one rope table that rotates whole heads"
-    windows = [model.config.window(i) for i in range(model.config.num_hidden_layers)]
-    if any(w is not None and w < model.max_seq_len for w in windows):
-        return "a sliding window shorter than the context: the attention kernel attends every cached position"
+    reason = model_reason(model)
+    if reason:
+        return reason
     for layer in model.model.layers:
         attn = layer.self_attn
         if hasattr(attn, "q_norm"):
@@ -60,14 +51,9 @@ class MoENativeDecode:
         self._described: dict[int, tuple[torch.Tensor, kernels.DecodeLayer]] = {}
 
     def __call__(self, batch: Batch, cache: KVCache) -> torch.Tensor:
-        weight = self.layers[0].input_layernorm.weight
-        takes = (batch.input_ids.shape[1] == 1 and not batch.all_logits
-                 and batch.input_ids.shape[0] <= NATIVE_MAX_ROWS.get(weight.dtype, 0) and kernels.usable(weight))
-        if not takes:
+        if not takes_step(batch, self.layers[0].input_layernorm.weight):
             return self.model(batch, cache)
-        if batch.kv_len > cache.max_seq_len or int(batch.slots.max()) >= cache.max_seqs:
-            raise IndexError(f"decode step outside the KV cache: positions up to {batch.kv_len - 1} and slots up "
-                             f"to {int(batch.slots.max())} for {cache.max_seqs} slots x {cache.max_seq_len}")
+        check_in_cache(batch, cache)
         decoder = self.model.model
         x = decoder.embed(batch.input_ids)
         x = x.view(x.shape[0], -1)
