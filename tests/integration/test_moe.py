@@ -112,7 +112,8 @@ def test_serving_a_moe_model_batches_and_reports_expert_load(moe, tmp_path):
         stop_server(server)
 
 
-def test_planner_counts_moe_communication_as_the_engine_measures_it(moe):
+def test_planner_and_info_count_moe_communication_and_bytes_as_the_engine_measures_them(moe):
+    from tpinfer.cli.info import model_info
     from tpinfer.planner import build_request, load_model, make_plan
     from tpinfer.planner.report_json import to_json
 
@@ -122,10 +123,17 @@ def test_planner_counts_moe_communication_as_the_engine_measures_it(moe):
     plan = to_json(make_plan(model, build_request(model, gpu="cpu", gpus_per_node=2, dtype="fp32",
                                                   memory_bandwidth=20.0)))
     (tp2,) = [lay for lay in plan["layouts"] if (lay["tp"], lay["pp"], lay["dp"]) == (2, 1, 1)]
+    info = next(e for e in model_info(str(path), "float32")["tp_sizes"] if e["tp"] == 2)["moe"]
     for layout in ("tensor", "expert"):
         with LLM(str(path), tensor_parallel_size=2, moe_parallel=layout, dtype="float32", progress=False) as llm:
+            held = [r["param_bytes"] for r in collect(llm.engine, "stats")]
             stats = llm.engine.ctx.comm.stats
             stats.reset()
             llm.generate([PROMPT], SamplingParams(max_new_tokens=5, temperature=0.0, ignore_eos=True))
-            # Per step: the embedding's all-reduce, then o_proj's and the MoE block's in every layer.
-            assert stats.calls["all_reduce"] / 5 == tp2["comm"]["all_reduces_per_token"] == 2 * 2 + 1
+        # Per step: the embedding's all-reduce, then o_proj's and the MoE block's in every layer.
+        assert (stats.calls["all_reduce"] / 5 == tp2["comm"]["all_reduces_per_token"]
+                == info[layout]["all_reduces_per_token"] == 2 * 2 + 1)
+        # Each of one hidden state per token: the prompt's 10 tokens, then 4 decode steps of one.
+        assert stats.bytes["all_reduce"] == info[layout]["all_reduce_bytes_per_token"] * (len(PROMPT) + 4)
+        # What each rank of the running engine holds is what info reports for the layout.
+        assert held == [info[layout]["bytes_per_rank"]] * 2, layout

@@ -10,6 +10,7 @@ pairs; the model then asks the plan how to build each layer.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -263,13 +264,20 @@ def tp_failure(modules: list[Module], strategies: dict[str, str], tp: int,
                schemes: dict[str, Scheme] | None = None) -> str | None:
     """Why ``tp`` cannot split these modules as ``strategies`` say (with their quantization groups), naming the
     numbers; None when it can."""
-    if tp < 1:
-        return f"tp={tp} must be at least 1"
-    for module, strategy, scheme in _split_features(modules, strategies, schemes or {}):
-        reason = _failure(module, strategy, scheme, tp)
-        if reason:
-            return reason
-    return None
+    return tp_failures(modules, strategies, (tp,), schemes)[tp]
+
+
+def tp_failures(modules: list[Module], strategies: dict[str, str], sizes: Iterable[int],
+                schemes: dict[str, Scheme] | None = None) -> dict[int, str | None]:
+    """``tp_failure`` at each of ``sizes``, reading the modules once (a MoE model has thousands)."""
+    splits = _split_features(modules, strategies, schemes or {})
+    out: dict[int, str | None] = {}
+    for tp in sizes:
+        if tp < 1:
+            out[tp] = f"tp={tp} must be at least 1"
+        else:
+            out[tp] = next((reason for m, s, q in splits if (reason := _failure(m, s, q, tp))), None)
+    return out
 
 
 def valid_sizes(modules: list[Module], strategies: dict[str, str], default_limit: int,

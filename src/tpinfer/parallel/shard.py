@@ -113,16 +113,18 @@ def numel(shape: tuple[int, ...]) -> int:
 
 
 def parameter_bytes(config: ModelConfig, tp: int, rank: int, bytes_per_element: int,
-                    schemes: dict | None = None) -> dict[str, int]:
+                    schemes: dict | None = None, strategies: dict[str, str] | None = None) -> dict[str, int]:
     """Module name -> bytes of the parameters ``rank`` allocates for it at ``tp`` (vocabulary padding included):
     float parameters at ``bytes_per_element``, a quantized projection's or LM head's stored tensors (``schemes``:
-    module name -> ``tpinfer.quant.formats.Scheme``) at theirs."""
+    module name -> ``tpinfer.quant.formats.Scheme``) at theirs. ``strategies``: a resolved plan's (default: the
+    "auto" plan; ``resolve_plan(..., moe_parallel="expert").strategies`` for whole experts per rank)."""
     from tpinfer.parallel.plan import strategies_for
     from tpinfer.parallel.spec import Head, Linear, parameters
 
     family = config.family
     modules = family.modules(config)
-    strategies = strategies_for(config, family.auto_plan, modules)
+    if strategies is None:
+        strategies = strategies_for(config, family.auto_plan, modules)
     out: dict[str, int] = {}
     for module in modules:
         params = parameters(module, strategies[module.name], rank, tp)
@@ -138,9 +140,26 @@ def parameter_bytes(config: ModelConfig, tp: int, rank: int, bytes_per_element: 
 
 
 def rank_parameter_bytes(config: ModelConfig, tp: int, rank: int, bytes_per_element: int,
-                         schemes: dict | None = None) -> int:
+                         schemes: dict | None = None, strategies: dict[str, str] | None = None) -> int:
     """Bytes of parameters ``rank`` allocates at ``tp`` (vocabulary padding included)."""
-    return sum(parameter_bytes(config, tp, rank, bytes_per_element, schemes).values())
+    return sum(parameter_bytes(config, tp, rank, bytes_per_element, schemes, strategies).values())
+
+
+def active_parameters(config: ModelConfig) -> int:
+    """Parameters one token's forward pass uses: every declared parameter (embedding and LM head whole, as
+    ``num_parameters`` counts them) except, in each mixture-of-experts layer, the experts its router leaves out. The
+    router picks ``num_experts_per_tok`` of ``num_experts`` experts of one shape, so a token uses that share of
+    the layer's expert parameters; a dense model's count is ``num_parameters``."""
+    from tpinfer.parallel.spec import REPLICATE, Linear, parameters
+
+    always = experts = 0
+    for module in config.family.modules(config):
+        n = sum(numel(shape) for shape, _ in parameters(module, REPLICATE, 0, 1, padded=False).values())
+        if isinstance(module, Linear) and module.expert is not None:
+            experts += n
+        else:
+            always += n
+    return always + (experts * config.num_experts_per_tok // config.num_experts if experts else 0)
 
 
 def kv_cache_bytes_per_token(config: ModelConfig, tp: int, rank: int, bytes_per_element: int) -> int:

@@ -49,6 +49,16 @@ def placement(layout: Layout, gpus_per_node: int) -> Placement:
     return Placement(tp_crosses, boundaries)
 
 
+def tp_all_reduces(layers: int, tp: int, first_stage: bool = True) -> int:
+    """All-reduces one decode step issues over a TP group of ``tp`` ranks running ``layers`` decoder layers: every
+    layer's attention output and FFN output are partial sums over the ranks (a mixture-of-experts block's too, in
+    either expert layout: one all-reduce sums the experts' parts), and the first stage's vocabulary-parallel
+    embedding is one more. Zero at tp=1."""
+    if tp == 1:
+        return 0
+    return 2 * layers + (1 if first_stage else 0)
+
+
 def all_reduce_seconds(message_bytes: int, ranks: int, link: Link) -> float:
     if ranks == 1:
         return 0.0
@@ -136,9 +146,7 @@ def estimate_step(
         kv_read = batch * context * memory.kv_bytes_per_token[s]
         weights_read = stage.weights - memory.stage_layers[s] * unread_experts
         memory_s += (weights_read + kv_read) / bandwidth
-        # Every layer's attention and FFN outputs are partial sums over the TP ranks; stage 0's
-        # vocabulary-parallel embedding is one more.
-        count = (2 * memory.stage_layers[s] + (1 if s == 0 else 0)) if layout.tp > 1 else 0
+        count = tp_all_reduces(memory.stage_layers[s], layout.tp, first_stage=s == 0)
         all_reduces += count
         tp_s += count * one_all_reduce
         if s == last:
