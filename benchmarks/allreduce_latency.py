@@ -111,22 +111,21 @@ def _worker(rank: int, args: Args, store_path: str, result_path: str) -> None:
             json.dump([asdict(row) for row in rows], f)
 
 
+def spawn(worker, args: tuple, world_size: int, timeout_s: float) -> None:  # noqa: ANN001
+    """Run ``worker(rank, *args)`` on ``world_size`` spawned processes; kill them all past ``timeout_s``."""
+    context = mp.start_processes(worker, args=args, nprocs=world_size, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    while not context.join(timeout=max(0.0, deadline - time.monotonic())):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            raise TimeoutError(f"benchmark did not finish in {timeout_s} s")
+
+
 def run(args: Args) -> list[Row]:
     with tempfile.TemporaryDirectory() as tmp:
         result_path = os.path.join(tmp, "result.json")
-        context = mp.start_processes(
-            _worker,
-            args=(args, os.path.join(tmp, "store"), result_path),
-            nprocs=args.world_size,
-            join=False,
-            start_method="spawn",
-        )
-        deadline = time.monotonic() + args.timeout_s * 10
-        while not context.join(timeout=max(0.0, deadline - time.monotonic())):
-            if time.monotonic() > deadline:
-                for process in context.processes:
-                    process.kill()
-                raise TimeoutError(f"benchmark did not finish in {args.timeout_s * 10} s")
+        spawn(_worker, (args, os.path.join(tmp, "store"), result_path), args.world_size, args.timeout_s * 10)
         with open(result_path) as f:
             return [Row(**row) for row in json.load(f)]
 

@@ -11,14 +11,15 @@ from helpers import run_ranks
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
-def _decode_both_ways(ctx, path, dtype, late_rank):
+def _decode_both_ways(ctx, path, dtype, late_rank, moe_parallel="tensor"):
     from tpinfer import kernels
     from tpinfer.engine.kv_cache import Batch
     from tpinfer.engine.runtime import EngineSpec, load_engine
     from tpinfer.engine.sampling import SamplingParams
 
     torch.set_num_threads(1)
-    engine = load_engine(EngineSpec(str(path), tensor_parallel_size=ctx.world_size, dtype=dtype), ctx)
+    engine = load_engine(EngineSpec(str(path), tensor_parallel_size=ctx.world_size, dtype=dtype,
+                                    moe_parallel=moe_parallel), ctx)
     forward, cache, comm = engine.forward, engine.generator.cache, ctx.comm
     assert kernels.available() and engine.native_decode
     engine.generator.generate([[1, 5, 9, 13], [1, 7]], SamplingParams(max_new_tokens=3, temperature=0.0))
@@ -46,9 +47,11 @@ def _decode_both_ways(ctx, path, dtype, late_rank):
     return {name: t.tolist() for name, t in outs.items()}, len(finished), calls
 
 
-@pytest.mark.parametrize(("world", "dtype"), [(2, "float32"), (2, "bfloat16"), (4, "bfloat16")])
-def test_stack_equals_per_layer_path_bitwise(checkpoints, world, dtype):
-    results = run_ranks(world, _decode_both_ways, checkpoints["qwen2"], dtype, 1)
+@pytest.mark.parametrize(("world", "dtype", "variant", "moe_parallel"), [
+    (2, "float32", "qwen2", "tensor"), (2, "bfloat16", "qwen2", "tensor"), (4, "bfloat16", "qwen2", "tensor"),
+    (2, "bfloat16", "qwen2_moe", "tensor"), (2, "float32", "mixtral", "expert")])
+def test_stack_equals_per_layer_path_bitwise(checkpoints, world, dtype, variant, moe_parallel):
+    results = run_ranks(world, _decode_both_ways, checkpoints[variant], dtype, 1, moe_parallel)
     for outs, _, calls in results:
         # Same kernels, same sums in the same rank order and rounding: the same bits, and the rounds of both
         # paths interleave (a round mismatch would hang or mix slots).

@@ -157,10 +157,11 @@ def test_switch_disables_kernels(monkeypatch):
 
 
 @needs_kernels
-@pytest.mark.parametrize("variant", ["llama", "qwen2"])
+@pytest.mark.parametrize("variant", ["llama", "qwen2", "mixtral", "qwen2_moe"])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_model_decode_native_equals_torch_path(checkpoints, monkeypatch, variant, batch):
-    """The engine's decode through the kernels gives the torch path's greedy tokens and log-probabilities."""
+    """The engine's decode through the kernels gives the torch path's greedy tokens and log-probabilities (MoE
+    models: routing, the chosen experts and Qwen2-MoE's shared expert in the kernels too)."""
     from tpinfer.engine.runtime import EngineSpec, load_engine
     from tpinfer.engine.sampling import SamplingParams
     from tpinfer.parallel.context import ParallelContext
@@ -169,9 +170,12 @@ def test_model_decode_native_equals_torch_path(checkpoints, monkeypatch, variant
     assert engine.native_decode  # the auto plan is one the fused layer kernels implement
     prompts = [[1, 10, 20, 30, 40][: 5 - b] for b in range(batch)]  # different lengths: different positions
     params = SamplingParams(max_new_tokens=10, temperature=0.0, ignore_eos=True)
-    native = engine.generator.generate(prompts, params)
+    load = getattr(engine.model, "expert_load", dict)
+    native, native_load = engine.generator.generate(prompts, params), load()
     monkeypatch.setattr(kernels, "_lib", None)  # the torch path, as on a host without the kernels
     reference = engine.generator.generate(prompts, params)
+    # The kernels count the experts each decode row picked as the torch path does: the same routing.
+    assert {k: [2 * n for n in v] for k, v in native_load.items()} == load()
     for got, want in zip(native, reference, strict=True):
         assert got.token_ids == want.token_ids
         assert max(abs(a - b) for a, b in zip(got.logprobs, want.logprobs, strict=True)) < 1e-4

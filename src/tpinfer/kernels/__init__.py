@@ -35,7 +35,7 @@ ENV_SWITCH = "TPINFER_NATIVE_KERNELS"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl")
 MAX_HEAD_DIM = 512  # the attention kernel keeps one query head in a stack buffer of this size
-ABI_VERSION = 5
+ABI_VERSION = 6
 
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _lock = threading.Lock()
@@ -147,6 +147,9 @@ class DecodeLayer(ctypes.Structure):
     _fields_ += [(name, ctypes.c_void_p) for name in (
         "sq", "sk", "sv", "so", "sg", "su", "sd", "oq", "ok", "ov", "oo", "og", "ou", "od")]
     _fields_ += [("q_group", ctypes.c_int64), ("q_kind", ctypes.c_int32), ("q_per_tensor", ctypes.c_int32)]
+    _fields_ += [(name, ctypes.c_void_p) for name in ("w_router", "experts", "expert_tokens", "ws_gate")]
+    _fields_ += [(name, ctypes.c_int64) for name in ("n_experts", "top_k", "expert_ffn")]
+    _fields_ += [(name, ctypes.c_int32) for name in ("norm_topk", "round_weights")]
 
 
 class ShmGroup(ctypes.Structure):
@@ -323,6 +326,36 @@ def decode_layer(norm1: torch.Tensor, norm2: torch.Tensor, eps1: float, eps2: fl
         else:
             setattr(layer, "w" + key, weight.data_ptr())
         setattr(layer, "b" + key, _ptr(bias))
+    return layer
+
+
+MOE_MAX_EXPERTS, MOE_MAX_TOP_K = 256, 16  # cpu_decode.cpp's kMaxExperts, kMaxTopK
+
+
+def describe_moe(layer: DecodeLayer, router: torch.Tensor, experts: list[tuple[torch.Tensor, ...] | None],
+                 expert_tokens: torch.Tensor, top_k: int, norm_topk: bool, round_weights: bool,
+                 shared_gate: torch.Tensor | None = None) -> DecodeLayer:
+    """Make ``layer``'s MLP half a mixture of experts (``layer_moe`` in cpu_decode.cpp): ``router`` [E, hidden],
+    ``experts[e]`` this rank's (gate, up, down) slices of expert e or None for another rank's, ``expert_tokens`` the
+    int64 [E] counters each step adds its routed rows to; with ``shared_gate`` [1, hidden] the layer's g/u/d are the
+    shared expert's. Float weights only; the tensors must outlive the description."""
+    if not 1 <= top_k <= min(len(experts), MOE_MAX_TOP_K) or len(experts) > MOE_MAX_EXPERTS:
+        raise ValueError(f"the MoE kernel takes up to {MOE_MAX_EXPERTS} experts and top {MOE_MAX_TOP_K}, got "
+                         f"{len(experts)} and top {top_k}")
+    if expert_tokens.dtype != torch.int64 or not expert_tokens.is_contiguous():
+        raise ValueError("expert_tokens must be a contiguous int64 tensor")
+    pointers = (ctypes.c_void_p * (3 * len(experts)))()
+    held = [e for e in experts if e is not None]
+    for e, weights in enumerate(experts):
+        for j, w in enumerate(weights or ()):
+            pointers[3 * e + j] = w.data_ptr()
+    layer.w_router, layer.experts, layer.expert_tokens = router.data_ptr(), ctypes.addressof(pointers), \
+        expert_tokens.data_ptr()
+    layer.ws_gate = _ptr(shared_gate)
+    layer.n_experts, layer.top_k, layer.norm_topk, layer.round_weights = len(experts), top_k, int(norm_topk), \
+        int(round_weights)
+    layer.expert_ffn = held[0][0].shape[0] if held else 1
+    layer._moe_pointers = pointers  # kept alive with the description
     return layer
 
 

@@ -375,7 +375,7 @@ void gated_epilogue(const float *g, const float *u, const void *bg, const void *
 
 extern "C" {
 
-int tpi_abi_version() { return 5; }
+int tpi_abi_version() { return 6; }
 
 // y[rows, N] = x[rows, K] W[N, K]^T (+ bias[N]); any rows (passes of up to kMaxRows); dtypes 0/1 per operand.
 void tpi_linear(const void *x, int x_dtype, const void *W, int w_dtype, const void *bias, int bias_dtype, void *y,
@@ -576,6 +576,14 @@ struct DecodeLayer {
   const void *oq, *ok, *ov, *oo, *og, *ou, *od;  // offsets, or null when symmetric
   int64_t q_group;                               // inputs per scale; 0: one per output channel
   int32_t q_kind, q_per_tensor;                  // q_kind -1: float weights of w_dtype
+  // Mixture of experts (n_experts > 0): the MLP half is a router and the rows' top_k experts (see layer_moe),
+  // float weights only; wg/wu/wd/ffn then hold the shared expert's slices (Qwen2-MoE), used when ws_gate is set.
+  const void *w_router;                // [n_experts, hidden], replicated
+  const void *const *experts;          // [n_experts * 3]: this rank's gate, up, down of each; null: another rank's
+  int64_t *expert_tokens;              // [n_experts]: rows routed to each expert, incremented every step
+  const void *ws_gate;                 // [1, hidden]: the shared expert's gate, or null
+  int64_t n_experts, top_k, expert_ffn;
+  int32_t norm_topk, round_weights;    // renormalise the top-k weights; round them to the activation dtype (Qwen)
 };
 
 namespace {
@@ -596,6 +604,78 @@ char *arena(size_t bytes) {
   return buffer.data();
 }
 }  // namespace
+
+// x += delta; then the MoE MLP half, as tpinfer.models.moe.MoEBlock computes it: router logits in the activation dtype, softmax in
+// float32, the top_k (renormalised when norm_topk), then for each expert some row picked, in ascending order, its
+// rows gathered through this rank's slice of the expert (gated projection, down projection) and added to their
+// rows' partial weighted by the routing weight (the product rounded to the activation dtype, then the sum), and
+// the shared expert's partial scaled by sigmoid(x Wsg^T). Experts this rank does not hold (null) add nothing here:
+// their owners' partials carry them through the all-reduce.
+constexpr int kMaxTopK = 16, kMaxExperts = 256, kMaxMoeRows = 64;  // checked by tpinfer.kernels.moe_usable
+
+static void layer_moe(const DecodeLayer *L, void *x, const void *delta, void *partial, int64_t B, int threads) {
+  const int a = L->act_dtype;
+  const int64_t es = a == kF32 ? 4 : 2, H = L->hidden, E = L->n_experts, k = L->top_k, F = L->expert_ffn;
+  const int64_t shared_ffn = L->ws_gate ? L->ffn : 0, widest = F > shared_ffn ? F : shared_ffn;
+  char *normed = arena(static_cast<size_t>(B * (3 * H + E + widest + 1) * es));
+  char *logits = normed + B * H * es, *rows_x = logits + B * E * es, *y = rows_x + B * H * es, *h = y + B * H * es;
+  char *gate = h + B * widest * es;
+  tpi_add_rms_norm(x, delta, L->norm2, x, normed, a, B, H, L->eps2);
+  tpi_linear(normed, a, L->w_router, L->w_dtype, nullptr, L->w_dtype, logits, a, B, E, H, threads);
+  int64_t chosen[kMaxMoeRows][kMaxTopK];
+  float weight[kMaxMoeRows][kMaxTopK];
+  for (int64_t r = 0; r < B; r++) {
+    float p[kMaxExperts], m = -INFINITY, sum = 0.0f;
+    for (int64_t e = 0; e < E; e++) m = fmaxf(m, p[e] = load1(logits, a, r * E + e));
+    for (int64_t e = 0; e < E; e++) sum += (p[e] = expf(p[e] - m));
+    for (int64_t e = 0; e < E; e++) p[e] /= sum;
+    float total = 0.0f;
+    for (int64_t s = 0; s < k; s++) {  // the largest remaining probability; the lower index on a tie
+      int64_t best = -1;
+      for (int64_t e = 0; e < E; e++)
+        if (p[e] >= 0.0f && (best < 0 || p[e] > p[best])) best = e;
+      chosen[r][s] = best;
+      weight[r][s] = p[best];
+      total += p[best];
+      p[best] = -1.0f;
+    }
+    for (int64_t s = 0; s < k; s++) {
+      if (L->norm_topk) weight[r][s] /= total;
+      if (L->round_weights && a == kBF16) weight[r][s] = bf16_to_f32(f32_to_bf16(weight[r][s]));
+    }
+  }
+  memset(partial, 0, static_cast<size_t>(B * H * es));
+  for (int64_t e = 0; e < E; e++) {
+    int64_t rows[kMaxMoeRows], n = 0;
+    float w[kMaxMoeRows];
+    for (int64_t r = 0; r < B; r++)
+      for (int64_t s = 0; s < k; s++)
+        if (chosen[r][s] == e) rows[n] = r, w[n++] = weight[r][s];
+    if (!n) continue;
+    L->expert_tokens[e] += n;
+    const void *const *ex = L->experts + 3 * e;
+    if (!ex[0]) continue;  // another rank's expert
+    for (int64_t i = 0; i < n; i++) memcpy(rows_x + i * H * es, static_cast<const char *>(normed) + rows[i] * H * es, H * es);
+    tpi_gated_linear(rows_x, a, ex[0], ex[1], L->w_dtype, nullptr, nullptr, L->w_dtype, h, a, n, F, H, threads);
+    tpi_linear(h, a, ex[2], L->w_dtype, nullptr, L->w_dtype, y, a, n, H, F, threads);
+    for (int64_t i = 0; i < n; i++)
+      for (int64_t j = 0; j < H; j++) {  // out += (y * w).to(dtype), in the activation dtype
+        const float v = load1(y, a, i * H + j) * w[i];
+        const float rounded = a == kF32 ? v : bf16_to_f32(f32_to_bf16(v));
+        store1(partial, a, rows[i] * H + j, load1(partial, a, rows[i] * H + j) + rounded);
+      }
+  }
+  if (!shared_ffn) return;
+  tpi_linear(normed, a, L->ws_gate, L->w_dtype, nullptr, L->w_dtype, gate, a, B, 1, H, threads);
+  tpi_gated_linear(normed, a, L->wg, L->wu, L->w_dtype, nullptr, nullptr, L->w_dtype, h, a, B, shared_ffn, H, threads);
+  tpi_linear(h, a, L->wd, L->w_dtype, nullptr, L->w_dtype, y, a, B, H, shared_ffn, threads);
+  auto to_act = [a](float v) { return a == kF32 ? v : bf16_to_f32(f32_to_bf16(v)); };
+  for (int64_t r = 0; r < B; r++) {
+    const float g = to_act(1.0f / (1.0f + expf(-load1(gate, a, r))));
+    for (int64_t j = 0; j < H; j++)
+      store1(partial, a, r * H + j, load1(partial, a, r * H + j) + to_act(g * load1(y, a, r * H + j)));
+  }
+}
 
 int64_t tpi_decode_layer_size() { return sizeof(DecodeLayer); }
 
@@ -643,6 +723,7 @@ void tpi_layer_mlp(const DecodeLayer *L, void *x, const void *delta, void *parti
   const int64_t es = L->act_dtype == kF32 ? 4 : 2;
   char *normed = arena(static_cast<size_t>(B * (L->hidden + L->ffn) * es));
   char *h = normed + B * L->hidden * es;
+  if (L->n_experts) return layer_moe(L, x, delta, partial, B, threads);
   tpi_add_rms_norm(x, delta, L->norm2, x, normed, L->act_dtype, B, L->hidden, L->eps2);
   if (L->q_kind >= 0) {
     const int a = L->act_dtype;
@@ -803,8 +884,12 @@ int64_t tpi_decode_stack(const DecodeLayer *layers, int64_t n_layers, int64_t fi
     WaitPrefetch next;
     if (h % 2 == 0) {
       tpi_layer_attention(L, x, delta, out, cos_table, sin_table, slots, positions, B, threads);
-      next.add(L->wg, weight_bytes(L, L->ffn, L->hidden));
-      next.add(L->wu, weight_bytes(L, L->ffn, L->hidden));
+      if (L->n_experts) {  // the router; the experts are known only once it has run
+        next.add(L->w_router, weight_bytes(L, L->n_experts, L->hidden));
+      } else {
+        next.add(L->wg, weight_bytes(L, L->ffn, L->hidden));
+        next.add(L->wu, weight_bytes(L, L->ffn, L->hidden));
+      }
     } else {
       tpi_layer_mlp(L, x, delta, out, B, threads);
       if (h / 2 + 1 < n_layers) {

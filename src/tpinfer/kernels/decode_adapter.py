@@ -26,9 +26,21 @@ LOCAL = (ColumnParallelLinear, ReplicatedLinear)
 REDUCED = (RowParallelLinear, ReplicatedLinear)
 
 
+def _moe(layer):  # noqa: ANN001, ANN202  (MoEBlock | None)
+    return getattr(layer, "moe", None)
+
+
+def _mlp(layer) -> list:  # noqa: ANN001
+    """The gated MLP's gate/up/down: the dense MLP's, a MoE layer's shared expert's, or none."""
+    moe = _moe(layer)
+    mlp = layer.mlp if moe is None else moe.shared_expert
+    return [] if mlp is None else [mlp["gate_proj"], mlp["up_proj"], mlp["down_proj"]] if moe is not None else \
+        [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+
+
 def _projections(layer) -> list:  # noqa: ANN001
-    attn, mlp = layer.self_attn, layer.mlp
-    return [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+    attn = layer.self_attn
+    return [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, *_mlp(layer)]
 
 
 def _local(m) -> bool:  # noqa: ANN001
@@ -79,11 +91,16 @@ def unsupported_reason(model: torch.nn.Module) -> str | None:
     if reason:
         return reason
     for layer in model.model.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        if not all(_local(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj)):
+        attn, mlp = layer.self_attn, _mlp(layer)
+        if not all(_local(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj, *mlp[:2])):
             return "q/k/v and gate/up must be column-parallel or replicated"
-        if not all(_reduced(m) for m in (attn.o_proj, mlp.down_proj)):
+        if not all(_reduced(m) for m in (attn.o_proj, *mlp[2:])):
             return "o_proj and down_proj must be row-parallel or replicated"
+        if hasattr(attn, "q_norm"):
+            return "q/k norms: the attention kernel does not normalise heads"
+        reason = _moe_reason(_moe(layer))
+        if reason:
+            return reason
         if attn.head_dim > kernels.MAX_HEAD_DIM:
             return f"head_dim {attn.head_dim} exceeds the attention kernel's {kernels.MAX_HEAD_DIM}"
         schemes = {m.scheme if isinstance(m, QuantLinear) else None for m in _projections(layer)}
@@ -95,6 +112,24 @@ def unsupported_reason(model: torch.nn.Module) -> str | None:
                 probe = torch.empty(1, m.in_features, dtype=model.dtype)
                 if not kernels.quant_usable(probe, scheme, m.quantized()):
                     return f"{scheme.name} with {m.in_features} input features is not one the kernels take"
+    return None
+
+
+def _moe_reason(moe) -> str | None:  # noqa: ANN001
+    """What keeps the kernels from a MoE block (None for a dense layer, or a block they run)."""
+    if moe is None:
+        return None
+    if moe.num_experts > kernels.MOE_MAX_EXPERTS or moe.top_k > kernels.MOE_MAX_TOP_K:
+        return f"{moe.num_experts} experts, top {moe.top_k}: the MoE kernel takes up to {kernels.MOE_MAX_EXPERTS}, " \
+               f"top {kernels.MOE_MAX_TOP_K}"
+    linears = [moe.gate, *(m for e in moe.experts.values() for m in e.values())]
+    if moe.shared_expert is not None:
+        linears.append(moe.shared_expert_gate)
+    if any(isinstance(m, QuantLinear) or m.bias is not None for m in linears):
+        return "quantized or biased experts or router"
+    if not isinstance(moe.gate, ReplicatedLinear) or (moe.shared_expert is not None
+                                                      and not isinstance(moe.shared_expert_gate, ReplicatedLinear)):
+        return "the router must be replicated"
     return None
 
 
@@ -148,7 +183,8 @@ class NativeDecode:
                 described = self._layer(i, cache)
                 partial = kernels.layer_attention(described, x, delta, cos, sin, batch.slots, positions)
                 attn_out = layer.self_attn.o_proj.finish(partial)
-                delta = layer.mlp.down_proj.finish(kernels.layer_mlp(described, x, attn_out))
+                partial = kernels.layer_mlp(described, x, attn_out)
+                delta = layer.mlp.down_proj.finish(partial) if _moe(layer) is None else self.ctx.comm.all_reduce(partial)
         if decoder.norm is None:  # the last layer's residual add, then on to the next stage
             self.ctx.pipe.send_next(x.add_(delta))
             return None
@@ -168,7 +204,8 @@ class NativeDecode:
         """Half-layer ``half``'s all-reduce, left open by the native stack for a late peer, and its bias."""
         self.ctx.comm.finish_native(out)
         layer = self.layers[half // 2]  # position in this stage's stack
-        bias = layer.self_attn.o_proj.bias if half % 2 == 0 else layer.mlp.down_proj.bias
+        mlp = _mlp(layer)
+        bias = layer.self_attn.o_proj.bias if half % 2 == 0 else mlp[2].bias if _moe(layer) is None else None
         if bias is not None:
             out.add_(bias)
 
@@ -178,15 +215,25 @@ class NativeDecode:
         described = self._described.get(i)
         if described is None or described[0] is not k_cache:  # a new cache (more slots): describe again
             layer = self.layers[self.indices.index(i)]
-            attn, mlp = layer.self_attn, layer.mlp
-            modules = dict(zip("qkvogud", _projections(layer), strict=True))
+            attn, moe = layer.self_attn, _moe(layer)
+            projections = _projections(layer)
+            if len(projections) == 4:  # a MoE layer without a shared expert: g/u/d are unread, q stands in
+                projections += [attn.q_proj] * 3
+            modules = dict(zip("qkvogud", projections, strict=True))
             norm1, norm2 = layer.input_layernorm, layer.post_attention_layernorm
             several = self.world_size > 1
-            reduce = (several and _row_parallel(attn.o_proj), several and _row_parallel(mlp.down_proj))
+            # A MoE layer's output is always a partial sum (of expert slices, or of this rank's experts).
+            reduce = (several and _row_parallel(attn.o_proj), several and (moe is not None or _row_parallel(modules["d"])))
             scheme = attn.q_proj.scheme if isinstance(attn.q_proj, QuantLinear) else None
             quantized = {k: m.quantized() for k, m in modules.items()} if scheme is not None else None
             description = kernels.decode_layer(norm1.weight, norm2.weight, norm1.eps, norm2.eps,
                                                {k: (getattr(m, "weight", None), m.bias) for k, m in modules.items()},
                                                k_cache, v_cache, reduce, scheme, quantized)
+            if moe is not None:
+                experts = [moe.experts[str(e)] if str(e) in moe.experts else None for e in range(moe.num_experts)]
+                kernels.describe_moe(description, moe.gate.weight,
+                                     [None if e is None else tuple(e[n].weight for n in moe.names) for e in experts],
+                                     moe.tokens_per_expert, moe.top_k, moe.norm_topk_prob, moe.router_dtype_weights,
+                                     moe.shared_expert_gate.weight if moe.shared_expert is not None else None)
             self._described[i] = described = (k_cache, description)
         return described[1]

@@ -30,7 +30,7 @@ from tpinfer import kernels
 from tpinfer.config import ConfigError, decoder_fields, read_rope
 from tpinfer.models.decoder import CausalLM, DecoderModel, build_linear
 from tpinfer.models.family import VOCAB_PLAN, Family, decoder_layer_name
-from tpinfer.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaMLP, qwen_sliding_layers
+from tpinfer.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaMLP, _native_decode, qwen_sliding_layers
 from tpinfer.models.llama import layer_modules as llama_layer_modules
 from tpinfer.models.qwen3 import Qwen3Attention
 from tpinfer.parallel.layers import NATIVE_MAX_ROWS, RMSNorm, linear
@@ -212,8 +212,8 @@ class MoEBlock(nn.Module):
         weights, chosen = self.route(x)
         self.tokens_per_expert += torch.bincount(chosen.flatten().cpu(), minlength=self.num_experts)
         out = torch.zeros_like(x)
-        if x.shape[0] == 1:  # one token (batch-1 decode): its k experts in turn, no gathering of rows
-            for slot, j in enumerate(chosen[0].tolist()):
+        if x.shape[0] == 1:  # one token (batch-1 decode): its k experts in ascending order, no gathering of rows
+            for j, slot in sorted((j, slot) for slot, j in enumerate(chosen[0].tolist())):
                 expert = self.experts[str(j)] if str(j) in self.experts else None
                 if expert is not None:
                     y = expert_output(expert, self.names, x)
@@ -278,12 +278,6 @@ class MoEForCausalLM(CausalLM):
         """Tokens routed to each expert so far, per MoE layer (every rank of a TP group sees the same routing)."""
         return {layer.self_attn.layer: layer.moe.tokens_per_expert.tolist() for layer in self.model.layers
                 if isinstance(layer, MoEDecoderLayer)}
-
-
-def _native_decode(model):  # noqa: ANN001, ANN202
-    from tpinfer.kernels.moe_decode import moe_native_decode
-
-    return moe_native_decode(model)
 
 
 def _family(kind: str) -> Family:
