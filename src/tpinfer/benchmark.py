@@ -22,6 +22,7 @@ from tpinfer.engine.bench import collect
 from tpinfer.engine.launcher import Launcher
 from tpinfer.engine.runtime import EngineSpec, RankEngine
 from tpinfer.engine.sampling import SamplingParams
+from tpinfer.parallel.shard import active_parameters
 
 
 @dataclass
@@ -165,7 +166,11 @@ def _moe_report(engine: RankEngine, ranks: list[dict[str, Any]]) -> dict[str, An
     config = engine.config
     if not config.num_experts:
         return None
-    load = [sum(counts) for counts in zip(*ranks[0]["expert_load"].values(), strict=True)]
+    layers: dict[int, list[int]] = {}  # every stage's layers (a TP group's ranks count the same routing)
+    for rank in ranks:
+        for layer, counts in rank["expert_load"].items():
+            layers.setdefault(layer, counts)
+    load = [sum(counts) for counts in zip(*layers.values(), strict=True)]
     layout, tp = engine.spec.moe_parallel, engine.ctx.tp_size
     total = sum(load) or 1
     if layout == "expert" and tp > 1:
@@ -174,6 +179,7 @@ def _moe_report(engine: RankEngine, ranks: list[dict[str, Any]]) -> dict[str, An
     else:
         busiest = 1 / tp
     return {"experts": config.num_experts, "top_k": config.num_experts_per_tok, "layout": layout,
+            "parameters": config.num_parameters, "active_parameters": active_parameters(config),
             "tokens_per_expert": load, "busiest_rank_share": busiest}
 
 

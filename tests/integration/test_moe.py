@@ -30,15 +30,17 @@ def moe(tmp_path_factory):
 def test_greedy_tokens_equal_hf_at_every_size_and_layout(moe, variant):
     path = moe[variant]
     tokens, first = hf_greedy(hf_model(path), PROMPT, 10)
-    for tp, layout in [(1, "tensor"), (2, "tensor"), (2, "expert"), (4, "tensor"), (4, "expert")]:
-        with LLM(str(path), tensor_parallel_size=tp, moe_parallel=layout, dtype="float32", progress=False) as llm:
+    for tp, layout, pp in [(1, "tensor", 1), (2, "tensor", 1), (2, "expert", 1), (4, "tensor", 1), (4, "expert", 1),
+                           (2, "expert", 2)]:
+        with LLM(str(path), tensor_parallel_size=tp, moe_parallel=layout, pipeline_parallel_size=pp, dtype="float32",
+                 progress=False) as llm:
             out = llm.generate([PROMPT], SamplingParams(max_new_tokens=10, temperature=0.0, ignore_eos=True))[0]
-            load = llm.engine.model.expert_load()
+            load = llm.engine.model.expert_load()  # rank 0's layers: the first pipeline stage's
             native = llm.engine.native_decode
         # Decode through the kernels' attention where they apply (not with Qwen3-MoE's q/k norms).
         assert native == (variant != "qwen3_moe" and kernels.available())
-        assert out.token_ids == tokens, (tp, layout)
-        assert out.logprobs[0] == pytest.approx(first, abs=LOGPROB_TOL), (tp, layout)
+        assert out.token_ids == tokens, (tp, layout, pp)
+        assert out.logprobs[0] == pytest.approx(first, abs=LOGPROB_TOL), (tp, layout, pp)
         # Every token of the prefill and of each decode step picked top-2 of 8 in every MoE layer.
         assert all(sum(counts) == 2 * (len(PROMPT) + 9) for counts in load.values()), load
 

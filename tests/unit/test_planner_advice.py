@@ -116,3 +116,17 @@ def test_moe_decode_reads_only_routed_experts() -> None:
     elements = load_model("mixtral-8x7b").rank_elements(1)
     read = e.memory.per_gpu.weights - 32 * elements.experts * 2 * 0.75
     assert e.step_short.memory_s == pytest.approx(read / (4800 * GB))
+
+
+def test_planner_counts_active_parameters_as_the_engine_declares_them() -> None:
+    from tpinfer.parallel.shard import active_parameters
+    from tpinfer.planner.report_json import to_json
+
+    mixtral = load_model("mixtral-8x7b")
+    # Everything but the experts, plus 2 of each layer's 8 experts (3 matrices of 4096 x 14336): Mixtral's 12.9 B.
+    experts = 32 * 8 * 3 * 4096 * 14336
+    assert mixtral.active_parameter_count() == active_parameters(mixtral.config)
+    assert mixtral.active_parameter_count() == mixtral.parameter_count() - experts * 6 // 8
+    p = plan("mixtral-8x7b", gpu="h200-141gb", gpus_per_node=1, max_model_len=4096)
+    assert to_json(p)["active_params"] == mixtral.active_parameter_count()
+    assert load_model("llama-3-8b").active_parameter_count() == load_model("llama-3-8b").parameter_count()

@@ -69,6 +69,11 @@ class Architecture:
     def parameter_count(self) -> int:
         return self.rank_elements(1).total(self.num_hidden_layers)
 
+    def active_parameter_count(self) -> int:
+        experts = self.rank_elements(1).experts * self.num_hidden_layers
+        return self.parameter_count() - experts + (experts * self.num_experts_per_tok // self.num_local_experts
+                                                   if experts else 0)
+
 
 def architecture_from_hf(raw: dict[str, Any], name: str) -> Architecture:
     """An ``Architecture`` from an HF config.json of a type only the planner counts (mixtral, opt)."""

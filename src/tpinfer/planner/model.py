@@ -62,6 +62,7 @@ class ModelSpec(Protocol):
     def num_experts_per_tok(self) -> int: ...
 
     def parameter_count(self) -> int: ...
+    def active_parameter_count(self) -> int: ...  # one token's forward: top-k of each MoE layer's experts
     def rank_elements(self, tp: int) -> RankElements: ...
 
 
@@ -121,6 +122,9 @@ class EngineModel:
 
     def parameter_count(self) -> int:
         return self.config.num_parameters
+
+    def active_parameter_count(self) -> int:
+        return shard.active_parameters(self.config)
 
     def rank_bytes(self, tp: int, dtype: DType) -> RankElements:
         """Bytes, exactly as the engine allocates them (quantized projections in their formats)."""

@@ -184,7 +184,8 @@ def to_text(plan: Plan) -> str:
         f"  {r.dtype.name}, max_model_len {r.max_model_len}, batch {r.batch} per replica, objective {r.objective}",
         "",
         "Model",
-        f"  parameters  {count(m.parameter_count())} ({m.parameter_count():,})",
+        f"  parameters  {count(m.parameter_count())} ({m.parameter_count():,})"
+        + (f", {count(m.active_parameter_count())} active per token" if m.num_local_experts else ""),
         f"  shape       {m.num_hidden_layers} layers, hidden {m.hidden_size}, {m.num_attention_heads} heads "
         f"({m.num_key_value_heads} KV, head_dim {m.head_dim}), FFN {m.intermediate_size}{experts}, vocab {m.vocab_size}",
         f"  KV cache    {size(kv_token)} per token ({r.dtype.compute}, all layers, whole model)",

@@ -88,6 +88,7 @@ def to_json(plan: Plan) -> dict[str, Any]:
             "max_position_embeddings": model.max_position_embeddings,
         },
         "params": model.parameter_count(),
+        "active_params": model.active_parameter_count(),
         "dtype": r.dtype.name,
         "weight_bytes": total_weight_bytes(model, r.dtype),
         "weight_bytes_by_dtype": {name: total_weight_bytes(model, d) for name, d in DTYPES.items()},
