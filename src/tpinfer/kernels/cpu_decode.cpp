@@ -31,7 +31,10 @@ namespace {
 
 constexpr int kF32 = 0;
 constexpr int kBF16 = 1;
-constexpr int kMaxRows = 8;  // activation rows per pass over a weight (one accumulator register each)
+constexpr int kMaxRows = 8;  // activation rows per register tile (one accumulator register each)
+// Activation rows per pass over a float weight: tiles of kMaxRows rows take turns on each block of weight rows
+// while it is in L2 (gemv_f32_out), so a batch of up to this many rows still reads every weight from memory once.
+constexpr int kMaxPassRows = 64;
 
 inline float bf16_to_f32(uint16_t h) {
   uint32_t u = static_cast<uint32_t>(h) << 16;
@@ -243,16 +246,27 @@ const float *prepare_x(const void *x, int x_dtype, int w_dtype, int B, int64_t K
 }
 
 
-// out[B, N] (float32) = x[B, K] W[N, K]^T for B <= kMaxRows, x from prepare_x, rows of W split over threads.
+// out[B, N] (float32) = x[B, K] W[N, K]^T for B <= kMaxPassRows, x from prepare_x, blocks of W's rows split over
+// threads. Past kMaxRows rows, the rows go in tiles of kMaxRows over each block of weight rows in turn; the block
+// is sized to stay in L2 (256 KiB) between the tiles, so the weight is read from memory once per call.
 void gemv_f32_out(const float *x, const void *W, int w_dtype, float *out, int B, int64_t N, int64_t K, int threads) {
-  const int64_t blocks = (N + kRowBlock - 1) / kRowBlock;
+  const int64_t es = w_dtype == kF32 ? 4 : 2, stride = w_dtype == kF32 ? K : (K + 31) & ~int64_t(31);
+  int64_t rows_per_block = kRowBlock;
+  if (B > kMaxRows) {
+    rows_per_block = (int64_t(256) << 10) / (K * es);
+    rows_per_block = rows_per_block < 8 ? 8 : rows_per_block > kRowBlock ? kRowBlock : rows_per_block;
+  }
+  const int64_t blocks = (N + rows_per_block - 1) / rows_per_block;
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && blocks > 1)
   for (int64_t blk = 0; blk < blocks; blk++) {
-    const int64_t n0 = blk * kRowBlock, n1 = n0 + kRowBlock < N ? n0 + kRowBlock : N;
-    if (w_dtype == kF32)
-      gemv_dispatch(B, x, static_cast<const float *>(W), out, N, K, n0, n1);
-    else
-      gemv_dispatch(B, x, static_cast<const uint16_t *>(W), out, N, K, n0, n1);
+    const int64_t n0 = blk * rows_per_block, n1 = n0 + rows_per_block < N ? n0 + rows_per_block : N;
+    for (int b0 = 0; b0 < B; b0 += kMaxRows) {
+      const int tile = B - b0 < kMaxRows ? B - b0 : kMaxRows;
+      if (w_dtype == kF32)
+        gemv_dispatch(tile, x + b0 * stride, static_cast<const float *>(W), out + b0 * N, N, K, n0, n1);
+      else
+        gemv_dispatch(tile, x + b0 * stride, static_cast<const uint16_t *>(W), out + b0 * N, N, K, n0, n1);
+    }
   }
 }
 
@@ -284,7 +298,7 @@ void store_rows(const float *out, const void *bias, int bias_dtype, void *y, int
   }
 }
 
-// One pass of up to kMaxRows rows: y[row0 : row0 + B] = x W^T (+ bias), x from prepare_x.
+// One pass of up to kMaxPassRows rows: y[row0 : row0 + B] = x W^T (+ bias), x from prepare_x.
 void project(const float *xf, const void *W, int w_dtype, const void *bias, int bias_dtype, void *y, int y_dtype,
              int64_t row0, int B, int64_t N, int64_t K, int threads) {
   if (y_dtype == kF32 && !bias) {
@@ -377,11 +391,11 @@ extern "C" {
 
 int tpi_abi_version() { return 6; }
 
-// y[rows, N] = x[rows, K] W[N, K]^T (+ bias[N]); any rows (passes of up to kMaxRows); dtypes 0/1 per operand.
+// y[rows, N] = x[rows, K] W[N, K]^T (+ bias[N]); any rows (passes of up to kMaxPassRows); dtypes 0/1 per operand.
 void tpi_linear(const void *x, int x_dtype, const void *W, int w_dtype, const void *bias, int bias_dtype, void *y,
                 int y_dtype, int64_t rows, int64_t N, int64_t K, int threads) {
-  for (int64_t r0 = 0; r0 < rows; r0 += kMaxRows) {
-    const int B = static_cast<int>(rows - r0 < kMaxRows ? rows - r0 : kMaxRows);
+  for (int64_t r0 = 0; r0 < rows; r0 += kMaxPassRows) {
+    const int B = static_cast<int>(rows - r0 < kMaxPassRows ? rows - r0 : kMaxPassRows);
     const float *xf = prepare_x(static_cast<const char *>(x) + r0 * K * (x_dtype == kF32 ? 4 : 2), x_dtype, w_dtype, B, K);
     project(xf, W, w_dtype, bias, bias_dtype, y, y_dtype, r0, B, N, K, threads);
   }
@@ -391,8 +405,8 @@ void tpi_linear(const void *x, int x_dtype, const void *W, int w_dtype, const vo
 void tpi_linear3(const void *x, int x_dtype, const void *W0, const void *W1, const void *W2, int w_dtype,
                  const void *b0, const void *b1, const void *b2, int bias_dtype, void *y0, void *y1, void *y2,
                  int y_dtype, int64_t rows, int64_t N0, int64_t N1, int64_t N2, int64_t K, int threads) {
-  for (int64_t r0 = 0; r0 < rows; r0 += kMaxRows) {
-    const int B = static_cast<int>(rows - r0 < kMaxRows ? rows - r0 : kMaxRows);
+  for (int64_t r0 = 0; r0 < rows; r0 += kMaxPassRows) {
+    const int B = static_cast<int>(rows - r0 < kMaxPassRows ? rows - r0 : kMaxPassRows);
     const float *xf = prepare_x(static_cast<const char *>(x) + r0 * K * (x_dtype == kF32 ? 4 : 2), x_dtype, w_dtype, B, K);
     project(xf, W0, w_dtype, b0, bias_dtype, y0, y_dtype, r0, B, N0, K, threads);
     project(xf, W1, w_dtype, b1, bias_dtype, y1, y_dtype, r0, B, N1, K, threads);
@@ -405,8 +419,8 @@ void tpi_linear3(const void *x, int x_dtype, const void *W0, const void *W1, con
 void tpi_gated_linear(const void *x, int x_dtype, const void *Wg, const void *Wu, int w_dtype, const void *bg,
                       const void *bu, int bias_dtype, void *y, int y_dtype, int64_t rows, int64_t N, int64_t K,
                       int threads) {
-  for (int64_t r0 = 0; r0 < rows; r0 += kMaxRows) {
-    const int B = static_cast<int>(rows - r0 < kMaxRows ? rows - r0 : kMaxRows);
+  for (int64_t r0 = 0; r0 < rows; r0 += kMaxPassRows) {
+    const int B = static_cast<int>(rows - r0 < kMaxPassRows ? rows - r0 : kMaxPassRows);
     const float *xf = prepare_x(static_cast<const char *>(x) + r0 * K * (x_dtype == kF32 ? 4 : 2), x_dtype, w_dtype, B, K);
     float *g = scratch(B * N, 0), *u = scratch(B * N, 1);
     gemv_f32_out(xf, Wg, w_dtype, g, B, N, K, threads);

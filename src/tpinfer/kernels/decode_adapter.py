@@ -18,7 +18,13 @@ import torch
 
 from tpinfer import kernels
 from tpinfer.engine.kv_cache import Batch, KVCache
-from tpinfer.parallel.layers import NATIVE_MAX_ROWS, ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
+from tpinfer.parallel.layers import (
+    NATIVE_MAX_ROWS,
+    QUANT_NATIVE_MAX_ROWS,
+    ColumnParallelLinear,
+    ReplicatedLinear,
+    RowParallelLinear,
+)
 from tpinfer.parallel.spec import COLWISE, REPLICATE, ROWWISE
 from tpinfer.quant.layers import QuantLinear
 
@@ -72,10 +78,12 @@ def model_reason(model: torch.nn.Module) -> str | None:
     return None
 
 
-def takes_step(batch: Batch, weight: torch.Tensor) -> bool:
-    """A step the kernels run: one new token per row, few enough rows, activations of ``weight``'s dtype."""
-    return (batch.input_ids.shape[1] == 1 and not batch.all_logits
-            and batch.input_ids.shape[0] <= NATIVE_MAX_ROWS.get(weight.dtype, 0) and kernels.usable(weight))
+def takes_step(batch: Batch, weight: torch.Tensor, quantized: bool = False) -> bool:
+    """A step the kernels run: one new token per row, few enough rows (fewer for quantized weights), activations of
+    ``weight``'s dtype."""
+    limit = (QUANT_NATIVE_MAX_ROWS if quantized else NATIVE_MAX_ROWS).get(weight.dtype, 0)
+    return (batch.input_ids.shape[1] == 1 and not batch.all_logits and batch.input_ids.shape[0] <= limit
+            and kernels.usable(weight))
 
 
 def check_in_cache(batch: Batch, cache: KVCache) -> None:
@@ -148,6 +156,7 @@ class NativeDecode:
         self.indices = model.model.layers.indices  # global layer numbers: the KV cache's
         self.rope = next(iter(model.model.rotary_emb.values()))
         self.world_size = model.ctx.tp_size
+        self.quantized = any(isinstance(m, QuantLinear) for m in _projections(self.layers[0]))
         self._described: dict[int, tuple[torch.Tensor, kernels.DecodeLayer]] = {}  # per layer, see _layer
         self._stack: tuple[torch.Tensor, kernels.DecodeStack] | None = None  # see stack
 
@@ -159,7 +168,7 @@ class NativeDecode:
         return None if hidden is None else self.model.logits(hidden)
 
     def takes(self, batch: Batch) -> bool:
-        return takes_step(batch, self.layers[0].input_layernorm.weight)
+        return takes_step(batch, self.layers[0].input_layernorm.weight, self.quantized)
 
     def decode(self, batch: Batch, cache: KVCache) -> torch.Tensor | None:
         """Final hidden states (B, hidden) of a decode step the kernels take (``takes``); on a pipeline stage before
