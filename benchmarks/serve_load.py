@@ -103,6 +103,13 @@ class _Connection:
             self.writer.close()
 
 
+def _body(model: str, max_tokens: int) -> dict:
+    """A streamed greedy completion of exactly ``max_tokens`` tokens (``ignore_eos``, vLLM's extension too) whose
+    last chunk carries the usage, as OpenAI's API gives it on request: any OpenAI-compatible server can be driven."""
+    return {"model": model, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+
+
 async def _one(conn: _Connection, body: dict) -> Result:
     start = time.perf_counter()
     first = last = None
@@ -112,11 +119,12 @@ async def _one(conn: _Connection, body: dict) -> Result:
             continue
         if data.startswith(b'{"error"'):
             raise RuntimeError(json.loads(data)["error"]["message"])
+        if b'"choices":[]' in data:  # the usage-only chunk stream_options.include_usage asks for (OpenAI's API)
+            tokens = json.loads(data)["usage"]["completion_tokens"]
+            continue
         now = time.perf_counter()
         first = first or now
         last = now
-        if b'"usage":{' in data:  # the chunk that finishes the request carries the counts
-            tokens = json.loads(data)["usage"]["completion_tokens"]
     if first is None:
         raise RuntimeError("no tokens streamed")
     per_token = (last - first) / (tokens - 1) if tokens > 1 else None
@@ -228,7 +236,7 @@ def main() -> int:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     try:
         model = args.model_name or httpx.get(f"{url}/v1/models", headers=headers).json()["data"][0]["id"]
-        body = {"model": model, "max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
+        body = _body(model, args.max_tokens)
         levels = [asyncio.run(_level(url, headers, c, args.requests_per_client, body)) for c in args.concurrency]
     finally:
         if server is not None:
@@ -260,8 +268,7 @@ def compare_layouts(args: argparse.Namespace) -> int:
             server, url = _start_server(args, layout)
             try:
                 model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
-                body = {"model": model, "max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": True,
-                        "stream": True}
+                body = _body(model, args.max_tokens)
                 before = _metrics(url, {})
                 levels = [asyncio.run(_level(url, {}, c, args.requests_per_client, body)) for c in args.concurrency]
                 after = _metrics(url, {})

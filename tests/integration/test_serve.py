@@ -153,7 +153,11 @@ def test_streaming_equals_whole_response(server):
     chunks = list(_greedy(client, "The function returns", max_tokens=20, stream=True))
     assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
     assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
-    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert all(c.usage is None for c in chunks)  # as OpenAI: no counts unless stream_options asks for them
+    counted = list(_greedy(client, "The function returns", max_tokens=20, stream=True,
+                           stream_options={"include_usage": True}))
+    assert all(c.usage is None for c in counted[:-1]) and counted[-1].choices == []
+    assert counted[-1].usage == whole.usage
 
 
 def test_chat_whole_and_streamed(server, model_dir):
@@ -201,6 +205,39 @@ def test_n_seed_stop_and_logprobs(tp2):
                                           temperature=0, logprobs=True, top_logprobs=3)
     assert len(chat.choices[0].logprobs.content) == chat.usage.completion_tokens
     assert all(len(t.top_logprobs) == 3 for t in chat.choices[0].logprobs.content)
+
+
+def test_echo_scores_the_prompt_as_hf_does(server, model_dir):
+    """echo + logprobs (lm-evaluation-harness's loglikelihood request): every prompt token's logprob given the tokens
+    before it, as HF transformers computes them on the same weights; max_tokens 0 only with echo; no echo in chat."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    client = server.client()
+    ids = Tokenizer.from_pretrained(model_dir).encode("The quick brown fox jumps")
+    with torch.no_grad():
+        logits = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)(torch.tensor([ids])).logits[0]
+    expected = logits.log_softmax(-1)[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
+    scored = client.completions.create(model=NAME, prompt=ids, max_tokens=0, echo=True, logprobs=1, temperature=0)
+    choice = scored.choices[0]
+    assert choice.finish_reason == "length" and scored.usage.completion_tokens == 0
+    assert choice.logprobs.token_logprobs[0] is None and choice.logprobs.top_logprobs[0] is None
+    assert choice.logprobs.token_logprobs[1:] == pytest.approx(expected, abs=1e-4)
+    for lp, top, row in zip(choice.logprobs.token_logprobs[1:], choice.logprobs.top_logprobs[1:], logits[:-1],
+                            strict=True):
+        assert max(top.values()) == pytest.approx(float(row.log_softmax(-1).max()), abs=1e-4) and lp <= max(top.values())
+    plain = _greedy(client, "The quick brown fox jumps", max_tokens=4, ignore_eos=True)
+    both = _greedy(client, "The quick brown fox jumps", max_tokens=4, ignore_eos=True, echo=True, logprobs=0)
+    assert both.choices[0].text == Tokenizer.from_pretrained(model_dir).decode(ids) + plain.choices[0].text
+    assert len(both.choices[0].logprobs.tokens) == len(ids) + 4 and both.usage.completion_tokens == 4
+    streamed = list(_greedy(client, "The quick brown fox jumps", max_tokens=4, ignore_eos=True, echo=True,
+                            stream=True))
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == both.choices[0].text
+    with pytest.raises(openai.BadRequestError, match="only with echo"):
+        _greedy(client, "hi", max_tokens=0)
+    with pytest.raises(openai.BadRequestError, match="echo is a /v1/completions parameter"):
+        client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                       extra_body={"echo": True})
 
 
 def test_32_concurrent_greedy_requests_equal_each_alone(tp2):

@@ -47,7 +47,7 @@ def _assert_gone(processes: list[psutil.Process], timeout: float = 10) -> None:
 
 def _long_stream(client: openai.OpenAI, prompt: str, max_tokens: int):
     return client.completions.create(model=NAME, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True,
-                                     extra_body={"ignore_eos": True})
+                                     stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
 
 
 def _metric(server: Server, name: str) -> float:
@@ -97,8 +97,8 @@ def test_sigterm_drains_open_requests_refuses_new_ones_and_exits_cleanly(plain_m
 
         def consume(i: int) -> None:
             # long enough that the first two are still streaming when the third is queued, on a loaded machine too
-            last = list(_long_stream(client, f"Hello world {i}", 1000))[-1]
-            results[i] = (last.choices[0].finish_reason, last.usage.completion_tokens)
+            *_, last, usage = _long_stream(client, f"Hello world {i}", 1000)  # the usage-only chunk comes last
+            results[i] = (last.choices[0].finish_reason, usage.usage.completion_tokens)
 
         def wait_for(state: list[int], what: str) -> None:
             deadline = time.monotonic() + 10

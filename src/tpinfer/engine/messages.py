@@ -37,14 +37,17 @@ class Step:
 
     prefill: list[tuple[int, list[int]]] = field(default_factory=list)  # (slot, prompt token ids)
     decode: list[tuple[int, int, int]] = field(default_factory=list)  # (slot, token id, position)
+    echo: list[int] = field(default_factory=list)  # prefill slots whose every position's logits rank 0 needs
     op: ClassVar[str] = "step"
 
     def fields(self) -> dict[str, Any]:
-        return {"prefill": [list(p) for p in self.prefill], "decode": [list(d) for d in self.decode]}
+        return {"prefill": [list(p) for p in self.prefill], "decode": [list(d) for d in self.decode],
+                "echo": list(self.echo)}
 
     @classmethod
     def parse(cls, raw: dict[str, Any]) -> Step:
-        return cls([(int(s), list(t)) for s, t in raw["prefill"]], [(int(s), int(t), int(p)) for s, t, p in raw["decode"]])
+        return cls([(int(s), list(t)) for s, t in raw["prefill"]], [(int(s), int(t), int(p)) for s, t, p in raw["decode"]],
+                   [int(s) for s in raw.get("echo", ())])
 
 
 @dataclass

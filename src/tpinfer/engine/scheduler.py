@@ -53,6 +53,12 @@ class SequenceOutput(Protocol):
         """The sequence ended: "stop" (end-of-sequence token or stop string) or "length" (max tokens)."""
         ...
 
+    def prompt(self, token_ids: list[int], logprobs: list[float | None] | None,
+               top: list[list[tuple[int, float]] | None] | None) -> None:
+        """An echoing sequence's prompt, before its first token: per prompt token its logprob (None for the first)
+        and likeliest alternatives, or None when the request asked for no logprobs."""
+        ...
+
 
 @dataclass(eq=False)
 class Sequence:
@@ -68,6 +74,11 @@ class Sequence:
     finish_reason: str | None = None
     generator: torch.Generator | None = None
     in_flight: bool = False  # in a micro-batch whose logits have not come back yet (pipeline stages)
+    # Echo (completions' ``echo``): the prompt goes to ``output.prompt`` first, with every prompt token's logprob
+    # and its ``prompt_logprobs`` likeliest alternatives when that is not None; ``generate`` False: nothing more.
+    echo: bool = False
+    prompt_logprobs: int | None = None
+    generate: bool = True
 
     @property
     def last_position(self) -> int:
@@ -75,25 +86,46 @@ class Sequence:
         return len(self.prompt_ids) + len(self.token_ids) - 1
 
 
+Logits = tuple[torch.Tensor | None, torch.Tensor | None, dict[int, torch.Tensor]]
+
+
 @torch.inference_mode()
-def run_stage(engine: RankEngine, message: messages.Step) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def run_stage(engine: RankEngine, message: messages.Step) -> Logits:
     """Every rank: this rank's part of the forwards of one step message. On the last pipeline stage, full logits
-    (rows, V) of the prefills and of the decodes (already on their way to rank 0 from the sampler); None elsewhere.
+    (rows, V) of the prefills and of the decodes (already on their way to rank 0 from the sampler), and by slot the
+    (T, V) logits of every position of the ``echo`` prompts; None (and nothing) elsewhere.
 
     Workers discard the logits; they compute them because the vocabulary-parallel head's all-gather is a
     collective every rank must join.
     """
     model, forward, cache, device = engine.model, engine.forward, engine.generator.cache, engine.ctx.device
     prefill_logits = decode_logits = None
+    echo_logits: dict[int, torch.Tensor] = {}
     if message.prefill:
-        slots, prompts = (list(column) for column in zip(*message.prefill, strict=True))
-        batch = Batch.build(prompts, [0] * len(prompts), slots, device)
-        prefill_logits = _send_logits(engine, model.gather_logits(forward(batch, cache)))
+        echo = set(message.echo)
+        plain = [(s, p) for s, p in message.prefill if s not in echo]
+        if plain:
+            slots, prompts = (list(column) for column in zip(*plain, strict=True))
+            batch = Batch.build(prompts, [0] * len(prompts), slots, device)
+            prefill_logits = model.gather_logits(forward(batch, cache))
+        if echo:  # every position's logits of these prompts (one at a time: a (T, vocab) tensor each)
+            rows = {}
+            for slot, prompt in message.prefill:
+                if slot in echo:
+                    batch = Batch.build([prompt], [0], [slot], device, all_logits=True)
+                    full = model.gather_logits(forward(batch, cache))
+                    if full is not None:
+                        echo_logits[slot] = full[0]
+                    rows[slot] = None if full is None else full[0, -1]
+            if prefill_logits is not None or all(r is not None for r in rows.values()):
+                last = iter(prefill_logits if prefill_logits is not None else ())
+                prefill_logits = torch.stack([rows[s] if s in echo else next(last) for s, _ in message.prefill])
+        prefill_logits = _send_logits(engine, prefill_logits)
     if message.decode:
         slots, tokens, positions = (list(column) for column in zip(*message.decode, strict=True))
         batch = Batch.build([[t] for t in tokens], positions, slots, device)
         decode_logits = _send_logits(engine, model.gather_logits(forward(batch, cache)))
-    return prefill_logits, decode_logits
+    return prefill_logits, decode_logits, echo_logits
 
 
 def _send_logits(engine: RankEngine, logits: torch.Tensor | None) -> torch.Tensor | None:
@@ -103,21 +135,22 @@ def _send_logits(engine: RankEngine, logits: torch.Tensor | None) -> torch.Tenso
     return logits
 
 
-def take_logits(pipe, vocab: int, message: messages.Step) -> tuple[torch.Tensor | None, torch.Tensor | None]:  # noqa: ANN001
-    """Rank 0: the logits of a step message, from the sampler (last stage) of the replica ``pipe`` leads to."""
+def take_logits(pipe, vocab: int, message: messages.Step) -> Logits:  # noqa: ANN001
+    """Rank 0: the logits of a step message, from the sampler (last stage) of the replica ``pipe`` leads to (never
+    echo logits: the server takes echo requests only where rank 0 is the sampler)."""
     recv = lambda rows: pipe.recv(torch.empty((rows, vocab), dtype=torch.float32, device=pipe.device),  # noqa: E731
                                   pipe.sampler)
     return (recv(len(message.prefill)) if message.prefill else None,
-            recv(len(message.decode)) if message.decode else None)
+            recv(len(message.decode)) if message.decode else None, {})
 
 
-def run_step(engine: RankEngine, message: messages.Step) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def run_step(engine: RankEngine, message: messages.Step) -> Logits:
     """Every rank: one step message whole. Full logits on rank 0 (and the last stage); None elsewhere."""
     logits = run_stage(engine, message)
     pipe = engine.ctx.pipe
     if pipe is None or pipe.sampler == 0:
         return logits
-    return take_logits(pipe, engine.config.vocab_size, message) if engine.ctx.rank == 0 else (None, None)
+    return take_logits(pipe, engine.config.vocab_size, message) if engine.ctx.rank == 0 else (None, None, {})
 
 
 class Scheduler:
@@ -219,13 +252,15 @@ class Scheduler:
             decoding = [seq for seq in decoding if seq not in again]
         message = messages.Step([(seq.slot, seq.prompt_ids) for seq in admitted]
                                 + [(seq.slot, seq.prompt_ids + seq.token_ids) for seq in again],
-                                [(seq.slot, seq.token_ids[-1], seq.last_position) for seq in decoding])
+                                [(seq.slot, seq.token_ids[-1], seq.last_position) for seq in decoding],
+                                [seq.slot for seq in admitted if seq.prompt_logprobs is not None])
         messages.send(self.engine.ctx, message, self.replica)  # the workers' whole input for this step
         if self.local:
-            prefill_logits, decode_logits = run_step(self.engine, message)
+            prefill_logits, decode_logits, echo_logits = run_step(self.engine, message)
         else:
-            prefill_logits, decode_logits = take_logits(self._results, self.vocab_size, message)
+            prefill_logits, decode_logits, echo_logits = take_logits(self._results, self.vocab_size, message)
         if prefill_logits is not None:
+            self._echo(admitted, echo_logits)
             self._advance(admitted + again, prefill_logits)
         if decode_logits is not None:
             self._advance(decoding, decode_logits)
@@ -262,7 +297,8 @@ class Scheduler:
         decoding = [seq for seq in decoding if seq not in again]
         message = messages.Step([(seq.slot, seq.prompt_ids) for seq in admitted]
                                 + [(seq.slot, seq.prompt_ids + seq.token_ids) for seq in again],
-                                [(seq.slot, seq.token_ids[-1], seq.last_position) for seq in decoding])
+                                [(seq.slot, seq.token_ids[-1], seq.last_position) for seq in decoding],
+                                [seq.slot for seq in admitted if seq.prompt_logprobs is not None])
         for seq in admitted + again + decoding:
             seq.in_flight = True
         messages.send(self.engine.ctx, message, self.replica)
@@ -274,12 +310,13 @@ class Scheduler:
     def _finish_micro_batch(self, idle: bool) -> None:
         message, prefilled, decoded = self._in_flight.popleft()
         start = time.perf_counter()
-        prefill_logits, decode_logits = take_logits(self._results, self.vocab_size, message)
+        prefill_logits, decode_logits, echo_logits = take_logits(self._results, self.vocab_size, message)
         if idle:
             self.bubble_s += time.perf_counter() - start
         for seq in prefilled + decoded:
             seq.in_flight = False
         if prefill_logits is not None:
+            self._echo(prefilled, echo_logits)
             self._advance(prefilled, prefill_logits)
         if decode_logits is not None:
             self._advance(decoded, decode_logits)
@@ -318,11 +355,33 @@ class Scheduler:
             self._free.sort(reverse=True)
             self._running = keep
 
+    @staticmethod
+    def _echo(prefilled: list[Sequence], echo_logits: dict[int, torch.Tensor]) -> None:
+        """Hand echoing sequences their prompt: each token's logprob given the tokens before it (None for the first)
+        and, when asked, its likeliest alternatives there, from every position's logits; echo only: finish."""
+        for seq in prefilled:
+            if not seq.echo or seq.token_ids or seq.cancelled:  # a recompute prefill (Phi-3) echoes nothing again
+                continue
+            logprobs: list[float | None] | None = None
+            tops: list[list[tuple[int, float]] | None] | None = None
+            if seq.prompt_logprobs is not None:
+                full = echo_logits[seq.slot][: len(seq.prompt_ids) - 1].log_softmax(-1)
+                chosen = full.gather(1, torch.tensor(seq.prompt_ids[1:], device=full.device)[:, None])[:, 0]
+                logprobs = [None, *chosen.tolist()]
+                tops = [None] * len(seq.prompt_ids)
+                if seq.prompt_logprobs > 0:
+                    values, ids = full.topk(seq.prompt_logprobs, dim=-1)
+                    tops[1:] = [list(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
+            seq.output.prompt(seq.prompt_ids, logprobs, tops)
+            if not seq.generate:
+                seq.finish_reason = "length"
+                seq.output.finish("length")
+
     def _advance(self, sequences: list[Sequence], logits: torch.Tensor) -> None:
         """Sample one token per row of (B, V) ``logits`` with each sequence's parameters, then check its stops."""
         tokens = self._sample(sequences, logits)
         for row, (seq, token) in enumerate(zip(sequences, tokens, strict=True)):
-            if seq.cancelled:
+            if seq.cancelled or seq.finish_reason:  # left, or echo only (finished at its prefill)
                 continue
             logprob, top = None, None
             if seq.top_logprobs is not None:

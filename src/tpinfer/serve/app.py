@@ -46,6 +46,7 @@ class AppSettings:
     api_key: str | None = None
     max_body_bytes: int = 1 << 20
     defaults: GenerationDefaults = field(default_factory=GenerationDefaults)  # from generation_config.json
+    echo_logprobs: bool = True  # rank 0 gets prompt logits (no pipeline stages, no data-parallel replicas)
 
 
 def _pick(requested, default, fallback):  # noqa: ANN001, ANN202
@@ -81,8 +82,9 @@ class ServerState:
         return self.model_name
 
     def submit(self, prompts: list[list[int]], max_tokens: list[int], req: SamplingRequest,
-               top_logprobs: int | None) -> RequestStream:
-        """Queue ``req.n`` sequences per prompt; 503 at once when the server is busy or stopping."""
+               top_logprobs: int | None, echo: bool = False) -> RequestStream:
+        """Queue ``req.n`` sequences per prompt (echoing each prompt first with ``echo``; a limit of 0 tokens then
+        generates nothing); 503 at once when the server is busy or stopping."""
         count = len(prompts) * req.n
         if count > self.settings.max_num_seqs:
             raise APIError(400, f"{len(prompts)} prompt(s) x n={req.n} = {count} sequences; this server runs at most "
@@ -95,12 +97,13 @@ class ServerState:
         for p, (prompt, limit) in enumerate(zip(prompts, max_tokens, strict=True)):
             for i in range(req.n):
                 index = p * req.n + i
-                params = SamplingParams(max_new_tokens=limit, temperature=temperature, top_k=top_k,
+                params = SamplingParams(max_new_tokens=max(limit, 1), temperature=temperature, top_k=top_k,
                                         top_p=top_p, ignore_eos=req.ignore_eos,
                                         seed=None if req.seed is None else (req.seed + index) % 2**64)
                 output = ChoiceOutput(stream, index, self.tokenizer, self.metrics, req.stop_strings,
                                       top_logprobs is not None, req.stream)
-                stream.sequences.append(Sequence(prompt, params, output, top_logprobs))
+                stream.sequences.append(Sequence(prompt, params, output, top_logprobs, echo=echo,
+                                                 prompt_logprobs=top_logprobs if echo else None, generate=limit > 0))
         with self._lock:
             self._check_available()
             self.streams.add(stream)

@@ -2,8 +2,8 @@
 
 A streamed response is server-sent events: one ``data: {chunk}`` per choice per batch of ready
 deltas, ``data: [DONE]`` at the end; a failure mid-stream sends ``data: {"error": {...}}`` first, which
-the OpenAI client raises as an ``APIError``. Usage counts ride on the chunk that finishes the last
-choice, and on a usage-only chunk when the client asks (``stream_options.include_usage``).
+the OpenAI client raises as an ``APIError``. As OpenAI's API, a stream carries usage counts only when the client
+asks (``stream_options.include_usage``): on one last chunk with no choices, before ``[DONE]``.
 """
 
 from __future__ import annotations
@@ -109,10 +109,17 @@ def _completion_prompts(state: ServerState, prompt: str | list) -> list[list[int
 async def create_completion(raw: bytes, http: Request, state: ServerState) -> Response:
     req = parse(CompletionRequest, raw)
     model = state.check_model(req.model)
+    if req.max_tokens == 0 and not req.echo:
+        raise APIError(400, "max_tokens: 0 generates nothing; it is allowed only with echo (to score the prompt)",
+                       "max_tokens")
     prompts = _completion_prompts(state, req.prompt)
     default = state.settings.defaults.max_new_tokens or DEFAULT_COMPLETION_TOKENS  # generation_config.json's first
     limits = [_max_new_tokens(state, len(p), req.max_tokens, default, "prompt") for p in prompts]
-    stream = state.submit(prompts, limits, req, req.logprobs)
+    if req.echo and req.logprobs is not None and not state.settings.echo_logprobs:
+        raise APIError(400, "echo with logprobs needs the prompt's logits on rank 0: this server's layout (pipeline "
+                       "stages or data-parallel replicas) does not bring them there; serve with --pp 1 --dp 1",
+                       "echo")
+    stream = state.submit(prompts, limits, req, req.logprobs, echo=req.echo)
     render = CompletionRenderer(stream, model, req.logprobs)
     if req.stream:
         return _event_stream(stream, state, render, req.include_usage)
@@ -208,7 +215,6 @@ class Renderer:
         self.stream, self.model = stream, model
         self.num_choices = len(stream.sequences)
         self.tokens = [0] * self.num_choices
-        self.finished = 0
 
     def usage(self) -> Usage:
         completion = sum(self.tokens)
@@ -220,7 +226,6 @@ class Renderer:
         by_index: dict[int, Delta] = {}
         for d in deltas:
             self.tokens[d.index] = d.num_tokens
-            self.finished += d.finish_reason is not None
             if d.index in by_index:
                 m = by_index[d.index]
                 by_index[d.index] = Delta(d.index, m.text + d.text, m.logprobs + d.logprobs,
@@ -228,10 +233,6 @@ class Renderer:
             else:
                 by_index[d.index] = d
         return list(by_index.values())
-
-    def final_usage(self, delta: Delta) -> Usage | None:
-        """Usage on the chunk that finishes the last choice."""
-        return self.usage() if delta.finish_reason is not None and self.finished == self.num_choices else None
 
     def opening(self) -> list[BaseModel]:
         return []
@@ -250,7 +251,7 @@ class CompletionRenderer(Renderer):
         for t in d.logprobs:
             offsets.append(self.offsets[d.index])
             self.offsets[d.index] += len(t.token)
-        top = [_first_per_text(t.top) for t in d.logprobs] if self.logprobs > 0 else None
+        top = [None if t.top is None else _first_per_text(t.top) for t in d.logprobs] if self.logprobs > 0 else None
         return CompletionLogprobs(tokens=[t.token for t in d.logprobs], token_logprobs=[t.logprob for t in d.logprobs],
                                   top_logprobs=top, text_offset=offsets)
 
@@ -260,7 +261,7 @@ class CompletionRenderer(Renderer):
 
     def chunks(self, deltas: list[Delta]) -> list[BaseModel]:
         return [self._response([CompletionChoice(index=d.index, text=d.text, logprobs=self._logprobs(d),
-                                                 finish_reason=d.finish_reason)], self.final_usage(d))
+                                                 finish_reason=d.finish_reason)], None)
                 for d in self.merged(deltas)]
 
     def usage_chunk(self) -> BaseModel:
@@ -304,8 +305,7 @@ class ChatRenderer(Renderer):
 
     def chunks(self, deltas: list[Delta]) -> list[BaseModel]:
         return [self._chunk([ChatChunkChoice(index=d.index, delta=DeltaMessage(content=d.text),
-                                             logprobs=self._logprobs(d), finish_reason=d.finish_reason)],
-                            self.final_usage(d))
+                                             logprobs=self._logprobs(d), finish_reason=d.finish_reason)])
                 for d in self.merged(deltas)]
 
     def usage_chunk(self) -> BaseModel:

@@ -53,8 +53,8 @@ class IncrementalDetokenizer:
 @dataclass
 class TokenLogprob:
     token: str
-    logprob: float
-    top: list[tuple[str, float]]
+    logprob: float | None  # None: an echoed prompt's first token (nothing comes before it)
+    top: list[tuple[str, float]] | None
 
 
 @dataclass
@@ -152,6 +152,17 @@ class ChoiceOutput:
         if self.streaming and not self._stopped:
             self._push(None)
         return self._stopped
+
+    def prompt(self, token_ids: list[int], logprobs: list[float | None] | None,
+               top: list[list[tuple[int, float]] | None] | None) -> None:
+        """Echo: the prompt's text (and its tokens' logprobs) as this choice's first delta; stop strings and the
+        completion's token count leave it out."""
+        entries = []
+        if self.logprobs and logprobs is not None:
+            entries = [TokenLogprob(self._token_text(t), lp, None if alt is None else
+                                    [(self._token_text(i), v) for i, v in alt])
+                       for t, lp, alt in zip(token_ids, logprobs, top or [None] * len(token_ids), strict=True)]
+        self.stream.push(Delta(self.index, self.tokenizer.decode(token_ids), entries, None, 0))
 
     def finish(self, reason: str) -> None:
         if not self._stopped:

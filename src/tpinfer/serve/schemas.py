@@ -69,15 +69,14 @@ class SamplingRequest(_Request):
 
 class CompletionRequest(SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(None, ge=0)  # 0 only with echo: the prompt's logprobs, nothing generated
     logprobs: int | None = Field(None, ge=0, le=5)
-    echo: bool = False
+    echo: bool = False  # the prompt before the completion, with its tokens' logprobs when logprobs is set
     suffix: str | None = None
     best_of: int | None = None
 
     @model_validator(mode="after")
     def _check_unsupported(self) -> CompletionRequest:
-        if self.echo:
-            raise ValueError("echo is not supported")
         if self.suffix:
             raise ValueError("suffix is not supported")
         if self.best_of is not None and self.best_of != self.n:
@@ -119,6 +118,13 @@ class ChatCompletionRequest(SamplingRequest):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     max_completion_tokens: int | None = Field(None, ge=1)
+    echo: bool = False  # not part of chat completions: refused rather than ignored
+
+    @model_validator(mode="after")
+    def _check_chat(self) -> ChatCompletionRequest:
+        if self.echo:
+            raise ValueError("echo is a /v1/completions parameter; chat completions do not echo the messages")
+        return self
 
 
 # Responses.
@@ -133,7 +139,7 @@ class Usage(BaseModel):
 class CompletionLogprobs(BaseModel):
     tokens: list[str] = []
     token_logprobs: list[float | None] = []
-    top_logprobs: list[dict[str, float]] | None = None
+    top_logprobs: list[dict[str, float] | None] | None = None
     text_offset: list[int] = []
 
 

@@ -199,7 +199,8 @@ def _build_state(config: ServeConfig, engine: RankEngine, tokenizer: Tokenizer, 
     cache = engine.generator.cache
     settings = AppSettings(model_names=tuple(dict.fromkeys(names)), max_model_len=scheduler.max_seq_len,
                            max_num_seqs=config.max_num_seqs, vocab_size=vocab_size, api_key=config.api_key,
-                           max_body_bytes=config.max_body_bytes, defaults=engine.defaults)
+                           max_body_bytes=config.max_body_bytes, defaults=engine.defaults,
+                           echo_logprobs=engine.ctx.pp_size == 1 and engine.ctx.dp_size == 1)
     if engine.defaults.describe():
         log.info("%s", engine.defaults.describe())
     metrics = Metrics(engine.ctx.tp_size, config.max_num_seqs, cache.nbytes)
