@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "LLM": "tpinfer.api",
+    "EmbeddingOutput": "tpinfer.api",
     "RankFailure": "tpinfer.api",
     "RequestOutput": "tpinfer.api",
     "TPModel": "tpinfer.api",

@@ -2,7 +2,8 @@
 
 - ``from_pretrained``: inside a script every rank runs (torchrun), in the shape of HF's
   ``AutoModelForCausalLM.from_pretrained(..., tp_plan="auto")`` then ``model.generate(**inputs)``.
-- ``LLM``: starts the ranks for the caller and takes prompts, like vLLM's ``LLM``.
+- ``LLM``: starts the ranks for the caller and takes prompts, like vLLM's ``LLM``: ``generate``, ``chat`` and
+  ``score`` for a causal LM, ``embed`` for an encoder (sentence embeddings, pooled as sentence-transformers does).
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ import torch
 
 from tpinfer.engine.generator import GenerationOutput
 from tpinfer.engine.launcher import Launcher, RankFailure
-from tpinfer.engine.runtime import EngineSpec, RankEngine, load_engine
+from tpinfer.engine.runtime import EngineSpec, RankEngine, encoder_max_len, load_engine
 from tpinfer.engine.runtime import max_model_len as max_model_len_for
 from tpinfer.engine.sampling import SamplingParams
 from tpinfer.generation import GenerationDefaults
+from tpinfer.models.family import CAUSAL_LM, ENCODER
 from tpinfer.parallel.context import ParallelContext
 from tpinfer.parallel.mesh import MeshError
+from tpinfer.pooling import PoolingConfig
 from tpinfer.tokenizer import Tokenizer, TokenizerError
 
 log = logging.getLogger(__name__)
@@ -148,6 +151,17 @@ class RequestOutput:
         }
 
 
+@dataclass
+class EmbeddingOutput:
+    text: str | None  # None for an input given as token ids
+    token_ids: list[int]
+    embedding: list[float]
+    truncated: bool = False  # the input was cut to the model's limit (only when asked for)
+
+    def to_json(self) -> dict:
+        return {"text": self.text, "token_ids": self.token_ids, "embedding": self.embedding}
+
+
 class LLM:
     """A model served by ``tensor_parallel_size x pipeline_parallel_size`` processes that this object starts and
     stops.
@@ -189,9 +203,19 @@ class LLM:
             fault=_fault,
         )
         self.config, _ = self.spec.check()  # refuse impossible layouts before starting any process
-        self.max_model_len = max_model_len_for(self.config, max_model_len)
+        self.kind = self.config.family.kind
+        # An encoder's sentence-transformers pooling (and its input limit); None for a causal LM.
+        self.pooling = PoolingConfig.from_pretrained(model) if self.kind == ENCODER else None
+        if self.pooling is not None:
+            self.max_model_len = encoder_max_len(self.config, self.pooling, max_model_len)
+            if self.pooling.default:
+                log.warning("%s has no sentence-transformers modules.json: embeddings use %s", model,
+                            self.pooling.describe())
+        else:
+            self.max_model_len = max_model_len_for(self.config, max_model_len)
         # The checkpoint's generation_config.json: end-of-sequence ids and sampling defaults.
-        self.defaults = GenerationDefaults.from_pretrained(model, self.config.eos_token_id)
+        self.defaults = (GenerationDefaults.from_pretrained(model, self.config.eos_token_id) if self.kind == CAUSAL_LM
+                         else GenerationDefaults())
         # A checkpoint without tokenizer files still serves prompts given as token ids.
         has_tokenizer = str(model).endswith(".gguf") or any(
             (Path(model) / name).is_file() for name in ("tokenizer.json", "tokenizer.model"))
@@ -241,6 +265,7 @@ class LLM:
     def chat(self, conversations: list[dict[str, str]] | list[list[dict[str, str]]],
              sampling_params: SamplingParams | None = None) -> list[RequestOutput]:
         """One reply per conversation (a list of {"role", "content"} messages), like vLLM's ``LLM.chat``."""
+        self.engine.require(CAUSAL_LM, "chat")
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]  # type: ignore[list-item]
         return self.generate([self.encode_chat(c) for c in conversations], sampling_params)
@@ -248,6 +273,7 @@ class LLM:
     def generate(
         self, prompts: str | list[str] | list[list[int]], sampling_params: SamplingParams | None = None
     ) -> list[RequestOutput]:
+        self.engine.require(CAUSAL_LM, "generate")
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         texts = [p if isinstance(p, str) else None for p in prompts]
@@ -266,6 +292,7 @@ class LLM:
 
     def score(self, sequences: list[list[int]]) -> list[torch.Tensor]:
         """Teacher-forced logits (len, vocab) float32 of every position of each token sequence."""
+        self.engine.require(CAUSAL_LM, "score")
         for i, sequence in enumerate(sequences):
             if not sequence or len(sequence) > self.engine.model.max_seq_len:
                 raise ValueError(f"sequence {i} has {len(sequence)} tokens; scoring takes 1 to "
@@ -280,6 +307,45 @@ class LLM:
             self.launcher.raise_failure(exc)
             raise
 
+    def embed(self, inputs: str | list[str] | list[int] | list[list[int]],
+              truncate: bool = False) -> list[EmbeddingOutput]:
+        """Sentence embeddings of an encoder model, one per input (text, or token ids), as sentence-transformers'
+        ``encode`` computes them: the checkpoint's pooling and normalisation. An input longer than the model's limit
+        (``max_seq_length``, or ``max_model_len``) is an error unless ``truncate``: then text is tokenized with HF's
+        truncation to the limit (its special tokens kept) and token ids keep their first ``limit`` ids."""
+        self.engine.require(ENCODER, "embed")
+        if isinstance(inputs, str) or (inputs and isinstance(inputs[0], int)):
+            inputs = [inputs]  # type: ignore[list-item]
+        if not inputs:
+            raise ValueError("no inputs to embed")
+        limit = self.max_model_len
+        texts, token_ids, truncated = [], [], []
+        for i, item in enumerate(inputs):
+            if not item:
+                raise ValueError(f"input {i} is empty")
+            if isinstance(item, str):
+                text = item.lower() if self.pooling.lower_case else item
+                ids = self.encode(text)
+                cut = truncate and len(ids) > limit
+                if cut:
+                    ids = self.tokenizer.encode(text, max_length=limit)
+            else:
+                ids = [int(t) for t in item]
+                cut = truncate and len(ids) > limit
+                if cut:
+                    ids = ids[:limit]
+            texts.append(item if isinstance(item, str) else None)
+            token_ids.append(ids)
+            truncated.append(cut)
+        self.engine.check_sequences(token_ids)  # here, before anything crosses ranks
+        try:
+            vectors = self.engine.embed(token_ids)
+        except Exception as exc:
+            self.launcher.raise_failure(exc)
+            raise
+        return [EmbeddingOutput(text, ids, vector.tolist(), cut)
+                for text, ids, vector, cut in zip(texts, token_ids, vectors, truncated, strict=True)]
+
     def close(self) -> None:
         self.launcher.shutdown(self.engine)
 
@@ -290,4 +356,4 @@ class LLM:
         self.close()
 
 
-__all__ = ["LLM", "RankFailure", "RequestOutput", "SamplingParams", "TPModel", "from_pretrained"]
+__all__ = ["LLM", "EmbeddingOutput", "RankFailure", "RequestOutput", "SamplingParams", "TPModel", "from_pretrained"]

@@ -3,7 +3,7 @@
 Prompt ids are ``AutoTokenizer.from_pretrained(dir)(prompt).input_ids``: special tokens as the tokenizer config says
 (``add_bos_token`` and the post-processor), and never padded or truncated, whatever padding or truncation the
 ``tokenizer.json`` carries (a prompt too long for the model is the engine's error to report, not the tokenizer's to
-cut). Chat prompts are ``apply_chat_template`` renderings (system/user/assistant turns, ``add_generation_prompt``,
+cut; only an embedding input whose caller asks for truncation is cut). Chat prompts are ``apply_chat_template`` renderings (system/user/assistant turns, ``add_generation_prompt``,
 ``tools``, ``strftime_now`` and ``raise_exception`` in templates), tokenized as HF does it: the rendered text
 without adding special tokens again. Only rank 0 loads a tokenizer.
 """
@@ -107,9 +107,12 @@ class Tokenizer:
             pad = self.eos_token_id if self.eos_token_id is not None else 0
         return pad
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """HF's ``tokenizer(text).input_ids``: no padding, no truncation."""
-        return list(self.hf(text, add_special_tokens=add_special_tokens, padding=False, truncation=False)["input_ids"])
+    def encode(self, text: str, add_special_tokens: bool = True, max_length: int | None = None) -> list[int]:
+        """HF's ``tokenizer(text).input_ids``: no padding, and no truncation unless ``max_length`` asks for it (an
+        embedding input whose caller asked to truncate: HF's ``truncation=True, max_length=...``, special tokens
+        kept)."""
+        cut = {"truncation": True, "max_length": max_length} if max_length is not None else {"truncation": False}
+        return list(self.hf(text, add_special_tokens=add_special_tokens, padding=False, **cut)["input_ids"])
 
     def decode(self, token_ids: list[int] | torch.Tensor, skip_special_tokens: bool = True) -> str:
         if isinstance(token_ids, torch.Tensor):

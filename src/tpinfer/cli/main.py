@@ -12,10 +12,11 @@ import importlib
 import logging
 import sys
 
-SUBCOMMANDS = ("generate", "info", "plan", "check", "bench", "serve", "verify")
+SUBCOMMANDS = ("generate", "embed", "info", "plan", "check", "bench", "serve", "verify")
 
 EPILOG = """examples:
   tpinfer generate --tensor-parallel-size 2 "The function returns"
+  tpinfer embed --model path/to/all-MiniLM-L6-v2 --tp 2 --json "A sentence to embed."
   tpinfer info --model path/to/hf-checkpoint
   tpinfer plan --model llama-3-70b --gpu h100-80gb --gpus-per-node 8
 run `tpinfer COMMAND --help` for each command's options and an example."""
@@ -24,7 +25,7 @@ run `tpinfer COMMAND --help` for each command's options and an example."""
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tpinfer",
-        description="Tensor-parallel inference for Hugging Face Llama-family checkpoints.",
+        description="Tensor-parallel inference for Hugging Face checkpoints: decoder LMs and BERT encoders.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -66,6 +66,21 @@ class Score:
 
 
 @dataclass
+class Embed:
+    """An encoder's forward of whole token sequences, pooled into sentence embeddings (``Encoder.embed``)."""
+
+    sequences: list[list[int]]
+    op: ClassVar[str] = "embed"
+
+    def fields(self) -> dict[str, Any]:
+        return {"sequences": self.sequences}
+
+    @classmethod
+    def parse(cls, raw: dict[str, Any]) -> Embed:
+        return cls([[int(t) for t in s] for s in raw["sequences"]])
+
+
+@dataclass
 class Bench:
     """A measurement every rank takes part in (``tpinfer.engine.bench``); each rank's result is gathered."""
 
@@ -95,8 +110,8 @@ class Stop:
         return cls()
 
 
-Message = Generate | Step | Score | Bench | Stop
-KINDS: dict[str, type] = {kind.op: kind for kind in (Generate, Step, Score, Bench, Stop)}
+Message = Generate | Step | Score | Embed | Bench | Stop
+KINDS: dict[str, type] = {kind.op: kind for kind in (Generate, Step, Score, Embed, Bench, Stop)}
 
 
 def encode(message: Message) -> dict[str, Any]:
@@ -139,4 +154,4 @@ def _relay(ctx, raw: dict[str, Any]) -> None:  # noqa: ANN001
         ctx.pipe.relay(json.dumps(raw).encode())
 
 
-__all__ = ["Bench", "Generate", "Message", "Score", "Step", "Stop", "decode", "encode", "receive", "send"]
+__all__ = ["Bench", "Embed", "Generate", "Message", "Score", "Step", "Stop", "decode", "encode", "receive", "send"]

@@ -1,5 +1,5 @@
 """One rank's engine: the loaded model, its forward (the model's, or a family's fast decode adapter), its
-generator, and the loop workers run.
+generator (a causal LM) or encoder (an encoder model: embeddings), and the loop workers run.
 
 Rank 0 owns I/O. It sends each operation to the other ranks as one message (``tpinfer.engine.messages``), then
 every rank runs the same operation. Workers loop on messages until ``Stop``.
@@ -19,16 +19,18 @@ import torch
 
 from tpinfer.config import ConfigError, ModelConfig
 from tpinfer.engine import messages
+from tpinfer.engine.encoder import Encoder
 from tpinfer.engine.generator import GenerationOutput, Generator
 from tpinfer.engine.sampling import SamplingParams
 from tpinfer.generation import GenerationDefaults
 from tpinfer.loading.checkpoint import expected_tensors, load_weights, open_checkpoint, resolve_dtype
 from tpinfer.models import build_model
-from tpinfer.models.family import LM_HEAD
+from tpinfer.models.family import CAUSAL_LM, ENCODER, LM_HEAD
 from tpinfer.parallel.context import ParallelContext
 from tpinfer.parallel.mesh import Mesh, split_layers
 from tpinfer.parallel.plan import ResolvedPlan, resolve_plan
 from tpinfer.parallel.shard import parameter_shapes, shape_notes
+from tpinfer.pooling import PoolingConfig
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,7 @@ class EngineSpec:
     # Mixture-of-experts models: "tensor" (every expert split over the TP group) or "expert" (whole experts per rank)
     moe_parallel: str = "tensor"
     max_model_len: int | None = None
+    # Sequences per batch: the KV cache's slots (a causal LM), or the rows of one forward (an encoder)
     max_batch_size: int = 8
     all_reduce: str = "auto"
     timeout_s: float = 120.0
@@ -101,12 +104,16 @@ class EngineSpec:
         """Validate config, plan and TP size without touching weights (fast, before any process starts)."""
         config = ModelConfig.from_pretrained(self.model)
         mesh = self.mesh
+        check_layout(config, mesh.pp, mesh.dp)
         split_layers(config.num_hidden_layers, mesh.pp)
         checkpoint = open_checkpoint(self.model, config)
         plan = resolve_plan(config, mesh.tp, self.tp_plan, float_experts(config, self.schemes(checkpoint)),
                             self.head_scheme(), self.moe_parallel)
         resolve_dtype(self.dtype, config.torch_dtype)
-        max_model_len(config, self.max_model_len)
+        if config.family.kind == ENCODER:
+            encoder_max_len(config, PoolingConfig.from_pretrained(self.model), self.max_model_len)
+        else:
+            max_model_len(config, self.max_model_len)
         return config, plan
 
 
@@ -118,10 +125,26 @@ class RankEngine:
     model: torch.nn.Module
     # model(batch, cache), or the family's fast decode adapter around it (same contract, see kernels.decode_adapter)
     forward: Callable[..., torch.Tensor]
-    generator: Generator
+    generator: Generator | None  # a causal LM's; None for an encoder
     load_s: float
     load_stats: dict[str, int] = field(default_factory=dict)
     defaults: GenerationDefaults = field(default_factory=GenerationDefaults)
+    encoder: Encoder | None = None  # an encoder model's; None for a causal LM
+
+    @property
+    def kind(self) -> str:
+        """The model's kind (``tpinfer.models.family``): CAUSAL_LM or ENCODER."""
+        return self.config.family.kind
+
+    def require(self, kind: str, what: str) -> None:
+        """Refuse ``what`` (an operation) on a model of another kind, naming both."""
+        if self.kind == kind:
+            return
+        name = f"{Path(self.spec.model).name} ({self.config.model_type})"
+        if kind == ENCODER:
+            raise ValueError(f"{what} needs an encoder model (bert); {name} is a causal LM: generate with it instead")
+        raise ValueError(f"{what} needs a causal LM; {name} is an encoder, which has no LM head: embed with it "
+                         "(tpinfer embed, LLM.embed)")
 
     @property
     def native_decode(self) -> bool:
@@ -178,6 +201,7 @@ class RankEngine:
 
     def run(self, prompts: list[list[int]], params: SamplingParams) -> list[GenerationOutput]:
         """Rank 0: send the request to every rank, then generate alongside them."""
+        self.require(CAUSAL_LM, "generation")
         self.check_prompts(prompts, params)
         messages.send(self.ctx, messages.Generate(prompts, params))
         return self.generator.generate(prompts, params)
@@ -186,7 +210,30 @@ class RankEngine:
         """Rank 0: teacher-forced full logits (len, vocab) float32 of each sequence, computed by every rank."""
         from tpinfer.engine.scoring import run_score
 
+        self.require(CAUSAL_LM, "scoring")
         return run_score(self, messages.send(self.ctx, messages.Score(sequences)))
+
+    def check_sequences(self, sequences: list[list[int]]) -> None:
+        """Rank 0, before anything crosses ranks: an encoder's inputs are non-empty, of this vocabulary, and fit."""
+        limit, vocab = self.model.max_seq_len, self.config.vocab_size
+        if not sequences:
+            raise ValueError("no inputs to embed")
+        for i, sequence in enumerate(sequences):
+            if not sequence:
+                raise ValueError(f"input {i} is empty")
+            if min(sequence) < 0 or max(sequence) >= vocab:
+                raise ValueError(f"input {i}: token ids must be in [0, {vocab}), got "
+                                 f"{min(sequence)}..{max(sequence)}")
+            if len(sequence) > limit:
+                raise ValueError(f"input {i} has {len(sequence)} tokens, more than the limit of {limit} "
+                                 "(sentence_bert_config.json's max_seq_length, or --max-model-len); ask for "
+                                 "truncation to cut it")
+
+    def embed(self, sequences: list[list[int]]) -> list[torch.Tensor]:
+        """Rank 0: pooled float32 embeddings of token sequences, the encoder run by every rank."""
+        self.require(ENCODER, "embedding")
+        self.check_sequences(sequences)
+        return self.encoder.embed(messages.send(self.ctx, messages.Embed(sequences)).sequences)
 
     def stop_workers(self) -> None:
         for replica in range(self.ctx.dp_size):
@@ -212,6 +259,8 @@ class RankEngine:
                 from tpinfer.engine.scoring import run_score
 
                 run_score(self, message)
+            elif isinstance(message, messages.Embed):  # an encoder's embeddings (tpinfer.engine.encoder)
+                self.encoder.embed(message.sequences)
 
 
 def max_model_len(config: ModelConfig, requested: int | None) -> int:
@@ -228,6 +277,19 @@ def max_model_len(config: ModelConfig, requested: int | None) -> int:
         raise ConfigError(f"max_model_len {requested} exceeds the model's context of {context} tokens "
                           "(max_position_embeddings in config.json)")
     return requested
+
+
+def encoder_max_len(config: ModelConfig, pooling: PoolingConfig, requested: int | None) -> int:
+    """The longest input an encoder takes: ``requested`` (--max-model-len), else sentence_bert_config.json's
+    max_seq_length, else the model's max_position_embeddings; never more than that."""
+    return max_model_len(config, requested or pooling.max_seq_length or config.max_position_embeddings)
+
+
+def check_layout(config: ModelConfig, pp: int, dp: int) -> None:
+    """An encoder runs on one TP group: no pipeline stages, no replicas (yet)."""
+    if config.family.kind == ENCODER and (pp > 1 or dp > 1):
+        raise ConfigError(f"{config.model_type} is an encoder: it runs tensor parallelism only, without pipeline "
+                          f"stages or data-parallel replicas (got pp={pp}, dp={dp})")
 
 
 def float_experts(config: ModelConfig, schemes):  # noqa: ANN001, ANN201
@@ -252,19 +314,33 @@ def load_engine(spec: EngineSpec, ctx: ParallelContext, progress: bool = False) 
     if spec.threads:
         torch.set_num_threads(spec.threads)
     config = ModelConfig.from_pretrained(spec.model)
+    family = config.family
+    check_layout(config, ctx.pp_size, ctx.dp_size)
     checkpoint = open_checkpoint(spec.model, config)
     plan = resolve_plan(config, ctx.tp_size, spec.tp_plan, float_experts(config, spec.schemes(checkpoint)),
                         spec.head_scheme(), spec.moe_parallel)
     dtype = resolve_dtype(spec.dtype, config.torch_dtype)
-    max_len = max_model_len(config, spec.max_model_len)
+    if family.kind == ENCODER:  # sentence-transformers' pooling, whose max_seq_length bounds the input
+        pooling = PoolingConfig.from_pretrained(spec.model)
+        max_len = encoder_max_len(config, pooling, spec.max_model_len)
+    else:
+        pooling, max_len = None, max_model_len(config, spec.max_model_len)
     model = build_model(config, ctx, plan, dtype, max_len)
     full_shapes = parameter_shapes(config, 1, 0, padded=False)
     ignore = ("lm_head.weight",) if config.tie_word_embeddings else ()
     # Tensors the family declares that this rank does not hold: other pipeline stages' layers, other ranks' experts.
     held = expected_tensors(model)
     ignore += tuple(name for name in full_shapes if name not in held)
+    # Tensors the checkpoint carries that the family never loads (an encoder's pooler, position-id buffers).
+    if family.unused_tensors:
+        ignore += tuple(name for name in checkpoint.files if name.startswith(family.unused_tensors))
     stats = load_weights(model, checkpoint, full_shapes, progress and ctx.is_first, ignore, shape_notes(config))
     model.eval()
+    if pooling is not None:
+        load_s = time.perf_counter() - start
+        _log_loaded(spec, ctx, dtype, stats, load_s, progress)
+        return RankEngine(spec, ctx, config, model, model, None, load_s, stats,
+                          encoder=Encoder(model, pooling, spec.max_batch_size))
     adapter = config.family.decode_adapter
     forward = (adapter(model) if adapter is not None and spec.native_decode else None) or model
     defaults = GenerationDefaults.from_pretrained(spec.model, config.eos_token_id)
@@ -272,7 +348,12 @@ def load_engine(spec: EngineSpec, ctx: ParallelContext, progress: bool = False) 
     if spec.fault and spec.fault.get("rank") == ctx.rank:
         generator.fault_step = int(spec.fault.get("step", 0))
     load_s = time.perf_counter() - start
+    _log_loaded(spec, ctx, dtype, stats, load_s, progress)
+    return RankEngine(spec, ctx, config, model, forward, generator, load_s, stats, defaults)
+
+
+def _log_loaded(spec: EngineSpec, ctx: ParallelContext, dtype: torch.dtype, stats: dict[str, int], load_s: float,
+                progress: bool) -> None:
     if ctx.is_first and progress:
         print(f"tpinfer: loaded {Path(spec.model).name} at {layout_label(ctx)} ({str(dtype).removeprefix('torch.')}, "
               f"{stats['bytes'] / 2**20:.1f} MiB read by rank 0) in {load_s:.2f}s", file=sys.stderr, flush=True)
-    return RankEngine(spec, ctx, config, model, forward, generator, load_s, stats, defaults)

@@ -38,6 +38,7 @@ from tpinfer.engine import messages
 from tpinfer.engine.kv_cache import Batch
 from tpinfer.engine.runtime import RankEngine
 from tpinfer.engine.sampling import SamplingParams, make_generator, sample
+from tpinfer.models.family import CAUSAL_LM
 
 PREFILL_TOKENS_PER_STEP = 2048  # padded prompt tokens per step: a burst of long prompts is admitted over several steps
 
@@ -164,6 +165,7 @@ class Scheduler:
 
     def __init__(self, engine: RankEngine, max_num_seqs: int, max_waiting: int,
                  prefill_tokens_per_step: int = PREFILL_TOKENS_PER_STEP, replica: int = 0) -> None:
+        engine.require(CAUSAL_LM, "the server's continuous batching")
         cache = engine.generator.cache
         if cache.max_seqs < max_num_seqs:
             raise ValueError(f"the KV cache has {cache.max_seqs} slots, fewer than max_num_seqs={max_num_seqs}")

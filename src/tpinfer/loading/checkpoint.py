@@ -189,8 +189,12 @@ def load_weights(
     missing = sorted(set(expected) - available)
     if missing:
         file = checkpoint.path
+        # A model with a task head stores the same tensors under a prefix (BertForMaskedLM's "bert."): say so.
+        stored = next((n for n in sorted(available) if n.endswith("." + missing[0])), None)
+        hint = (f" (the checkpoint has {stored}: a model saved with a head around it, whose names tpinfer does not "
+                "read)" if stored else "")
         raise CheckpointError(f"{file}: missing tensor{'s' if len(missing) > 1 else ''} {', '.join(missing[:5])}"
-                              + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+                              + (f" and {len(missing) - 5} more" if len(missing) > 5 else "") + hint)
     extra = sorted(n for n in available - set(expected) if n not in ignore and not n.endswith(IGNORED_SUFFIXES))
     if extra:
         raise CheckpointError(

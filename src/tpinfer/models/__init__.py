@@ -28,6 +28,7 @@ FAMILY_MODULES = {
     "mixtral": "tpinfer.models.moe",
     "qwen2_moe": "tpinfer.models.moe",
     "qwen3_moe": "tpinfer.models.moe",
+    "bert": "tpinfer.models.bert",
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILY_MODULES)
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from tpinfer.config import ConfigError, ModelConfig
+from tpinfer.models.family import ENCODER
 from tpinfer.parallel.spec import (
     COLWISE,
     EXPERT,
@@ -147,6 +148,9 @@ def resolve_plan(config: ModelConfig, tp: int, plan: str | dict[str, str] = "aut
     if moe_parallel not in MOE_LAYOUTS:
         raise PlanError(f"--moe-parallel must be one of {', '.join(MOE_LAYOUTS)}, got {moe_parallel!r}")
     family = config.family
+    if family.kind == ENCODER and (quantization is not None or lm_head):
+        raise PlanError(f"quantized weights for encoder models ({config.model_type}) are not supported yet; load the "
+                        "float checkpoint without --quantization")
     if moe_parallel == "expert" and family.expert_plan is None:
         raise PlanError(f"--moe-parallel expert: {config.model_type} has no mixture-of-experts layers")
     auto = plan in ("auto", AUTO_SP)
@@ -160,6 +164,8 @@ def resolve_plan(config: ModelConfig, tp: int, plan: str | dict[str, str] = "aut
     resolved = ResolvedPlan(strategies_for(config, plan, modules, strict=not auto), tp,
                             quantized_projections(config, quantization, lm_head))
     _check_pairs(config, family, resolved)
+    if family.kind == ENCODER and resolved.sequence_parallel:
+        raise PlanError(f"{SEQUENCE}: sequence parallelism is not implemented for encoder models ({config.model_type})")
     _check_sequence_parallel(config, family, resolved)
     reason = tp_failure(modules, resolved.strategies, tp, resolved.schemes)
     if reason:

@@ -129,6 +129,7 @@ class Linear:
 class Norm:
     name: str
     size: int
+    bias: bool = False  # a LayerNorm's shift (BERT); RMSNorms have none
 
 
 @dataclass(frozen=True)
@@ -186,7 +187,10 @@ def parameters(module: Module, strategy: str, rank: int, tp: int,
 
     With ``tp=1, padded=False`` the shapes are the checkpoint's."""
     if isinstance(module, Norm):
-        return {"weight": ((module.size,), None)}
+        norm = {"weight": ((module.size,), None)}
+        if module.bias:
+            norm["bias"] = ((module.size,), None)
+        return norm
     if isinstance(module, Embedding | Head):
         if isinstance(module, Head) and module.tied_to is not None:
             return {}

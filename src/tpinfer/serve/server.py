@@ -34,6 +34,7 @@ import uvicorn
 from tpinfer.engine.launcher import Launcher
 from tpinfer.engine.runtime import EngineSpec, RankEngine, layout_label, load_engine
 from tpinfer.engine.scheduler import Router, Scheduler
+from tpinfer.models.family import CAUSAL_LM
 from tpinfer.parallel.context import ParallelContext
 from tpinfer.serve.app import AppSettings, ServerState, build_app
 from tpinfer.serve.engine_loop import EngineThread, heartbeat_interval
@@ -130,6 +131,9 @@ def serve(config: ServeConfig) -> int:
             ctx.close()
             return 0
     model_config, _ = spec.check()
+    if model_config.family.kind != CAUSAL_LM:
+        raise ValueError(f"{config.model} is an encoder ({model_config.model_type}); tpinfer serve runs causal LMs "
+                         "(a /v1/embeddings endpoint is not built yet): embed with tpinfer embed or LLM.embed")
     tokenizer = Tokenizer.from_pretrained(config.model)
     if config.max_num_seqs < 1 or config.max_queue < 0:
         raise ValueError("--max-num-seqs must be at least 1 and --max-queue at least 0")

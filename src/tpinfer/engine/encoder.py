@@ -1,0 +1,58 @@
+"""Encoder forward and pooling, on every rank in lockstep: token sequences in, sentence embeddings out.
+
+Every rank receives the same sequences (``messages.Embed``) and runs the same batches: the longest first, at most
+``max_batch_size`` rows each, right-padded with an attention mask (the order sentence-transformers' ``encode``
+uses, so batches pad little). The row-parallel layers' all-reduces leave every rank the whole hidden states; each
+pools them (``tpinfer.pooling.pool``) and rank 0 returns the embeddings in the order the sequences came.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tpinfer.pooling import PoolingConfig, pool
+
+PAD_ID = 0  # what fills a padded position; the attention mask keeps it out of every real token's result
+
+
+@dataclass
+class EncodeStats:
+    forwards: int = 0  # batches run
+    tokens: int = 0  # real tokens
+    padding: int = 0  # padded positions computed alongside them
+
+
+class Encoder:
+    """Runs batches of token sequences through one rank's encoder and pools them."""
+
+    def __init__(self, model: torch.nn.Module, pooling: PoolingConfig, max_batch_size: int = 32) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
+        self.model, self.pooling, self.max_batch_size = model, pooling, max_batch_size
+        self.device = model.ctx.device
+        self.stats = EncodeStats()
+
+    @torch.inference_mode()
+    def embed(self, sequences: list[list[int]]) -> list[torch.Tensor]:
+        """One float32 embedding per sequence, in their order."""
+        order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+        out: list[torch.Tensor | None] = [None] * len(sequences)
+        for start in range(0, len(order), self.max_batch_size):
+            rows = order[start : start + self.max_batch_size]
+            width = len(sequences[rows[0]])
+            ids = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for row, i in enumerate(rows):
+                ids[row, : len(sequences[i])] = torch.tensor(sequences[i], dtype=torch.long)
+                mask[row, : len(sequences[i])] = 1
+            ids, mask = ids.to(self.device), mask.to(self.device)
+            vectors = pool(self.model(ids, mask), mask, self.pooling).cpu()
+            for row, i in enumerate(rows):
+                out[i] = vectors[row]
+            real = int(mask.sum())
+            self.stats.forwards += 1
+            self.stats.tokens += real
+            self.stats.padding += ids.numel() - real
+        return out  # type: ignore[return-value]
