@@ -141,16 +141,23 @@ async def _level(url: str, headers: dict, concurrency: int, requests: int, body:
             conn = connections[c]
             return [await _one(conn, {**body, "prompt": PROMPTS[(c + i) % len(PROMPTS)]}) for i in range(requests)]
 
+        before = _metrics(url, headers)
         start = time.perf_counter()
         results = [r for rs in await asyncio.gather(*(worker(c) for c in range(concurrency))) for r in rs]
         wall = time.perf_counter() - start
+        after = _metrics(url, headers)
     finally:
         for conn in connections:
             conn.close()
     ttft = [r.ttft for r in results]
     per_token = [r.per_token for r in results if r.per_token is not None]
     tokens = sum(r.tokens for r in results)
+    # tpinfer's own account of rank 0's engine thread over the level (absent for other servers): seconds by phase.
+    phases = {name.split('"')[1]: round(after[name] - before.get(name, 0.0), 3) for name in after
+              if name.startswith("tpinfer_step_seconds_total")}
+    prefilled = after.get("tpinfer_prefill_tokens_total", 0.0) - before.get("tpinfer_prefill_tokens_total", 0.0)
     return {
+        "phases_s": phases, "prefill_tokens": int(prefilled),
         "concurrency": concurrency, "requests": len(results), "generated_tokens": tokens, "wall_s": round(wall, 3),
         "tokens_per_s": round(tokens / wall, 1),
         "ttft_p50_ms": round(1e3 * _percentile(ttft, 50), 1), "ttft_p99_ms": round(1e3 * _percentile(ttft, 99), 1),
@@ -180,7 +187,7 @@ def _layout(text: str) -> dict[str, int]:
 def _metrics(url: str, headers: dict) -> dict[str, float]:
     out = {}
     for line in httpx.get(f"{url}/metrics", headers=headers, timeout=10).text.splitlines():
-        if line.startswith("tpinfer_pipeline_") and not line.startswith("#"):
+        if line.startswith(("tpinfer_pipeline_", "tpinfer_step_seconds_total", "tpinfer_prefill_tokens_total")):
             name, value = line.rsplit(" ", 1)
             out[name] = float(value)
     return out
@@ -250,6 +257,12 @@ def main() -> int:
         print(f"{lv['concurrency']:>7} {lv['requests']:>8} {lv['tokens_per_s']:>9.1f} {speedup:>5.1f} "
               f"{lv['ttft_p50_ms']:>9.1f} {lv['ttft_p99_ms']:>9.1f} {lv['per_token_p50_ms']:>8.2f} "
               f"{lv['per_token_p99_ms']:>8.2f}")
+    for lv in levels:
+        if lv["phases_s"]:
+            shares = ", ".join(f"{k} {100 * v / lv['wall_s']:.0f}%" for k, v in lv["phases_s"].items())
+            idle = 100 * (1 - sum(lv["phases_s"].values()) / lv["wall_s"])
+            print(f"{lv['concurrency']:>7} clients, rank 0's engine thread: {shares}, idle {idle:.0f}% "
+                  f"({lv['prefill_tokens']} prompt tokens prefilled, padding included)")
     summary = {"benchmark": "serve_load", "url": url, "model": model, "tp": None if args.url else args.tp,
                "max_tokens": args.max_tokens, "levels": levels,
                "speedup_max_vs_1": round(levels[-1]["tokens_per_s"] / base, 2),

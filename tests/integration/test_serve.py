@@ -363,6 +363,19 @@ def test_a_client_that_disconnects_frees_its_slot(tp1):
     assert _metric(tp1, "tpinfer_time_to_first_token_seconds_count") >= 4
 
 
+def test_metrics_say_where_the_engine_thread_spends_its_steps(tp2):
+    phases = ("schedule", "prefill", "decode", "sample")
+    before = {p: _metric(tp2, f'tpinfer_step_seconds_total{{phase="{p}"}}') for p in phases}
+    prefilled = _metric(tp2, "tpinfer_prefill_tokens_total")
+    start = time.monotonic()
+    out = _greedy(tp2.client(), "Hello world", max_tokens=24, ignore_eos=True)
+    wall = time.monotonic() - start
+    spent = {p: _metric(tp2, f'tpinfer_step_seconds_total{{phase="{p}"}}') - before[p] for p in phases}
+    assert all(v > 0 for v in spent.values()), spent  # one prefill, 23 decode steps: every phase ran
+    assert sum(spent.values()) <= wall  # the request's steps, timed on the engine thread within its wall time
+    assert _metric(tp2, "tpinfer_prefill_tokens_total") - prefilled >= out.usage.prompt_tokens
+
+
 def test_incremental_text_adds_up_and_a_stop_string_is_never_streamed(model_dir):
     tokenizer = Tokenizer.from_pretrained(model_dir)
     text = "Tensor parallelism splits every weight matrix across ranks; each rank holds a slice."

@@ -91,10 +91,11 @@ Logits = tuple[torch.Tensor | None, torch.Tensor | None, dict[int, torch.Tensor]
 
 
 @torch.inference_mode()
-def run_stage(engine: RankEngine, message: messages.Step) -> Logits:
+def run_stage(engine: RankEngine, message: messages.Step, times: dict[str, float] | None = None) -> Logits:
     """Every rank: this rank's part of the forwards of one step message. On the last pipeline stage, full logits
     (rows, V) of the prefills and of the decodes (already on their way to rank 0 from the sampler), and by slot the
-    (T, V) logits of every position of the ``echo`` prompts; None (and nothing) elsewhere.
+    (T, V) logits of every position of the ``echo`` prompts; None (and nothing) elsewhere. ``times`` accumulates the
+    seconds of the prefill and decode forwards (logits gathered included).
 
     Workers discard the logits; they compute them because the vocabulary-parallel head's all-gather is a
     collective every rank must join.
@@ -102,6 +103,7 @@ def run_stage(engine: RankEngine, message: messages.Step) -> Logits:
     model, forward, cache, device = engine.model, engine.forward, engine.generator.cache, engine.ctx.device
     prefill_logits = decode_logits = None
     echo_logits: dict[int, torch.Tensor] = {}
+    start = time.perf_counter()
     if message.prefill:
         echo = set(message.echo)
         plain = [(s, p) for s, p in message.prefill if s not in echo]
@@ -122,10 +124,16 @@ def run_stage(engine: RankEngine, message: messages.Step) -> Logits:
                 last = iter(prefill_logits if prefill_logits is not None else ())
                 prefill_logits = torch.stack([rows[s] if s in echo else next(last) for s, _ in message.prefill])
         prefill_logits = _send_logits(engine, prefill_logits)
+    if times is not None:
+        now = time.perf_counter()
+        times["prefill"] += now - start
+        start = now
     if message.decode:
         slots, tokens, positions = (list(column) for column in zip(*message.decode, strict=True))
         batch = Batch.build([[t] for t in tokens], positions, slots, device)
         decode_logits = _send_logits(engine, model.gather_logits(forward(batch, cache)))
+    if times is not None:
+        times["decode"] += time.perf_counter() - start
     return prefill_logits, decode_logits, echo_logits
 
 
@@ -145,9 +153,9 @@ def take_logits(pipe, vocab: int, message: messages.Step) -> Logits:  # noqa: AN
             recv(len(message.decode)) if message.decode else None, {})
 
 
-def run_step(engine: RankEngine, message: messages.Step) -> Logits:
+def run_step(engine: RankEngine, message: messages.Step, times: dict[str, float] | None = None) -> Logits:
     """Every rank: one step message whole. Full logits on rank 0 (and the last stage); None elsewhere."""
-    logits = run_stage(engine, message)
+    logits = run_stage(engine, message, times)
     pipe = engine.ctx.pipe
     if pipe is None or pipe.sampler == 0:
         return logits
@@ -185,6 +193,11 @@ class Scheduler:
         self._in_flight: deque[tuple[messages.Step, list[Sequence], list[Sequence]]] = deque()
         self.bubble_s = 0.0  # rank 0 waiting for a micro-batch's logits with nothing else to start
         self.busy_s = 0.0  # time in steps that ran something
+        # Where a step's time goes on rank 0 (one-stage layouts): admitting, building and sending the step message
+        # ("schedule"), the prefill and decode forwards, sampling and handing tokens to the outputs (detokenizing,
+        # stop strings, streaming: "sample").
+        self.phase_s = {"schedule": 0.0, "prefill": 0.0, "decode": 0.0, "sample": 0.0}
+        self.prefill_tokens = 0  # prompt tokens prefilled, padding included
         self._free = list(range(max_num_seqs - 1, -1, -1))  # pop() hands out the lowest slot
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []
@@ -243,6 +256,7 @@ class Scheduler:
         return ran
 
     def _step(self) -> bool:
+        start = time.perf_counter()
         self._retire()
         decoding = list(self._running)
         admitted = self._admit()
@@ -257,10 +271,17 @@ class Scheduler:
                                 [(seq.slot, seq.token_ids[-1], seq.last_position) for seq in decoding],
                                 [seq.slot for seq in admitted if seq.prompt_logprobs is not None])
         messages.send(self.engine.ctx, message, self.replica)  # the workers' whole input for this step
+        phases = self.phase_s
+        phases["schedule"] += time.perf_counter() - start
+        if message.prefill:
+            self.prefill_tokens += len(message.prefill) * max(len(p) for _, p in message.prefill)
         if self.local:
-            prefill_logits, decode_logits, echo_logits = run_step(self.engine, message)
+            prefill_logits, decode_logits, echo_logits = run_step(self.engine, message, phases)
         else:
+            forward = time.perf_counter()
             prefill_logits, decode_logits, echo_logits = take_logits(self._results, self.vocab_size, message)
+            phases["decode" if decoding else "prefill"] += time.perf_counter() - forward
+        start = time.perf_counter()
         if prefill_logits is not None:
             self._echo(admitted, echo_logits)
             self._advance(admitted + again, prefill_logits)
@@ -268,6 +289,7 @@ class Scheduler:
             self._advance(decoding, decode_logits)
         self._retire()
         self.steps += 1
+        phases["sample"] += time.perf_counter() - start
         return True
 
     def _pipelined_step(self) -> bool:

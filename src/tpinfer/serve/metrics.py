@@ -55,6 +55,8 @@ class Metrics:
         self.pipeline_parallel_size = 1
         self.bubble_seconds: Callable[[], float] = lambda: 0.0
         self.busy_seconds: Callable[[], float] = lambda: 0.0
+        self.step_phases: Callable[[], dict[str, float]] = dict  # seconds of rank 0's steps by phase (Scheduler)
+        self.prefill_tokens: Callable[[], int] = lambda: 0
         self.pipe_bytes: Callable[[], dict[str, int]] = dict
         # Data-parallel replicas: per replica {"running", "waiting", "steps", "generated_tokens"}.
         self.replicas: Callable[[], list[dict[str, int]]] = list
@@ -84,6 +86,7 @@ class Metrics:
     def render(self) -> str:
         replicas = list(enumerate(self.replicas()))
         experts = [(layer, e, n) for layer, counts in sorted(self.expert_load().items()) for e, n in enumerate(counts)]
+        phases = self.step_phases()
         with self._lock:
             lines = [
                 "# HELP tpinfer_requests_total Completion and chat requests by outcome.",
@@ -113,6 +116,14 @@ class Metrics:
                 "# HELP tpinfer_pipeline_parallel_size Pipeline stages of the model.",
                 "# TYPE tpinfer_pipeline_parallel_size gauge",
                 f"tpinfer_pipeline_parallel_size {self.pipeline_parallel_size}",
+                "# HELP tpinfer_step_seconds_total Seconds rank 0's engine thread spent in each phase of its steps: "
+                "schedule (admit, build and send the step), prefill and decode (the forwards), sample (sampling, "
+                "detokenizing, stop strings, streaming). One-stage layouts.",
+                "# TYPE tpinfer_step_seconds_total counter",
+                *(f'tpinfer_step_seconds_total{{phase="{k}"}} {v:.6f}' for k, v in phases.items()),
+                "# HELP tpinfer_prefill_tokens_total Prompt tokens prefilled, right-padding included.",
+                "# TYPE tpinfer_prefill_tokens_total counter",
+                f"tpinfer_prefill_tokens_total {self.prefill_tokens()}",
                 "# HELP tpinfer_pipeline_busy_seconds_total Seconds the engine thread spent running steps.",
                 "# TYPE tpinfer_pipeline_busy_seconds_total counter",
                 f"tpinfer_pipeline_busy_seconds_total {self.busy_seconds():.6f}",

@@ -213,6 +213,8 @@ def _build_state(config: ServeConfig, engine: RankEngine, tokenizer: Tokenizer, 
     metrics.pipeline_parallel_size = engine.ctx.pp_size
     metrics.bubble_seconds = lambda: sum(s.bubble_s for s in schedulers)
     metrics.busy_seconds = lambda: sum(s.busy_s for s in schedulers)
+    metrics.step_phases = lambda: {k: sum(s.phase_s[k] for s in schedulers) for k in schedulers[0].phase_s}
+    metrics.prefill_tokens = lambda: sum(s.prefill_tokens for s in schedulers)
     metrics.replicas = lambda: [{"running": s.num_running, "waiting": s.num_waiting, "steps": s.steps,
                                  "generated_tokens": s.generated_tokens} for s in schedulers]
     if hasattr(engine.model, "expert_load"):
