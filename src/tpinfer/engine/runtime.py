@@ -227,7 +227,7 @@ class RankEngine:
             if len(sequence) > limit:
                 raise ValueError(f"input {i} has {len(sequence)} tokens, more than the limit of {limit} "
                                  "(sentence_bert_config.json's max_seq_length, or --max-model-len); ask for "
-                                 "truncation to cut it")
+                                 "truncation (--truncate, truncate=True) to cut it")
 
     def embed(self, sequences: list[list[int]]) -> list[torch.Tensor]:
         """Rank 0: pooled float32 embeddings of token sequences, the encoder run by every rank."""
