@@ -1,6 +1,8 @@
 """The OpenAI-compatible HTTP app (FastAPI) on rank 0, and the state its handlers share.
 
-Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics.
+Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics; a server started
+on an encoder answers POST /v1/embeddings instead of the two completion routes (``serve/embeddings.py``), and each
+kind of server answers the other kind's routes with a 400.
 Every error is an OpenAI-style body ``{"error": {"message", "type", "param", "code"}}``. A pure-ASGI
 ``Guard`` in front of the app checks the API key on /v1 routes and caps request bodies before any
 JSON is parsed. Nothing from a request reaches a shell, a file path or pickle: prompts become token
@@ -47,6 +49,7 @@ class AppSettings:
     max_body_bytes: int = 1 << 20
     defaults: GenerationDefaults = field(default_factory=GenerationDefaults)  # from generation_config.json
     echo_logprobs: bool = True  # rank 0 gets prompt logits (no pipeline stages, no data-parallel replicas)
+    embedding_dimension: int | None = None  # an encoder's pooled embedding size; None: a causal LM
 
 
 def _pick(requested, default, fallback):  # noqa: ANN001, ANN202
@@ -65,6 +68,7 @@ class ServerState:
         self.settings, self.tokenizer, self.metrics = settings, tokenizer, metrics
         self.scheduler: Scheduler | Router | None = None  # a Router over one scheduler per data-parallel replica
         self.schedulers: list[Scheduler] = []
+        self.embed_queue = None  # an encoder server's queue (serve.embeddings.EmbedQueue); None for a causal LM
         self.status = "starting"
         self.failure: str | None = None
         self.on_failure: Callable[[], None] | None = None  # the server's "exit now" (thread-safe)
@@ -259,12 +263,25 @@ def build_app(state: ServerState) -> FastAPI:
         cards = [ModelCard(id=state.model_name, created=created, max_model_len=state.settings.max_model_len)]
         return JSONResponse(ModelList(data=cards).model_dump())
 
+    def generating() -> None:
+        if state.embed_queue is not None:
+            raise APIError(400, f"this server runs an encoder ({state.model_name}), which embeds and does not "
+                           "generate: use /v1/embeddings", "model", "model_not_supported")
+
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
+        generating()
         return await handlers.create_completion(await request.body(), request, state)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
+        generating()
         return await handlers.create_chat_completion(await request.body(), request, state)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> Response:
+        from tpinfer.serve.embeddings import create_embedding
+
+        return await create_embedding(await request.body(), state)
 
     return app

@@ -131,9 +131,6 @@ def serve(config: ServeConfig) -> int:
             ctx.close()
             return 0
     model_config, _ = spec.check()
-    if model_config.family.kind != CAUSAL_LM:
-        raise ValueError(f"{config.model} is an encoder ({model_config.model_type}); tpinfer serve runs causal LMs "
-                         "(a /v1/embeddings endpoint is not built yet): embed with tpinfer embed or LLM.embed")
     tokenizer = Tokenizer.from_pretrained(config.model)
     if config.max_num_seqs < 1 or config.max_queue < 0:
         raise ValueError("--max-num-seqs must be at least 1 and --max-queue at least 0")
@@ -156,7 +153,8 @@ def serve(config: ServeConfig) -> int:
             with _workers_shielded_from_group_signals():
                 engine = launcher.start(progress=False)
         signal.signal(signal.SIGTERM, previous)
-        state = _build_state(config, engine, tokenizer, names, model_config.vocab_size)
+        build = _build_state if model_config.family.kind == CAUSAL_LM else _build_embed_state
+        state = build(config, engine, tokenizer, names, model_config.vocab_size)
         state_box.append(state)
         return _run(config, engine, state, launcher, sock)
     except BaseException:
@@ -229,6 +227,28 @@ def _build_state(config: ServeConfig, engine: RankEngine, tokenizer: Tokenizer, 
     return state
 
 
+def _build_embed_state(config: ServeConfig, engine: RankEngine, tokenizer: Tokenizer, names: tuple[str, ...],
+                       vocab_size: int) -> ServerState:
+    """An encoder's server: one queue of embedding requests, which the engine thread steps as it would a scheduler
+    (up to 4 x --max-num-seqs inputs a step, in forwards of --max-num-seqs rows)."""
+    from tpinfer.serve.embeddings import EmbedQueue
+
+    queue = EmbedQueue(engine, 4 * config.max_num_seqs, max(1, config.max_queue))
+    pooling = engine.encoder.pooling
+    if pooling.default:
+        log.warning("%s has no sentence-transformers modules.json: embeddings use %s", config.model, pooling.describe())
+    settings = AppSettings(model_names=tuple(dict.fromkeys(names)), max_model_len=queue.max_seq_len,
+                           max_num_seqs=config.max_num_seqs, vocab_size=vocab_size, api_key=config.api_key,
+                           max_body_bytes=config.max_body_bytes,
+                           embedding_dimension=engine.config.hidden_size * len(pooling.modes))
+    metrics = Metrics(engine.ctx.tp_size, config.max_num_seqs, 0)
+    metrics.queue_depth = lambda: queue.num_waiting
+    metrics.running = lambda: queue.num_running
+    state = ServerState(settings, tokenizer, metrics)
+    state.scheduler, state.schedulers, state.embed_queue = queue, [queue], queue
+    return state
+
+
 def _run(config: ServeConfig, engine: RankEngine, state: ServerState, launcher: Launcher | None,
          sock: socket.socket) -> int:
     def stop_ranks() -> None:
@@ -263,9 +283,14 @@ def _run(config: ServeConfig, engine: RankEngine, state: ServerState, launcher: 
         thread.start()
     state.status = "ok"
     host, port = sock.getsockname()[:2]
-    log.info("serving %s at %s on http://%s:%d (max %d sequences x %d tokens, KV cache %.1f MiB per rank)",
-             state.model_name, layout_label(engine.ctx), host, port, config.max_num_seqs, state.settings.max_model_len,
-             engine.generator.cache.nbytes / 2**20)
+    if engine.generator is None:
+        log.info("serving %s (an encoder: /v1/embeddings) at %s on http://%s:%d (%s, inputs of up to %d tokens)",
+                 state.model_name, layout_label(engine.ctx), host, port, engine.encoder.pooling.describe(),
+                 state.settings.max_model_len)
+    else:
+        log.info("serving %s at %s on http://%s:%d (max %d sequences x %d tokens, KV cache %.1f MiB per rank)",
+                 state.model_name, layout_label(engine.ctx), host, port, config.max_num_seqs,
+                 state.settings.max_model_len, engine.generator.cache.nbytes / 2**20)
     try:
         server.run(sockets=[sock])
     finally:
