@@ -78,6 +78,13 @@ def test_minilm_at_tp1_equals_sentence_transformers(llm1, reference, hf_ids):
     assert _cosines(outputs, reference, "tp=1").min() >= MIN_COSINE
     assert llm1.engine.encoder.stats.padding > 0  # batches of mixed lengths: padded rows were part of it
     assert len(outputs[0].embedding) == 384 and abs(torch.tensor(outputs[0].embedding).norm() - 1) < 1e-5
+    # tpinfer info counts what the engine holds, and no KV cache.
+    from tpinfer.cli.info import model_info
+
+    info = model_info(str(MINILM))
+    assert info["kind"] == "encoder" and info["valid_tp_sizes"] == [1, 2, 3, 4, 6, 12]
+    assert info["tp_sizes"][0]["param_bytes_per_rank"] == llm1.engine.param_bytes
+    assert info["tp_sizes"][1]["kv_cache_bytes_per_token"] == 0
 
 
 @needs_minilm

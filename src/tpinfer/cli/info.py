@@ -48,6 +48,7 @@ def model_info(path: str, dtype: str = "auto", quantization: str | None = None,
     from tpinfer.config import ModelConfig
     from tpinfer.engine.runtime import EngineSpec
     from tpinfer.loading.checkpoint import open_checkpoint
+    from tpinfer.models.family import CAUSAL_LM
     from tpinfer.parallel.plan import MOE_LAYOUTS, PlanError, quantized_projections, resolve_plan
     from tpinfer.parallel.shard import (
         active_parameters,
@@ -82,13 +83,16 @@ def model_info(path: str, dtype: str = "auto", quantization: str | None = None,
             entry["param_bytes_per_rank"] = rank_parameter_bytes(config, tp, 0, element, schemes)
             entry["heads_per_rank"] = config.num_attention_heads // tp
             entry["kv_heads_per_rank"] = kv_head_range(config.num_key_value_heads, 0, tp)[1]
-            entry["kv_cache_bytes_per_token"] = kv_cache_bytes_per_token(config, tp, 0, element)
+            # An encoder keeps no KV cache: each forward sees its whole input.
+            entry["kv_cache_bytes_per_token"] = (kv_cache_bytes_per_token(config, tp, 0, element)
+                                                 if config.family.kind == CAUSAL_LM else 0)
         if moe is not None:
             entry["moe"] = moe[tp]
         sizes.append(entry)
     info = {
         "model": path,
         "model_type": config.model_type,
+        "kind": config.family.kind,  # "causal_lm" or "encoder"
         "dtype": dtype,
         "quantization": (", ".join(sorted({s.name for s in schemes.values()})) or None) if schemes else None,
         "params": config.num_parameters,
@@ -163,7 +167,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     s = info["shapes"]
     quant = f", projections {info['quantization']}" if info["quantization"] else ""
-    print(f"{info['model']}  ({info['model_type']}, {info['dtype']}{quant})")
+    kind = ", an encoder: no KV cache" if info["kind"] == "encoder" else ""
+    print(f"{info['model']}  ({info['model_type']}{kind}, {info['dtype']}{quant})")
     print(f"  {info['params']:,} parameters = {human_bytes(info['param_bytes'])}")
     print(f"  hidden {s['hidden_size']}, {s['num_hidden_layers']} layers, {s['num_attention_heads']} heads "
           f"({s['num_key_value_heads']} KV heads, head_dim {s['head_dim']}), FFN {s['intermediate_size']}, "
