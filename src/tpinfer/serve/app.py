@@ -150,7 +150,9 @@ class ServerState:
 
     @property
     def busy(self) -> bool:
-        return bool(self.streams)
+        """Requests still open: streams, and an encoder's embedding requests queued or running."""
+        queue = self.embed_queue
+        return bool(self.streams) or (queue is not None and bool(queue.num_waiting or queue.num_running))
 
     def fail_open_requests(self, message: str) -> None:
         with self._lock:
