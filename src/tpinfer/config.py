@@ -53,6 +53,7 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     layer_norm_eps: float = 1e-12  # an encoder's LayerNorms (BERT)
     type_vocab_size: int = 0  # an encoder's token types (BERT's segments A and B); 0: none
+    position_offset: int = 0  # an encoder's first position id (RoBERTa's padding_idx + 1); 0 for BERT
     # Layer type ("full_attention", "sliding_attention") -> HF rope parameters: rope_type, rope_theta, and the
     # type's own keys (factor, ...); partial_rotary_factor when the family rotates part of each head.
     rope_parameters: dict[str, dict[str, Any]] = field(default_factory=lambda: {FULL: {"rope_type": "default",

@@ -159,37 +159,45 @@ def test_embed_refuses_a_causal_lm_before_starting(capsys):
     assert "is a causal LM (llama), not an encoder: tpinfer embed runs encoder models" in capsys.readouterr().err
 
 
-@pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory) -> Path:
-    """A random BertModel (with its pooler, which tpinfer does not load) saved by HF in two safetensors files."""
+def tiny_encoder(path: Path, model_type: str) -> Path:
+    """A random BertModel or RobertaModel (with its pooler, which tpinfer does not load) saved by HF in two
+    safetensors files."""
     import transformers
 
-    config = transformers.BertConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                     num_attention_heads=4, max_position_embeddings=32, type_vocab_size=2)
+    config = transformers.AutoConfig.for_model(model_type, vocab_size=97, hidden_size=64, intermediate_size=128,
+                                               num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=32,
+                                               type_vocab_size=2 if model_type == "bert" else 1)
     torch.manual_seed(0)
-    model = transformers.BertModel(config).eval()
+    model = transformers.AutoModel.from_config(config).eval()
     with torch.no_grad():  # LayerNorms start at exactly (1, 0): make them matter
         for name, param in model.named_parameters():
             if "LayerNorm" in name:
                 param.add_(0.2 * torch.randn_like(param))
-    path = tmp_path_factory.mktemp("bert") / "tiny-bert"
     model.save_pretrained(path, safe_serialization=True, max_shard_size="200KB")
     return path
 
 
-def test_random_bert_equals_hf_bert_model_with_default_mean_pooling(tiny_bert, caplog):
+@pytest.mark.parametrize("model_type", ["bert", "roberta"])
+def test_random_encoder_equals_hf_with_default_mean_pooling(tmp_path, caplog, model_type):
     import transformers
 
-    sequences = [[2, 5, 7, 11, 13, 17, 19, 23], [2, 40, 41, 3], [2, 96]]  # a padded batch
-    hf = transformers.BertModel.from_pretrained(tiny_bert).eval()
+    path = tiny_encoder(tmp_path / model_type, model_type)
+    # A padded batch; RoBERTa's positions start after its padding id (1), so its longest input is 32 - 2 tokens.
+    longest = 32 if model_type == "bert" else 30
+    sequences = [[0, *range(5, 5 + longest - 2), 2], [0, 40, 41, 2], [0, 96]]
+    hf = transformers.AutoModel.from_pretrained(path).eval()
     width = max(map(len, sequences))
-    ids = torch.tensor([s + [0] * (width - len(s)) for s in sequences])
+    pad = hf.config.pad_token_id or 0
+    ids = torch.tensor([s + [pad] * (width - len(s)) for s in sequences])
     mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences])
     with torch.no_grad():
         hidden = hf(input_ids=ids, attention_mask=mask).last_hidden_state
     expected = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
-    with caplog.at_level("WARNING"), LLM(str(tiny_bert), max_batch_size=4, progress=False) as llm:
+    with caplog.at_level("WARNING"), LLM(str(path), max_batch_size=4, progress=False) as llm:
         outputs = llm.embed(sequences)
+        assert llm.max_model_len == longest
+        with pytest.raises(ValueError, match=f"input 0 has {longest + 1} tokens, more than the limit of {longest}"):
+            llm.embed([[0] * (longest + 1)])
     assert "has no sentence-transformers modules.json: embeddings use mean pooling, not normalized" in caplog.text
     got = torch.tensor([o.embedding for o in outputs])
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)  # float32, sums in another order

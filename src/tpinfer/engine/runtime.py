@@ -281,8 +281,14 @@ def max_model_len(config: ModelConfig, requested: int | None) -> int:
 
 def encoder_max_len(config: ModelConfig, pooling: PoolingConfig, requested: int | None) -> int:
     """The longest input an encoder takes: ``requested`` (--max-model-len), else sentence_bert_config.json's
-    max_seq_length, else the model's max_position_embeddings; never more than that."""
-    return max_model_len(config, requested or pooling.max_seq_length or config.max_position_embeddings)
+    max_seq_length, else all its positions; never more than its position embeddings hold (RoBERTa's start at
+    ``position_offset``)."""
+    positions = config.max_position_embeddings - config.position_offset
+    limit = requested or pooling.max_seq_length or positions
+    if limit < 1 or limit > positions:
+        raise ConfigError(f"max_model_len {limit} must be 1 to {positions}: the model's max_position_embeddings "
+                          f"{config.max_position_embeddings}, from position {config.position_offset}")
+    return limit
 
 
 def check_layout(config: ModelConfig, pp: int, dp: int) -> None:

@@ -29,6 +29,8 @@ FAMILY_MODULES = {
     "qwen2_moe": "tpinfer.models.moe",
     "qwen3_moe": "tpinfer.models.moe",
     "bert": "tpinfer.models.bert",
+    "roberta": "tpinfer.models.bert",
+    "xlm-roberta": "tpinfer.models.bert",
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILY_MODULES)
 

@@ -1,4 +1,5 @@
-"""BERT encoders (``model_type: bert``): the seeds' tensor-parallel layer, post-norm, attending both ways.
+"""BERT encoders (``model_type: bert``; ``roberta`` and ``xlm-roberta``, the same layer): the seeds'
+tensor-parallel layer, post-norm, attending both ways.
 
 Embeddings (word, absolute position, token type) summed and normalized, then layers of
 ``h = LayerNorm(x + attention(x))`` and ``out = LayerNorm(h + dense(gelu(dense(h))))``. No causal mask, no KV cache,
@@ -11,7 +12,8 @@ row-parallel (one all-reduce): two all-reduces per layer. LayerNorms are replica
 vocabulary (one all-reduce per forward), position and token-type embeddings are replicated (a plan may split them).
 
 Names are HF ``BertModel``'s (``embeddings.word_embeddings``, ``encoder.layer.{i}.attention.self.query``, ...): the
-checkpoints sentence-transformers ships. Its pooler (``pooler.dense``) is not used by sentence embeddings and is not
+checkpoints sentence-transformers ships; ``RobertaModel`` uses the same. RoBERTa differs only in its positions: they
+start at ``pad_token_id + 1`` (``position_offset``), so ``max_position_embeddings - pad_token_id - 1`` tokens fit. Its pooler (``pooler.dense``) is not used by sentence embeddings and is not
 loaded, nor are the position-id and token-type-id buffers some checkpoints carry.
 """
 
@@ -61,7 +63,9 @@ def read_config(raw: dict[str, Any]) -> dict[str, Any]:
         "num_key_value_heads": heads,
         "head_dim": hidden // heads,
         "max_position_embeddings": int(raw.get("max_position_embeddings") or 512),
-        "type_vocab_size": int(raw.get("type_vocab_size") or 2),
+        "type_vocab_size": int(raw.get("type_vocab_size") or (2 if raw["model_type"] == "bert" else 1)),
+        # RoBERTa numbers real tokens from padding_idx + 1 (HF's create_position_ids_from_input_ids, right-padded)
+        "position_offset": 0 if raw["model_type"] == "bert" else int(raw.get("pad_token_id", 1)) + 1,
         "layer_norm_eps": float(raw.get("layer_norm_eps", 1e-12)),
         "hidden_act": act,
         "attention_bias": True,
@@ -121,8 +125,11 @@ class BertEmbeddings(nn.Module):
         self.token_type_embeddings = embedding_layer(token_type, plan.strategy(TOKEN_TYPE), ctx, dtype)
         self.LayerNorm = LayerNorm(config.hidden_size, config.layer_norm_eps, dtype, ctx.device)
 
+        self.position_offset = config.position_offset
+
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        positions = positions + self.position_offset
         x = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
         return self.LayerNorm(x + self.position_embeddings(positions))
 
@@ -212,9 +219,9 @@ class BertModel(nn.Module):
 
     def __init__(self, config, ctx, plan, dtype: torch.dtype, max_seq_len: int):  # noqa: ANN001
         super().__init__()
-        if max_seq_len > config.max_position_embeddings:
-            raise ConfigError(f"max_seq_len {max_seq_len} exceeds max_position_embeddings "
-                              f"{config.max_position_embeddings}")
+        if max_seq_len + config.position_offset > config.max_position_embeddings:
+            raise ConfigError(f"max_seq_len {max_seq_len} (positions from {config.position_offset}) exceeds "
+                              f"max_position_embeddings {config.max_position_embeddings}")
         self.config, self.ctx, self.dtype, self.max_seq_len = config, ctx, dtype, max_seq_len
         self.embeddings = BertEmbeddings(config, ctx, plan, dtype)
         self.encoder = BertEncoder(config, ctx, plan, dtype)
@@ -226,16 +233,21 @@ class BertModel(nn.Module):
         return self.encoder(x, mask)
 
 
-FAMILY = Family(
-    name="bert",
-    model_types=("bert",),
-    read_config=read_config,
-    layer=layer_modules,
-    auto_plan=AUTO_PLAN,
-    pairs=PAIRS,
-    model=BertModel,
-    kind=ENCODER,
-    layer_prefix=LAYER_PREFIX,
-    outer=outer_modules,
-    unused_tensors=("embeddings.position_ids", "embeddings.token_type_ids", "pooler."),
-)
+def _family(name: str, model_types: tuple[str, ...]) -> Family:
+    return Family(
+        name=name,
+        model_types=model_types,
+        read_config=read_config,
+        layer=layer_modules,
+        auto_plan=AUTO_PLAN,
+        pairs=PAIRS,
+        model=BertModel,
+        kind=ENCODER,
+        layer_prefix=LAYER_PREFIX,
+        outer=outer_modules,
+        unused_tensors=("embeddings.position_ids", "embeddings.token_type_ids", "pooler."),
+    )
+
+
+ROBERTA = _family("roberta", ("roberta", "xlm-roberta"))
+FAMILIES = {"bert": _family("bert", ("bert",)), "roberta": ROBERTA, "xlm-roberta": ROBERTA}
