@@ -13,8 +13,9 @@ vocabulary (one all-reduce per forward), position and token-type embeddings are 
 
 Names are HF ``BertModel``'s (``embeddings.word_embeddings``, ``encoder.layer.{i}.attention.self.query``, ...): the
 checkpoints sentence-transformers ships; ``RobertaModel`` uses the same. RoBERTa differs only in its positions: they
-start at ``pad_token_id + 1`` (``position_offset``), so ``max_position_embeddings - pad_token_id - 1`` tokens fit. Its pooler (``pooler.dense``) is not used by sentence embeddings and is not
-loaded, nor are the position-id and token-type-id buffers some checkpoints carry.
+start at ``pad_token_id + 1`` (``position_offset``), so ``max_position_embeddings - pad_token_id - 1`` tokens fit.
+The pooler (``pooler.dense``) is not used by sentence embeddings and is not loaded, nor are the position-id and
+token-type-id buffers some checkpoints carry.
 """
 
 from __future__ import annotations
@@ -65,13 +66,17 @@ def read_config(raw: dict[str, Any]) -> dict[str, Any]:
         "max_position_embeddings": int(raw.get("max_position_embeddings") or 512),
         "type_vocab_size": int(raw.get("type_vocab_size") or (2 if raw["model_type"] == "bert" else 1)),
         # RoBERTa numbers real tokens from padding_idx + 1 (HF's create_position_ids_from_input_ids, right-padded)
-        "position_offset": 0 if raw["model_type"] == "bert" else int(raw.get("pad_token_id", 1)) + 1,
+        "position_offset": 0 if raw["model_type"] == "bert" else int(_given(raw.get("pad_token_id"), 1)) + 1,
         "layer_norm_eps": float(raw.get("layer_norm_eps", 1e-12)),
         "hidden_act": act,
         "attention_bias": True,
         "mlp_bias": True,
         "torch_dtype": raw.get("torch_dtype") or raw.get("dtype"),
     }
+
+
+def _given(value: Any, default: Any) -> Any:
+    return default if value is None else value
 
 
 def outer_modules(config) -> tuple[list[Module], list[Module]]:  # noqa: ANN001
