@@ -151,6 +151,15 @@ def test_impossible_layouts_are_refused_before_any_process_starts():
         LLM(str(MINILM), quantization="int8")
 
 
+@needs_minilm
+@pytest.mark.parametrize("command", ["generate", "bench", "verify"])
+def test_causal_lm_commands_refuse_an_encoder_before_starting(capsys, command):
+    from tpinfer.cli.main import main
+
+    assert main([command, "--model", str(MINILM), *(["Hello"] if command == "generate" else [])]) == 1
+    assert f"is an encoder (bert), which has no LM head: tpinfer {command} runs causal LMs" in capsys.readouterr().err
+
+
 def test_embed_refuses_a_causal_lm_before_starting(capsys):
     from tpinfer.assets import demo_model_path
     from tpinfer.cli.main import main

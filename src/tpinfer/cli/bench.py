@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from tpinfer.cli.common import add_engine_args, add_model_args, model_path, resolve_mesh, tp_plan
+from tpinfer.cli.common import add_engine_args, add_model_args, model_path, require_causal_lm, resolve_mesh, tp_plan
 
 EPILOG = """examples:
   tpinfer bench --model ./llama-250m --tensor-parallel-size 2 --dtype float32 --batch-size 1 \\
@@ -55,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
     from tpinfer.engine.runtime import EngineSpec
 
     resolve_mesh(args, sweep=True)
+    require_causal_lm(model_path(args), "bench")
     if args.data_parallel_size != 1:
         raise ValueError(f"--data-parallel-size {args.data_parallel_size}: tpinfer bench measures one replica; "
                          "replicas serve concurrent requests (benchmarks/serve_load.py --layouts tp1dp2 measures them)")

@@ -101,6 +101,17 @@ def model_path(args: argparse.Namespace) -> str:
     return demo_model_path()
 
 
+def require_causal_lm(path: str, command: str) -> None:
+    """Refuse an encoder checkpoint before any process starts: it embeds, it does not generate."""
+    from tpinfer.config import ModelConfig
+    from tpinfer.models.family import CAUSAL_LM
+
+    config = ModelConfig.from_pretrained(path)
+    if config.family.kind != CAUSAL_LM:
+        raise ValueError(f"{path} is an encoder ({config.model_type}), which has no LM head: tpinfer {command} runs "
+                         "causal LMs; embed with tpinfer embed (or tpinfer serve, for /v1/embeddings)")
+
+
 def tp_plan(value: str) -> str | dict[str, str]:
     if value == "auto":
         return value

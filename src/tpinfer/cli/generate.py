@@ -7,7 +7,15 @@ import json
 import sys
 import time
 
-from tpinfer.cli.common import add_engine_args, add_model_args, human_bytes, model_path, resolve_mesh, tp_plan
+from tpinfer.cli.common import (
+    add_engine_args,
+    add_model_args,
+    human_bytes,
+    model_path,
+    require_causal_lm,
+    resolve_mesh,
+    tp_plan,
+)
 from tpinfer.parallel.mesh import split_layers
 
 EPILOG = """examples:
@@ -60,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
     if args.system is not None and not args.chat:
         raise ValueError("--system needs --chat")
     resolve_mesh(args)
+    require_causal_lm(model_path(args), "generate")
     if args.data_parallel_size != 1:
         raise ValueError(f"--data-parallel-size {args.data_parallel_size}: replicas serve concurrent requests; "
                          "tpinfer generate runs one batch on one replica (use tpinfer serve, or dp=1)")

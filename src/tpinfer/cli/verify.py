@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from tpinfer.cli.common import model_path
+from tpinfer.cli.common import model_path, require_causal_lm
 
 EPILOG = """examples:
   tpinfer verify --model ./my-checkpoint --tensor-parallel-size 1,2,4
@@ -67,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
     if not sizes or min(sizes) < 1:
         raise ValueError(f"--tensor-parallel-size needs sizes of at least 1, got {args.tensor_parallel_size!r}")
     path = model_path(args)
+    require_causal_lm(path, "verify")
     say = lambda m: print(f"tpinfer verify: {m}", file=sys.stderr, flush=True)  # noqa: E731
     if args.quantization is not None:
         return _quantized(args, path, sizes, say)
