@@ -77,12 +77,22 @@ class _Connection:
 
     async def post_stream(self, path: str, body: dict) -> AsyncIterator[bytes]:
         """Yield each SSE event's data of a POST (the connection is reused for the next call)."""
-        if self.writer is None:
-            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
         payload = json.dumps(body).encode()
-        self.writer.write(f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
-                          f"Content-Length: {len(payload)}\r\n{self.extra}\r\n".encode() + payload)
-        head = (await self.reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+        request = (f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+                   f"Content-Length: {len(payload)}\r\n{self.extra}\r\n".encode() + payload)
+        for attempt in range(2):
+            if self.writer is None:
+                self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+            self.writer.write(request)
+            try:
+                head = (await self.reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+                break
+            except (asyncio.IncompleteReadError, ConnectionResetError):
+                # The server closed the idle keep-alive connection (uvicorn does after 5 s, e.g. while the other
+                # clients of a level warm up): open a new one and send the request again, once.
+                self.close()
+                if attempt:
+                    raise
         status = int(head.split(" ", 2)[1])
         if status != 200 or "chunked" not in head.lower():
             raise RuntimeError(f"HTTP {status}: {head.splitlines()[0]}")
@@ -101,6 +111,7 @@ class _Connection:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        self.reader = self.writer = None
 
 
 def _body(model: str, max_tokens: int) -> dict:
