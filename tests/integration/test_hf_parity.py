@@ -60,9 +60,17 @@ def test_prefill_logits_match_hf(checkpoints, variant):
         assert torch.allclose(logits[row], ref, atol=1e-4, rtol=1e-4), (logits[row] - ref).abs().max()
 
 
-def test_bfloat16_matches_hf_bfloat16(checkpoints):
-    """bf16 weights: a long prefill takes the widened float32 GEMM path, decode the bf16 GEMV path."""
-    path = checkpoints["qwen2"]
+def test_bfloat16_matches_hf_bfloat16(checkpoints, monkeypatch):
+    """bf16 weights: a long prefill takes torch's bf16 GEMM (on a CPU with bf16 arithmetic) or the widened float32
+    one (without), decode the bf16 GEMV path; both ways the widened path is also checked, as a CPU without it runs."""
+    import tpinfer.parallel.layers as layers
+
+    for native_bf16 in sorted({layers.CPU_BF16_MATH, False}):
+        monkeypatch.setattr(layers, "CPU_BF16_MATH", native_bf16)
+        _bf16_against_hf(checkpoints["qwen2"])
+
+
+def _bf16_against_hf(path) -> None:  # noqa: ANN001
     prompt = list(range(1, 41))  # 40 rows: above BF16_WIDEN_MIN_ROWS
     engine = load_engine(EngineSpec(str(path), dtype="bfloat16"), ParallelContext.single())
     out = engine.generator.generate([prompt], SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True))[0]

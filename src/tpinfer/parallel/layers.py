@@ -22,6 +22,20 @@ BF16_WIDEN_MIN_ROWS = 16
 _scratch: dict[torch.device, torch.Tensor] = {}
 
 
+def _cpu_has_bf16_math() -> bool:
+    """Whether this host's CPU multiplies bfloat16 natively (AVX512-BF16 or AMX-BF16): torch's bf16 GEMM then runs
+    at about twice its float32 speed (1.4-2x the widened path at 16-64 rows on an AMD EPYC), so nothing is widened."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+CPU_BF16_MATH = _cpu_has_bf16_math()
+
+
 # For a few rows (batched decode) the CPU GEMM behind F.linear streams the weight at about half the speed
 # of a GEMV; computing W @ X^T instead (the weight as the tall left operand) measured 1.2-1.4x faster here
 # for 4 to 32 float32 rows, 1.0x outside that range.
@@ -54,7 +68,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if weight.dtype == torch.float32 and SKINNY_ROWS.start <= rows < SKINNY_ROWS.stop:
         out = torch.mm(weight, x.reshape(rows, x.shape[-1]).t()).t().reshape(*x.shape[:-1], weight.shape[0])
         return out if bias is None else out + bias
-    if weight.dtype != torch.bfloat16 or rows < BF16_WIDEN_MIN_ROWS:
+    if weight.dtype != torch.bfloat16 or rows < BF16_WIDEN_MIN_ROWS or CPU_BF16_MATH:
         return F.linear(x, weight, bias)
     buffer = _scratch.get(weight.device)
     if buffer is None or buffer.numel() < weight.numel():
