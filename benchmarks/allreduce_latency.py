@@ -103,8 +103,13 @@ def _worker(rank: int, args: Args, store_path: str, result_path: str) -> None:
                 gloo_over_shm=round(gloo_p50 / shm_p50, 2),
             )
         )
+    finish(rank, shm, rows, result_path)
+
+
+def finish(rank: int, shm: ShmAllReduce, rows: list, result_path: str) -> None:
+    """Close the segment and the group together, then rank 0 writes its rows (dataclasses) as JSON."""
     shm.close()
-    dist.barrier()  # reason: no rank tears down the group while another still reduces
+    dist.barrier()  # reason: no rank tears down the group while another still communicates
     dist.destroy_process_group()
     if rank == 0:
         with open(result_path, "w") as f:

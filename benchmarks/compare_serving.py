@@ -27,11 +27,10 @@ import signal
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
-from serve_load import _body, _free_port, _level, _start_server
+from serve_load import _body, _free_port, _level, _start_server, wait_healthy
 
 NAME = "bench-model"
 
@@ -54,18 +53,8 @@ def _start_vllm(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
     log = open(args.vllm_log, "a")  # noqa: SIM115  (the server outlives this function)
     server = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + args.startup_s
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise SystemExit(f"vllm exited with code {server.returncode}; see {args.vllm_log}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return server, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(1.0)
-    os.killpg(server.pid, signal.SIGKILL)
-    raise SystemExit(f"vllm did not become healthy within {args.startup_s} s; see {args.vllm_log}")
+    wait_healthy(server, url, args.startup_s, poll_s=1.0, log=args.vllm_log)
+    return server, url
 
 
 def _run(start, args: argparse.Namespace) -> list[dict]:  # noqa: ANN001

@@ -31,7 +31,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from allreduce_latency import spawn
+from allreduce_latency import finish, spawn
 
 from tpinfer.parallel.shm import ShmAllReduce
 
@@ -118,12 +118,7 @@ def _worker(rank: int, args: Args, store_path: str, result_path: str) -> None:
         rows.append(Row(tokens=tokens, all_reduce_bytes=full.nbytes, all_to_all_bytes=sent,
                         shm_all_reduce_us=median.get("shm_all_reduce"), gloo_all_reduce_us=median["gloo_all_reduce"],
                         gloo_all_to_all_us=median["gloo_all_to_all"]))
-    shm.close()
-    dist.barrier()  # reason: no rank tears down the group while another still communicates
-    dist.destroy_process_group()
-    if rank == 0:
-        with open(result_path, "w") as f:
-            json.dump([asdict(row) for row in rows], f)
+    finish(rank, shm, rows, result_path)
 
 
 def main() -> None:

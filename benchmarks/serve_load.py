@@ -216,18 +216,25 @@ def _start_server(args: argparse.Namespace, layout: dict[str, int] | None = None
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     server = subprocess.Popen(cmd, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
+    wait_healthy(server, url, 300)
+    return server, url
+
+
+def wait_healthy(server: subprocess.Popen, url: str, timeout_s: float, poll_s: float = 0.5, log: str = "") -> None:
+    """Until ``url``/health answers 200; SystemExit (the server killed) if it exits first or ``timeout_s`` passes."""
+    see = f"; see {log}" if log else ""
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            raise SystemExit(f"the server exited with code {server.returncode}")
+            raise SystemExit(f"the server exited with code {server.returncode}{see}")
         try:
             if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return server, url
+                return
         except httpx.HTTPError:
             pass
-        time.sleep(0.5)
+        time.sleep(poll_s)
     os.killpg(server.pid, signal.SIGKILL)
-    raise SystemExit("the server did not become healthy within 300 s")
+    raise SystemExit(f"the server did not become healthy within {timeout_s} s{see}")
 
 
 def main() -> int:

@@ -76,10 +76,14 @@ class Sequence:
     generator: torch.Generator | None = None
     in_flight: bool = False  # in a micro-batch whose logits have not come back yet (pipeline stages)
     # Echo (completions' ``echo``): the prompt goes to ``output.prompt`` first, with every prompt token's logprob
-    # and its ``prompt_logprobs`` likeliest alternatives when that is not None; ``generate`` False: nothing more.
+    # and its ``top_logprobs`` likeliest alternatives when that is not None; ``generate`` False: nothing more.
     echo: bool = False
-    prompt_logprobs: int | None = None
     generate: bool = True
+
+    @property
+    def prompt_logprobs(self) -> bool:
+        """Whether the step must bring back every position's logits of this prompt (echo with logprobs)."""
+        return self.echo and self.top_logprobs is not None
 
     @property
     def last_position(self) -> int:
@@ -269,7 +273,7 @@ class Scheduler:
         message = messages.Step([(seq.slot, seq.prompt_ids) for seq in admitted]
                                 + [(seq.slot, seq.prompt_ids + seq.token_ids) for seq in again],
                                 [(seq.slot, seq.token_ids[-1], seq.last_position) for seq in decoding],
-                                [seq.slot for seq in admitted if seq.prompt_logprobs is not None])
+                                [seq.slot for seq in admitted if seq.prompt_logprobs])
         messages.send(self.engine.ctx, message, self.replica)  # the workers' whole input for this step
         phases = self.phase_s
         phases["schedule"] += time.perf_counter() - start
@@ -322,7 +326,7 @@ class Scheduler:
         message = messages.Step([(seq.slot, seq.prompt_ids) for seq in admitted]
                                 + [(seq.slot, seq.prompt_ids + seq.token_ids) for seq in again],
                                 [(seq.slot, seq.token_ids[-1], seq.last_position) for seq in decoding],
-                                [seq.slot for seq in admitted if seq.prompt_logprobs is not None])
+                                [seq.slot for seq in admitted if seq.prompt_logprobs])
         for seq in admitted + again + decoding:
             seq.in_flight = True
         messages.send(self.engine.ctx, message, self.replica)
@@ -388,13 +392,13 @@ class Scheduler:
                 continue
             logprobs: list[float | None] | None = None
             tops: list[list[tuple[int, float]] | None] | None = None
-            if seq.prompt_logprobs is not None:
+            if seq.prompt_logprobs:
                 full = echo_logits[seq.slot][: len(seq.prompt_ids) - 1].log_softmax(-1)
                 chosen = full.gather(1, torch.tensor(seq.prompt_ids[1:], device=full.device)[:, None])[:, 0]
                 logprobs = [None, *chosen.tolist()]
                 tops = [None] * len(seq.prompt_ids)
-                if seq.prompt_logprobs > 0:
-                    values, ids = full.topk(seq.prompt_logprobs, dim=-1)
+                if seq.top_logprobs > 0:
+                    values, ids = full.topk(seq.top_logprobs, dim=-1)
                     tops[1:] = [list(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
             seq.output.prompt(seq.prompt_ids, logprobs, tops)
             if not seq.generate:

@@ -39,9 +39,10 @@ def _moe(layer):  # noqa: ANN001, ANN202  (MoEBlock | None)
 def _mlp(layer) -> list:  # noqa: ANN001
     """The gated MLP's gate/up/down: the dense MLP's, a MoE layer's shared expert's, or none."""
     moe = _moe(layer)
-    mlp = layer.mlp if moe is None else moe.shared_expert
-    return [] if mlp is None else [mlp["gate_proj"], mlp["up_proj"], mlp["down_proj"]] if moe is not None else \
-        [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+    if moe is None:
+        return [layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj]
+    shared = moe.shared_expert
+    return [] if shared is None else [shared["gate_proj"], shared["up_proj"], shared["down_proj"]]
 
 
 def _projections(layer) -> list:  # noqa: ANN001
@@ -213,8 +214,7 @@ class NativeDecode:
         """Half-layer ``half``'s all-reduce, left open by the native stack for a late peer, and its bias."""
         self.ctx.comm.finish_native(out)
         layer = self.layers[half // 2]  # position in this stage's stack
-        mlp = _mlp(layer)
-        bias = layer.self_attn.o_proj.bias if half % 2 == 0 else mlp[2].bias if _moe(layer) is None else None
+        bias = layer.self_attn.o_proj.bias if half % 2 == 0 else None if _moe(layer) is not None else layer.mlp.down_proj.bias
         if bias is not None:
             out.add_(bias)
 

@@ -107,7 +107,7 @@ class ServerState:
                 output = ChoiceOutput(stream, index, self.tokenizer, self.metrics, req.stop_strings,
                                       top_logprobs is not None, req.stream)
                 stream.sequences.append(Sequence(prompt, params, output, top_logprobs, echo=echo,
-                                                 prompt_logprobs=top_logprobs if echo else None, generate=limit > 0))
+                                                 generate=limit > 0))
         with self._lock:
             self._check_available()
             self.streams.add(stream)
