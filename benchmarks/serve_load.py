@@ -15,6 +15,11 @@ machine hits each alike; medians per layout, ratios to the first, and with pipel
 
     python benchmarks/serve_load.py --model /path/llama-250m --dtype float32 --layouts tp1,tp2,pp2 \
         --concurrency 16 --rounds 3
+
+Prefix caching on against off, every prompt starting with the same system prompt of about 200 tokens:
+
+    python benchmarks/serve_load.py --model /path/llama-250m --dtype float32 --tp 2 --concurrency 16 \
+        --shared-prefix-tokens 200 --compare-prefix-caching --rounds 2
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import argparse
 import asyncio
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -142,15 +148,17 @@ async def _one(conn: _Connection, body: dict) -> Result:
     return Result(first - start, per_token, tokens)
 
 
-async def _level(url: str, headers: dict, concurrency: int, requests: int, body: dict) -> dict:
+async def _level(url: str, headers: dict, concurrency: int, requests: int, body: dict, prefix: str = "") -> dict:
+    """One concurrency level; every prompt starts with ``prefix`` (a shared system prompt) when given."""
     connections = [_Connection(url, headers) for _ in range(concurrency)]
     try:
         for conn in connections:  # connect, and warm the server's caches
-            await _one(conn, {**body, "prompt": PROMPTS[0], "max_tokens": 4})
+            await _one(conn, {**body, "prompt": prefix + PROMPTS[0], "max_tokens": 4})
 
         async def worker(c: int) -> list[Result]:
             conn = connections[c]
-            return [await _one(conn, {**body, "prompt": PROMPTS[(c + i) % len(PROMPTS)]}) for i in range(requests)]
+            return [await _one(conn, {**body, "prompt": prefix + PROMPTS[(c + i) % len(PROMPTS)]})
+                    for i in range(requests)]
 
         before = _metrics(url, headers)
         start = time.perf_counter()
@@ -166,9 +174,12 @@ async def _level(url: str, headers: dict, concurrency: int, requests: int, body:
     # tpinfer's own account of rank 0's engine thread over the level (absent for other servers): seconds by phase.
     phases = {name.split('"')[1]: round(after[name] - before.get(name, 0.0), 3) for name in after
               if name.startswith("tpinfer_step_seconds_total")}
-    prefilled = after.get("tpinfer_prefill_tokens_total", 0.0) - before.get("tpinfer_prefill_tokens_total", 0.0)
+    delta = {name: after.get(name, 0.0) - before.get(name, 0.0) for name in (
+        "tpinfer_prefill_tokens_total", "tpinfer_prefix_cache_queries_total", "tpinfer_prefix_cache_hits_total")}
     return {
-        "phases_s": phases, "prefill_tokens": int(prefilled),
+        "phases_s": phases, "prefill_tokens": int(delta["tpinfer_prefill_tokens_total"]),
+        "prefix_cache_hit_tokens": int(delta["tpinfer_prefix_cache_hits_total"]),
+        "prefix_cache_query_tokens": int(delta["tpinfer_prefix_cache_queries_total"]),
         "concurrency": concurrency, "requests": len(results), "generated_tokens": tokens, "wall_s": round(wall, 3),
         "tokens_per_s": round(tokens / wall, 1),
         "ttft_p50_ms": round(1e3 * _percentile(ttft, 50), 1), "ttft_p99_ms": round(1e3 * _percentile(ttft, 99), 1),
@@ -198,20 +209,22 @@ def _layout(text: str) -> dict[str, int]:
 def _metrics(url: str, headers: dict) -> dict[str, float]:
     out = {}
     for line in httpx.get(f"{url}/metrics", headers=headers, timeout=10).text.splitlines():
-        if line.startswith(("tpinfer_pipeline_", "tpinfer_step_seconds_total", "tpinfer_prefill_tokens_total")):
+        if line.startswith(("tpinfer_pipeline_", "tpinfer_step_seconds_total", "tpinfer_prefill_tokens_total",
+                            "tpinfer_prefix_cache_")):
             name, value = line.rsplit(" ", 1)
             out[name] = float(value)
     return out
 
 
-def _start_server(args: argparse.Namespace, layout: dict[str, int] | None = None) -> tuple[subprocess.Popen, str]:
+def _start_server(args: argparse.Namespace, layout: dict[str, int] | None = None,
+                  extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     max_num_seqs = max(args.concurrency)
     mesh = ["--tp", str(args.tp)] if layout is None else [
         "--tp", str(layout["tp"]), "--pp", str(layout["pp"]), "--dp", str(layout["dp"])]
     cmd = [sys.executable, "-m", "tpinfer.cli.main", "serve", "--model", args.model, *mesh,
            "--dtype", args.dtype, "--port", str(port), "--max-num-seqs", str(max_num_seqs),
-           "--max-model-len", str(args.max_model_len)]
+           "--max-model-len", str(args.max_model_len), *shlex.split(args.serve_args or ""), *extra]
     print("starting:", " ".join(cmd[1:]), file=sys.stderr, flush=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     server = subprocess.Popen(cmd, env=env, start_new_session=True)
@@ -251,10 +264,23 @@ def main() -> int:
     parser.add_argument("--api-key", default=os.environ.get("TPINFER_API_KEY"))
     parser.add_argument("--layouts", type=lambda s: [_layout(x) for x in s.split(",")], default=None,
                         help="compare layouts (tp1,tp2,pp2,tp2pp2...) in one run, each its own server in turn")
-    parser.add_argument("--rounds", type=int, default=1, help="with --layouts: alternate them this many times")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="with --layouts or --compare-prefix-caching: alternate the servers this many times")
+    parser.add_argument("--serve-args", default=None, metavar="ARGS",
+                        help="more options for the tpinfer serve this script starts, e.g. '--max-num-batched-tokens 256'")
+    parser.add_argument("--shared-prefix-tokens", type=int, default=0, metavar="N",
+                        help="start every prompt with the same system prompt of about N tokens (the model's tokenizer)")
+    parser.add_argument("--compare-prefix-caching", action="store_true",
+                        help="a server with prefix caching and one with --no-prefix-caching in turn (alternating over "
+                        "--rounds); TTFT and throughput ratios (give --shared-prefix-tokens)")
     args = parser.parse_args()
     if not args.url and not args.model:
         parser.error("give --url of a running server or --model to start one")
+    if args.shared_prefix_tokens and not args.model:
+        parser.error("--shared-prefix-tokens needs --model (its tokenizer sizes the prefix)")
+    args.prefix = _shared_prefix(args.model, args.shared_prefix_tokens) if args.shared_prefix_tokens else ""
+    if args.compare_prefix_caching:
+        return compare_prefix_caching(args)
     if args.layouts:
         return compare_layouts(args)
     server, url = (None, args.url) if args.url else _start_server(args)
@@ -262,7 +288,8 @@ def main() -> int:
     try:
         model = args.model_name or httpx.get(f"{url}/v1/models", headers=headers).json()["data"][0]["id"]
         body = _body(model, args.max_tokens)
-        levels = [asyncio.run(_level(url, headers, c, args.requests_per_client, body)) for c in args.concurrency]
+        levels = [asyncio.run(_level(url, headers, c, args.requests_per_client, body, args.prefix))
+                  for c in args.concurrency]
     finally:
         if server is not None:
             os.killpg(server.pid, signal.SIGTERM)
@@ -280,11 +307,67 @@ def main() -> int:
             shares = ", ".join(f"{k} {100 * v / lv['wall_s']:.0f}%" for k, v in lv["phases_s"].items())
             idle = 100 * (1 - sum(lv["phases_s"].values()) / lv["wall_s"])
             print(f"{lv['concurrency']:>7} clients, rank 0's engine thread: {shares}, idle {idle:.0f}% "
-                  f"({lv['prefill_tokens']} prompt tokens prefilled, padding included)")
+                  f"({lv['prefill_tokens']} prompt tokens computed, {lv['prefix_cache_hit_tokens']} from the prefix "
+                  "cache)")
     summary = {"benchmark": "serve_load", "url": url, "model": model, "tp": None if args.url else args.tp,
                "max_tokens": args.max_tokens, "levels": levels,
                "speedup_max_vs_1": round(levels[-1]["tokens_per_s"] / base, 2),
                "model_path": str(Path(args.model).resolve()) if args.model else None}
+    print(json.dumps(summary))
+    return 0
+
+
+def _shared_prefix(model: str, tokens: int) -> str:
+    """A system prompt of at least ``tokens`` tokens under the checkpoint's tokenizer."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    words = ("You are a careful assistant for a team that runs tensor-parallel inference on small machines. "
+             "Answer briefly, cite the documentation, and say when a figure was measured on which host. ").split()
+    text = ""
+    while len(tokenizer(text).input_ids) < tokens:
+        text += words[len(text.split()) % len(words)] + " "
+    return text
+
+
+def compare_prefix_caching(args: argparse.Namespace) -> int:
+    """The same load on a server with prefix caching and one without, alternating; medians and off/on ratios."""
+    import statistics
+
+    variants = {"on": (), "off": ("--no-prefix-caching",)}
+    runs: dict[str, list[list[dict]]] = {name: [] for name in variants}
+    for round_ in range(args.rounds):
+        for name in (list(variants) if round_ % 2 == 0 else list(variants)[::-1]):
+            server, url = _start_server(args, extra=variants[name])
+            try:
+                model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
+                body = _body(model, args.max_tokens)
+                levels = [asyncio.run(_level(url, {}, c, args.requests_per_client, body, args.prefix))
+                          for c in args.concurrency]
+            finally:
+                os.killpg(server.pid, signal.SIGTERM)
+                server.wait(60)
+            runs[name].append(levels)
+            print(f"round {round_} prefix caching {name}: " + ", ".join(
+                f"{lv['concurrency']} clients TTFT p50 {lv['ttft_p50_ms']:.0f} ms, {lv['tokens_per_s']:.1f} tok/s"
+                for lv in levels), file=sys.stderr, flush=True)
+    print(f"shared prefix of {args.shared_prefix_tokens} tokens, {args.requests_per_client} requests per client, "
+          f"{args.rounds} round(s), medians")
+    print(f"{'clients':>7} {'TTFT on':>8} {'TTFT off':>9} {'off/on':>7} {'tok/s on':>9} {'tok/s off':>10} "
+          f"{'hit tokens':>11}")
+    summary = {"benchmark": "serve_load_prefix_caching", "shared_prefix_tokens": args.shared_prefix_tokens,
+               "max_tokens": args.max_tokens, "rounds": args.rounds, "levels": [],
+               "model_path": str(Path(args.model).resolve())}
+    for i, c in enumerate(args.concurrency):
+        med = {name: {key: statistics.median(r[i][key] for r in runs[name])
+                      for key in ("ttft_p50_ms", "tokens_per_s", "prefix_cache_hit_tokens", "prefill_tokens")}
+               for name in variants}
+        ratio = med["off"]["ttft_p50_ms"] / med["on"]["ttft_p50_ms"]
+        print(f"{c:>7} {med['on']['ttft_p50_ms']:>8.1f} {med['off']['ttft_p50_ms']:>9.1f} {ratio:>7.2f} "
+              f"{med['on']['tokens_per_s']:>9.1f} {med['off']['tokens_per_s']:>10.1f} "
+              f"{med['on']['prefix_cache_hit_tokens']:>11.0f}")
+        summary["levels"].append({"concurrency": c, "on": med["on"], "off": med["off"], "ttft_off_over_on": ratio,
+                                  "runs": {name: [r[i] for r in runs[name]] for name in variants}})
     print(json.dumps(summary))
     return 0
 
@@ -301,7 +384,8 @@ def compare_layouts(args: argparse.Namespace) -> int:
                 model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
                 body = _body(model, args.max_tokens)
                 before = _metrics(url, {})
-                levels = [asyncio.run(_level(url, {}, c, args.requests_per_client, body)) for c in args.concurrency]
+                levels = [asyncio.run(_level(url, {}, c, args.requests_per_client, body, args.prefix))
+                          for c in args.concurrency]
                 after = _metrics(url, {})
             finally:
                 os.killpg(server.pid, signal.SIGTERM)

@@ -25,11 +25,18 @@ def _together(server, requests) -> list[str]:
     return asyncio.run(run())
 
 
+SYSTEM = "You are a helpful assistant. Each rank holds a slice of every weight matrix, and the ranks add up. "
+
+
 def test_pipeline_serves_concurrent_requests_like_sequential_ones(model_dir, tmp_path):
-    requests = [(f"{PROMPTS[i % len(PROMPTS)]} {i}", 6 + (i * 5) % 17) for i in range(24)]
-    single = start_server(model_dir, tmp_path / "tp1.log", "--max-num-seqs", "8", "--max-model-len", "256")
+    # Half the prompts share a system prompt: with prefix caching (on by default) the pipelined server starts them
+    # from its cached keys and values, copied between slots on both stages; the reference server computes them all.
+    requests = [(f"{SYSTEM if i % 2 else ''}{PROMPTS[i % len(PROMPTS)]} {i}", 6 + (i * 5) % 17) for i in range(24)]
+    single = start_server(model_dir, tmp_path / "tp1.log", "--max-num-seqs", "8", "--max-model-len", "256",
+                          "--no-prefix-caching")
     try:
         reference = [_greedy(single.client(), p, max_tokens=n).choices[0].text for p, n in requests]
+        assert _metric(single, "tpinfer_prefix_caching") == 0 and _metric(single, "tpinfer_prefix_cache_hits_total") == 0
     finally:
         stop_server(single)
     server = start_server(model_dir, tmp_path / "pp2.log", "--pipeline-parallel-size", "2", "--max-num-seqs", "8",
@@ -37,7 +44,10 @@ def test_pipeline_serves_concurrent_requests_like_sequential_ones(model_dir, tmp
     try:
         alone = [_greedy(server.client(), p, max_tokens=n).choices[0].text for p, n in requests[:6]]
         assert alone == reference[:6]
+        hits = _metric(server, "tpinfer_prefix_cache_hits_total")
         assert _together(server, requests) == reference  # 24 requests over 8 slots, two micro-batches in flight
+        assert _metric(server, "tpinfer_prefix_caching") == 1
+        assert _metric(server, "tpinfer_prefix_cache_hits_total") - hits >= 11 * 16  # the system prompt, 11 times
         assert _metric(server, "tpinfer_pipeline_parallel_size") == 2
         busy, bubble = _metric(server, "tpinfer_pipeline_busy_seconds_total"), _metric(
             server, "tpinfer_pipeline_bubble_seconds_total")

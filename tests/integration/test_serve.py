@@ -175,11 +175,17 @@ def test_chat_whole_and_streamed(server, model_dir):
     assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == whole.usage.total_tokens
 
 
+SYSTEM = "You are a helpful assistant. Each rank holds a slice of every weight matrix, and the ranks add up. "
+
+
 def test_tp1_and_tp2_generate_the_same_greedy_text(tp1, tp2):
-    for prompt in PROMPTS[:3]:
+    hits = _metric(tp2, "tpinfer_prefix_cache_hits_total")
+    # The later prompts start from the system prompt's cached keys and values (each rank copies its own heads').
+    for prompt in [*PROMPTS[:3], *(SYSTEM + p for p in PROMPTS[:3])]:
         a = _greedy(tp1.client(), prompt, max_tokens=24, ignore_eos=True).choices[0].text
         b = _greedy(tp2.client(), prompt, max_tokens=24, ignore_eos=True).choices[0].text
         assert a == b
+    assert _metric(tp2, "tpinfer_prefix_cache_hits_total") - hits >= 2 * 16
 
 
 def test_n_seed_stop_and_logprobs(tp2):
@@ -366,14 +372,18 @@ def test_a_client_that_disconnects_frees_its_slot(tp1):
 def test_metrics_say_where_the_engine_thread_spends_its_steps(tp2):
     phases = ("schedule", "prefill", "decode", "sample")
     before = {p: _metric(tp2, f'tpinfer_step_seconds_total{{phase="{p}"}}') for p in phases}
-    prefilled = _metric(tp2, "tpinfer_prefill_tokens_total")
+    counters = ("tpinfer_prefill_tokens_total", "tpinfer_prefix_cache_queries_total", "tpinfer_prefix_cache_hits_total")
+    counted = [_metric(tp2, name) for name in counters]
     start = time.monotonic()
     out = _greedy(tp2.client(), "Hello world", max_tokens=24, ignore_eos=True)
     wall = time.monotonic() - start
     spent = {p: _metric(tp2, f'tpinfer_step_seconds_total{{phase="{p}"}}') - before[p] for p in phases}
     assert all(v > 0 for v in spent.values()), spent  # one prefill, 23 decode steps: every phase ran
     assert sum(spent.values()) <= wall  # the request's steps, timed on the engine thread within its wall time
-    assert _metric(tp2, "tpinfer_prefill_tokens_total") - prefilled >= out.usage.prompt_tokens
+    prefilled, queried, hits = (_metric(tp2, name) - n for name, n in zip(counters, counted, strict=True))
+    # Prompts are packed, not padded: every prompt token is either computed or found in the prefix cache (this prompt
+    # may have been sent before, by another test on this server).
+    assert queried == out.usage.prompt_tokens and prefilled + hits == out.usage.prompt_tokens and prefilled >= 1
 
 
 def test_incremental_text_adds_up_and_a_stop_string_is_never_streamed(model_dir):

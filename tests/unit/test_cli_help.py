@@ -27,3 +27,12 @@ def test_every_subcommand_is_registered():
     parser = build_parser()
     actions = [a for a in parser._actions if a.dest == "command"]
     assert set(actions[0].choices) == set(SUBCOMMANDS)
+
+
+def test_serve_defaults_are_the_schedulers():
+    from tpinfer.engine.scheduler import MAX_NUM_BATCHED_TOKENS
+    from tpinfer.serve.server import ServeConfig
+
+    args = build_parser().parse_args(["serve", "--no-prefix-caching"])
+    assert args.max_num_batched_tokens == MAX_NUM_BATCHED_TOKENS == ServeConfig("m").max_num_batched_tokens
+    assert args.prefix_caching is False and build_parser().parse_args(["serve"]).prefix_caching is True

@@ -47,6 +47,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="KV-cache slots, the most sequences generating at once (default 16)")
     parser.add_argument("--max-queue", type=int, default=64, metavar="Q",
                         help="sequences that may wait for a slot; beyond that requests get 503 (default 64)")
+    # The default is scheduler.MAX_NUM_BATCHED_TOKENS (a test checks), not imported: the CLI loads without torch.
+    parser.add_argument("--max-num-batched-tokens", type=int, default=128, metavar="T",
+                        help="prompt tokens prefilled per step: arrivals are packed and long prompts chunked to it, "
+                        "between the running sequences' decodes (default %(default)s; larger: more prefill "
+                        "throughput, later first tokens for the rest of a burst)")
+    parser.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                        help="start a prompt from the cached keys and values of a shared prefix (a system prompt) "
+                        "another sequence computed (default on; off for models whose cache cannot be shared)")
     parser.add_argument("--api-key", default=None, metavar="KEY",
                         help=f"require 'Authorization: Bearer KEY' on /v1 routes (default: ${API_KEY_ENV} if set)")
     parser.add_argument("--served-model-name", default=None, metavar="NAME",
@@ -80,6 +88,8 @@ def run(args: argparse.Namespace) -> int:
         port=args.port,
         max_num_seqs=args.max_num_seqs,
         max_queue=args.max_queue,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        prefix_caching=args.prefix_caching,
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
         served_model_name=args.served_model_name,
         shutdown_timeout_s=args.shutdown_timeout,

@@ -43,6 +43,19 @@ class KVCache:
         self.max_seqs, self.max_seq_len = max_seqs, max_seq_len
 
     @property
+    def reusable(self) -> bool:
+        """Whether one slot's cached positions can seed another's (prefix caching): not with a ring, whose older
+        positions are overwritten."""
+        return all(ring is None for ring in self.ring)
+
+    def copy_prefix(self, source: int, target: int, length: int) -> None:
+        """Positions [0, length) of slot ``source`` into slot ``target``, in every layer this rank holds."""
+        for k, v in zip(self.keys, self.values, strict=True):
+            if k is not None:
+                k[target, :, :length] = k[source, :, :length]
+                v[target, :, :length] = v[source, :, :length]
+
+    @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values if t is not None)
 
@@ -67,6 +80,28 @@ class Batch:
     lengths: tuple[int, ...] = ()
     all_logits: bool = False  # logits of every position (scoring), not only logits_index
     masks: dict = field(default_factory=dict, repr=False)  # attention masks built once per step, by kind
+    segments: tuple[tuple[int, Batch], ...] = ()  # packed: (offset in the row, the segment's own Batch)
+
+    @classmethod
+    def packed(cls, token_ids: list[list[int]], start_positions: list[int], slots: list[int],
+               device: torch.device) -> Batch:
+        """Sequences' new tokens in one row, back to back; sequence i's sit at start_positions[i], +1, ..."""
+        flat = [t for toks in token_ids for t in toks]
+        positions = torch.cat([torch.arange(s, s + len(toks)) for s, toks in zip(start_positions, token_ids,
+                                                                                    strict=True)])
+        ids = torch.tensor(flat, dtype=torch.long, device=device)[None]
+        positions = positions.to(device)[None]
+        segments, offset = [], 0
+        for toks, start, slot in zip(token_ids, start_positions, slots, strict=True):
+            n = len(toks)
+            part = cls(ids[:, offset : offset + n], positions[:, offset : offset + n],
+                       torch.tensor([slot], dtype=torch.long, device=device), start + n, True,
+                       torch.tensor([n - 1], device=device), (slot, start), (n,))
+            segments.append((offset, part))
+            offset += n
+        last = torch.tensor([o + p.lengths[0] - 1 for o, p in segments], dtype=torch.long, device=device)
+        return cls(ids, positions, torch.tensor(slots, dtype=torch.long, device=device),
+                   max(p.kv_len for _, p in segments), False, last, None, (len(flat),), segments=tuple(segments))
 
     @classmethod
     def build(

@@ -32,22 +32,29 @@ class Generate:
 
 @dataclass
 class Step:
-    """One continuous-batching step: prompts of newly admitted sequences (each from position 0) and the last token
-    of every running one."""
+    """One continuous-batching step: new tokens of sequences being prefilled (a whole prompt, or a chunk of one
+    from ``starts``), and the last token of every running one. ``copies`` run first: (source slot, target slot,
+    length), a cached prefix one sequence shares with another (prefix caching)."""
 
-    prefill: list[tuple[int, list[int]]] = field(default_factory=list)  # (slot, prompt token ids)
+    prefill: list[tuple[int, list[int]]] = field(default_factory=list)  # (slot, token ids)
     decode: list[tuple[int, int, int]] = field(default_factory=list)  # (slot, token id, position)
     echo: list[int] = field(default_factory=list)  # prefill slots whose every position's logits rank 0 needs
+    starts: list[int] = field(default_factory=list)  # per prefill entry, its first position (empty: all 0)
+    copies: list[tuple[int, int, int]] = field(default_factory=list)
     op: ClassVar[str] = "step"
 
     def fields(self) -> dict[str, Any]:
         return {"prefill": [list(p) for p in self.prefill], "decode": [list(d) for d in self.decode],
-                "echo": list(self.echo)}
+                "echo": list(self.echo), "starts": list(self.starts), "copies": [list(c) for c in self.copies]}
 
     @classmethod
     def parse(cls, raw: dict[str, Any]) -> Step:
         return cls([(int(s), list(t)) for s, t in raw["prefill"]], [(int(s), int(t), int(p)) for s, t, p in raw["decode"]],
-                   [int(s) for s in raw.get("echo", ())])
+                   [int(s) for s in raw.get("echo", ())], [int(s) for s in raw.get("starts", ())],
+                   [(int(a), int(b), int(n)) for a, b, n in raw.get("copies", ())])
+
+    def start(self, entry: int) -> int:
+        return self.starts[entry] if self.starts else 0
 
 
 @dataclass

@@ -1,27 +1,44 @@
 """Continuous batching on rank 0, and the step every rank runs.
 
 Each step, rank 0 admits waiting sequences into free KV-cache slots and sends every rank one message
-(``messages.Step``): the prompts of the newly admitted sequences as (slot, token ids), and the last token of every
-running one as (slot, token id, position).
+(``messages.Step``): prefill chunks as (slot, token ids) with their first positions, and the last token of every
+running sequence as (slot, token id, position).
 
-Every rank then runs the same two forwards (``run_step``): the prompts of the newly admitted sequences
-(each from position 0, right-padded to the longest) and the running sequences' last tokens. Only slots,
-token ids and positions cross ranks. Rank 0 samples each row with the sequence's own parameters and generator,
-checks its stop conditions and hands the token to the sequence's ``output``. Finished and cancelled
-sequences give their slots back before the next step, and waiting ones take them: a short request
-joins and leaves a running batch instead of queueing behind a long one.
+Every rank then runs the same two forwards (``run_step``): the prefill chunks packed into one row (``Batch.packed``:
+no padding; attention per sequence over its own slot) and the running sequences' last tokens. Only slots, token ids
+and positions cross ranks. Rank 0 samples each row with the sequence's own parameters and generator, checks its stop
+conditions and hands the token to the sequence's ``output``. Finished and cancelled sequences give their slots back
+before the next step, and waiting ones take them: a short request joins and leaves a running batch instead of
+queueing behind a long one.
+
+**Prefill under a token budget** (``max_num_batched_tokens``, vLLM's name): a step prefills at most that many prompt
+tokens, first the rest of prompts already being prefilled, then newly admitted ones, first come first served; a
+prompt that does not fit is chunked and continues next step. Every step also decodes every running sequence, so a
+burst of arrivals is prefilled over a few steps (the first of them streaming after the first step) and a long prompt
+never stalls the running streams. Rows that end a prompt are sampled; a chunk's row only writes the cache.
+
+**Prefix caching.** A slot's keys and values stay valid after its sequence ends, until the slot is taken again. A
+new prompt starts from the longest prefix some slot holds (all of it but its last token, whose logits it needs): a
+free slot holding it is taken over as it is; a running sequence's prefix (at least PREFIX_MIN_TOKENS) is copied into
+the new slot by every rank before the step's forwards (``Step.copies``; a few hundred KiB per layer, against the
+prefix's whole prefill). A prompt that shares more with a prompt this very step prefills waits one step for it. Free
+slots that cache nothing are taken first, then the one freed longest ago. Off where a layer keeps a ring (its old
+positions are overwritten) or the rope tables depend on the length (Phi-3's longrope), and for echo requests that
+want every prompt position's logits.
 
 With pipeline stages (``pp > 1``) rank 0 keeps up to ``pp`` micro-batches in flight: it sends one step, runs its
 own stage of it and hands the activations on, then starts the next micro-batch while later stages work on the first;
 it takes a micro-batch's logits back (from the last stage) only when it has nothing more to start. Each running
 sequence is in at most one micro-batch at a time, and a micro-batch takes at most 1/pp of the running sequences,
 so every stage has a different micro-batch to work on. Time rank 0 spends waiting for logits with nothing else to
-start is the pipeline's bubble as rank 0 sees it (``bubble_s``).
+start is the pipeline's bubble as rank 0 sees it (``bubble_s``). Every stage runs the step messages in the order
+sent, so a copy always reads positions an earlier message wrote.
 
-Padding is harmless: a pad token writes the KV cache of its own slot at a position past its prompt,
-which that sequence's decodes overwrite before any query can read it. A batch of rows computes each
-row as it would alone up to floating-point summation order, so greedy output matches the same request
-sent alone wherever the top two logits are not within rounding of each other.
+Models whose rope tables depend on the length prefill whole prompts, right-padded to the longest of the step.
+Padding is harmless: a pad token writes the KV cache of its own slot at a position past its prompt, which that
+sequence's decodes overwrite before any query can read it. A batch computes each sequence as it would alone up to
+floating-point summation order, so greedy output matches the same request sent alone wherever the top two logits are
+not within rounding of each other.
 """
 
 from __future__ import annotations
@@ -40,7 +57,11 @@ from tpinfer.engine.runtime import RankEngine
 from tpinfer.engine.sampling import SamplingParams, make_generator, sample
 from tpinfer.models.family import CAUSAL_LM
 
-PREFILL_TOKENS_PER_STEP = 2048  # padded prompt tokens per step: a burst of long prompts is admitted over several steps
+# Prompt tokens prefilled per step (vLLM's max_num_batched_tokens): prompts are packed and chunked to it, so a burst of
+# arrivals is prefilled over several steps, each with the running sequences' decodes, the first of them getting their
+# first tokens while the rest wait; a long prompt does not stall the running streams.
+MAX_NUM_BATCHED_TOKENS = 128
+PREFIX_MIN_TOKENS = 16  # a prefix shorter than this is computed again rather than copied from another slot
 
 
 class SequenceOutput(Protocol):
@@ -79,6 +100,13 @@ class Sequence:
     # and its ``top_logprobs`` likeliest alternatives when that is not None; ``generate`` False: nothing more.
     echo: bool = False
     generate: bool = True
+    computed: int = 0  # leading positions whose keys and values the steps sent so far write into the slot
+    reused: int = 0  # of them, the prompt tokens taken from the prefix cache instead of computed
+
+    @property
+    def prefilling(self) -> bool:
+        """Part of the prompt is still to be prefilled (a chunked prefill in progress)."""
+        return self.computed < len(self.prompt_ids)
 
     @property
     def prompt_logprobs(self) -> bool:
@@ -108,12 +136,15 @@ def run_stage(engine: RankEngine, message: messages.Step, times: dict[str, float
     prefill_logits = decode_logits = None
     echo_logits: dict[int, torch.Tensor] = {}
     start = time.perf_counter()
+    for source, target, length in message.copies:
+        cache.copy_prefix(source, target, length)
     if message.prefill:
         echo = set(message.echo)
-        plain = [(s, p) for s, p in message.prefill if s not in echo]
+        plain = [(s, p, message.start(i)) for i, (s, p) in enumerate(message.prefill) if s not in echo]
         if plain:
-            slots, prompts = (list(column) for column in zip(*plain, strict=True))
-            batch = Batch.build(prompts, [0] * len(prompts), slots, device)
+            slots, prompts, starts = (list(column) for column in zip(*plain, strict=True))
+            build = Batch.packed if len(plain) > 1 and model.packable else Batch.build
+            batch = build(prompts, starts, slots, device)
             prefill_logits = model.gather_logits(forward(batch, cache))
         if echo:  # every position's logits of these prompts (one at a time: a (T, vocab) tensor each)
             rows = {}
@@ -176,7 +207,8 @@ class Scheduler:
     """
 
     def __init__(self, engine: RankEngine, max_num_seqs: int, max_waiting: int,
-                 prefill_tokens_per_step: int = PREFILL_TOKENS_PER_STEP, replica: int = 0) -> None:
+                 max_num_batched_tokens: int = MAX_NUM_BATCHED_TOKENS, replica: int = 0,
+                 prefix_caching: bool = True) -> None:
         engine.require(CAUSAL_LM, "the server's continuous batching")
         cache = engine.generator.cache
         if cache.max_seqs < max_num_seqs:
@@ -187,14 +219,22 @@ class Scheduler:
         self.vocab_size = engine.config.vocab_size
         self.max_num_seqs, self.max_waiting = max_num_seqs, max_waiting
         self.max_seq_len = min(cache.max_seq_len, engine.model.max_seq_len)
-        self.prefill_tokens_per_step = prefill_tokens_per_step
+        if max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be at least 1, not {max_num_batched_tokens}")
+        self.max_num_batched_tokens = max_num_batched_tokens
+        # Packing and chunking need rope tables that do not depend on a sequence's length (not Phi-3's longrope,
+        # whose model recomputes a sequence at its switch length; that model prefills whole prompts, right-padded).
+        self.chunked = engine.model.packable
+        self.prefix_caching = prefix_caching and self.prefix_caching_supported(engine) is None
         self.eos_token_ids = frozenset(engine.generator.eos_token_ids)
         self.recompute_length = engine.model.recompute_length
         self.steps = 0
         self.generated_tokens = 0
-        # Pipeline stages: micro-batches in flight, oldest first, as (step message, prefilled, decoded sequences).
+        # Pipeline stages: micro-batches in flight, oldest first, as (step message, prefilled sequences, the rows
+        # that end a prompt, decoded sequences).
         self.micro_batches = engine.ctx.pp_size
-        self._in_flight: deque[tuple[messages.Step, list[Sequence], list[Sequence]]] = deque()
+        self._in_flight: deque[tuple[messages.Step, list[Sequence], list[tuple[int, Sequence]], list[Sequence]]] = \
+            deque()
         self.bubble_s = 0.0  # rank 0 waiting for a micro-batch's logits with nothing else to start
         self.busy_s = 0.0  # time in steps that ran something
         # Where a step's time goes on rank 0 (one-stage layouts): admitting, building and sending the step message
@@ -202,7 +242,11 @@ class Scheduler:
         # stop strings, streaming: "sample").
         self.phase_s = {"schedule": 0.0, "prefill": 0.0, "decode": 0.0, "sample": 0.0}
         self.prefill_tokens = 0  # prompt tokens prefilled, padding included
+        self.prompt_tokens = 0  # prompt tokens of admitted sequences that could use the prefix cache
+        self.prefix_hit_tokens = 0  # of them, the tokens taken from another slot or from the slot itself
         self._free = list(range(max_num_seqs - 1, -1, -1))  # pop() hands out the lowest slot
+        # Prefix caching: a free slot's valid tokens (its keys and values still there), least recently freed first.
+        self._cached: dict[int, list[int]] = {}
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []
         self._cond = threading.Condition()
@@ -221,6 +265,15 @@ class Scheduler:
     @property
     def num_running(self) -> int:
         return len(self._running)
+
+    @staticmethod
+    def prefix_caching_supported(engine: RankEngine) -> str | None:
+        """None where a prompt may start from another sequence's cached prefix; else why not."""
+        if not engine.model.packable or engine.model.recompute_length is not None:
+            return "the model's rope tables depend on the sequence length"
+        if not engine.generator.cache.reusable:
+            return "a sliding-window layer keeps only its window (a ring), so older positions are overwritten"
+        return None
 
     def add(self, sequences: list[Sequence]) -> bool:
         """Queue sequences (all or none); False when running + waiting would exceed the slots plus the queue."""
@@ -262,23 +315,14 @@ class Scheduler:
     def _step(self) -> bool:
         start = time.perf_counter()
         self._retire()
-        decoding = list(self._running)
-        admitted = self._admit()
-        if not admitted and not decoding:
+        decoding = [seq for seq in self._running if not seq.prefilling]
+        chunks, copies = self._plan()
+        if not chunks and not decoding:
             return False
-        # A sequence reaching the model's recompute length runs again whole, as a prefill (see Phi-3).
-        again = [seq for seq in decoding if seq.last_position + 1 == self.recompute_length]
-        if again:
-            decoding = [seq for seq in decoding if seq not in again]
-        message = messages.Step([(seq.slot, seq.prompt_ids) for seq in admitted]
-                                + [(seq.slot, seq.prompt_ids + seq.token_ids) for seq in again],
-                                [(seq.slot, seq.token_ids[-1], seq.last_position) for seq in decoding],
-                                [seq.slot for seq in admitted if seq.prompt_logprobs])
+        message, complete, decoding = self._message(chunks, copies, decoding)
         messages.send(self.engine.ctx, message, self.replica)  # the workers' whole input for this step
         phases = self.phase_s
         phases["schedule"] += time.perf_counter() - start
-        if message.prefill:
-            self.prefill_tokens += len(message.prefill) * max(len(p) for _, p in message.prefill)
         if self.local:
             prefill_logits, decode_logits, echo_logits = run_step(self.engine, message, phases)
         else:
@@ -286,15 +330,49 @@ class Scheduler:
             prefill_logits, decode_logits, echo_logits = take_logits(self._results, self.vocab_size, message)
             phases["decode" if decoding else "prefill"] += time.perf_counter() - forward
         start = time.perf_counter()
-        if prefill_logits is not None:
-            self._echo(admitted, echo_logits)
-            self._advance(admitted + again, prefill_logits)
-        if decode_logits is not None:
-            self._advance(decoding, decode_logits)
+        self._take(complete, decoding, prefill_logits, decode_logits, echo_logits)
         self._retire()
         self.steps += 1
         phases["sample"] += time.perf_counter() - start
         return True
+
+    def _message(self, chunks: list[tuple[Sequence, int]], copies: list[tuple[int, int, int]],
+                 decoding: list[Sequence]) -> tuple[messages.Step, list[tuple[int, Sequence]], list[Sequence]]:
+        """The step message of these prefill chunks (sequence, tokens) and decodes; the prefill rows that end a
+        prompt (row, sequence: they get a token), and the decodes that stay decodes. Marks what the step computes."""
+        # A sequence reaching the model's recompute length runs again whole, as a prefill (see Phi-3).
+        again = [seq for seq in decoding if seq.last_position + 1 == self.recompute_length]
+        if again:
+            decoding = [seq for seq in decoding if seq not in again]
+        prefill = [(seq.slot, seq.prompt_ids[seq.computed : seq.computed + n]) for seq, n in chunks]
+        prefill += [(seq.slot, seq.prompt_ids + seq.token_ids) for seq in again]
+        starts = [seq.computed for seq, _ in chunks] + [0] * len(again)
+        message = messages.Step(prefill, [(seq.slot, seq.token_ids[-1], seq.last_position) for seq in decoding],
+                                [seq.slot for seq, _ in chunks if seq.prompt_logprobs],
+                                starts if any(starts) else [], copies)
+        complete = []
+        for row, (seq, n) in enumerate(chunks):
+            seq.computed += n
+            if not seq.prefilling:
+                complete.append((row, seq))
+        complete += [(len(chunks) + i, seq) for i, seq in enumerate(again)]
+        for seq in again + decoding:
+            seq.computed = seq.last_position + 1
+        if prefill:
+            self.prefill_tokens += (sum(len(p) for _, p in prefill) if self.chunked
+                                    else len(prefill) * max(len(p) for _, p in prefill))
+        return message, complete, decoding
+
+    def _take(self, complete: list[tuple[int, Sequence]], decoding: list[Sequence], prefill_logits: torch.Tensor | None,
+              decode_logits: torch.Tensor | None, echo_logits: dict[int, torch.Tensor]) -> None:
+        """A step's logits back on rank 0: a token for each prompt it finished and for each decode."""
+        if prefill_logits is not None and complete:
+            finished = [seq for _, seq in complete]
+            self._echo(finished, echo_logits)
+            rows = [row for row, _ in complete]
+            self._advance(finished, prefill_logits if len(rows) == len(prefill_logits) else prefill_logits[rows])
+        if decode_logits is not None:
+            self._advance(decoding, decode_logits)
 
     def _pipelined_step(self) -> bool:
         """Start a micro-batch if there is room and work for one; else take the oldest one's logits back."""
@@ -315,59 +393,114 @@ class Scheduler:
         self._retire()
 
     def _start_micro_batch(self) -> bool:
-        ready = [seq for seq in self._running if not seq.in_flight]
+        ready = [seq for seq in self._running if not seq.in_flight and not seq.prefilling]
         share = -(-len(self._running) // self.micro_batches)  # at most 1/pp of the running sequences each
         decoding = ready[:share]
-        admitted = self._admit(max(0, share - len(decoding)) if self._in_flight else None)
-        if not admitted and not decoding:
+        chunks, copies = self._plan(max(0, share - len(decoding)) if self._in_flight else None)
+        if not chunks and not decoding:
             return False
-        again = [seq for seq in decoding if seq.last_position + 1 == self.recompute_length]
-        decoding = [seq for seq in decoding if seq not in again]
-        message = messages.Step([(seq.slot, seq.prompt_ids) for seq in admitted]
-                                + [(seq.slot, seq.prompt_ids + seq.token_ids) for seq in again],
-                                [(seq.slot, seq.token_ids[-1], seq.last_position) for seq in decoding],
-                                [seq.slot for seq in admitted if seq.prompt_logprobs])
-        for seq in admitted + again + decoding:
+        message, complete, decoding = self._message(chunks, copies, decoding)
+        for seq in [seq for seq, _ in chunks] + [seq for _, seq in complete] + decoding:
             seq.in_flight = True
         messages.send(self.engine.ctx, message, self.replica)
         if self.local:
             run_stage(self.engine, message)  # rank 0's stage; its activations are on their way to the next
-        self._in_flight.append((message, admitted + again, decoding))
+        self._in_flight.append((message, [seq for seq, _ in chunks], complete, decoding))
         return True
 
     def _finish_micro_batch(self, idle: bool) -> None:
-        message, prefilled, decoded = self._in_flight.popleft()
+        message, chunked, complete, decoded = self._in_flight.popleft()
         start = time.perf_counter()
         prefill_logits, decode_logits, echo_logits = take_logits(self._results, self.vocab_size, message)
         if idle:
             self.bubble_s += time.perf_counter() - start
-        for seq in prefilled + decoded:
+        for seq in chunked + [seq for _, seq in complete] + decoded:
             seq.in_flight = False
-        if prefill_logits is not None:
-            self._echo(prefilled, echo_logits)
-            self._advance(prefilled, prefill_logits)
-        if decode_logits is not None:
-            self._advance(decoded, decode_logits)
+        self._take(complete, decoded, prefill_logits, decode_logits, echo_logits)
 
-    def _admit(self, limit: int | None = None) -> list[Sequence]:
-        """Waiting sequences into free slots, first come first served, while the padded prefill fits the budget."""
+    def _plan(self, limit: int | None = None) -> tuple[list[tuple[Sequence, int]], list[tuple[int, int, int]]]:
+        """This step's prefill: (sequence, tokens) chunks within the token budget, first the prompts already being
+        prefilled, then waiting sequences admitted into free slots (at most ``limit`` of them, at least one), first
+        come first served; and the prefix copies (source slot, target slot, length) the admitted ones start from."""
+        budget = self.max_num_batched_tokens
+        chunks: list[tuple[Sequence, int]] = []
+        for seq in self._running:
+            if seq.prefilling and not seq.in_flight and not seq.cancelled and budget > 0:
+                n = min(len(seq.prompt_ids) - seq.computed, budget)
+                chunks.append((seq, n))
+                budget -= n
+        copies: list[tuple[int, int, int]] = []
         admitted: list[Sequence] = []
-        width = 0
+        width = 0  # without chunking: the longest prompt, every row padded to it
         with self._cond:
             if any(seq.cancelled for seq in self._waiting):
                 self._waiting = deque(seq for seq in self._waiting if not seq.cancelled)
-            while self._waiting and self._free and (limit is None or len(admitted) < max(1, limit)):
+            while self._waiting and self._free and budget > 0 and (limit is None or len(admitted) < max(1, limit)):
                 seq = self._waiting[0]
-                wider = max(width, len(seq.prompt_ids))
-                if admitted and wider * (len(admitted) + 1) > self.prefill_tokens_per_step:
+                if not self.chunked:
+                    wider = max(width, len(seq.prompt_ids))
+                    if admitted and wider * (len(admitted) + 1) > self.max_num_batched_tokens:
+                        break
+                    width = wider
+                reuse, source = self._match(seq) if self.prefix_caching and not seq.prompt_logprobs else (0, None)
+                if reuse < len(seq.prompt_ids) - PREFIX_MIN_TOKENS and self._sooner(seq, reuse, chunks):
+                    break  # a prompt this step computes has more of its prefix: wait one step and reuse it
+                need = len(seq.prompt_ids) - reuse
+                whole = seq.prompt_logprobs or not self.chunked  # all positions' logits need the prompt in one forward
+                if whole and chunks and need > budget:
                     break
                 self._waiting.popleft()
-                seq.slot = self._free.pop()
+                if source is not None and source in self._cached:  # a free slot that holds the prefix: take it
+                    self._free.remove(source)
+                    seq.slot = source
+                else:
+                    seq.slot = self._take_free_slot()
+                    if reuse:
+                        copies.append((source, seq.slot, reuse))
+                self._cached.pop(seq.slot, None)
+                seq.computed = seq.reused = reuse
+                if self.prefix_caching and not seq.prompt_logprobs:
+                    self.prompt_tokens += len(seq.prompt_ids)
+                    self.prefix_hit_tokens += reuse
                 seq.generator = make_generator(seq.params.seed, self.engine.ctx.device)
-                width = wider
+                n = need if whole else min(need, budget)
+                chunks.append((seq, n))
+                budget -= n
                 admitted.append(seq)
             self._running.extend(admitted)  # counted as running from now on (``add`` checks capacity)
-        return admitted
+        return chunks, copies
+
+    def _sooner(self, seq: Sequence, reuse: int, chunks: list[tuple[Sequence, int]]) -> bool:
+        """Whether a prompt this step prefills shares PREFIX_MIN_TOKENS more of ``seq``'s prefix than ``reuse``."""
+        if not self.prefix_caching or seq.prompt_logprobs:
+            return False
+        limit = len(seq.prompt_ids) - 1
+        return any(_common_prefix(other.prompt_ids, seq.prompt_ids, min(limit, other.computed + n))
+                   >= reuse + PREFIX_MIN_TOKENS for other, n in chunks)
+
+    def _take_free_slot(self) -> int:
+        """The lowest free slot that caches nothing, else the one freed longest ago (its cached prefix is lost)."""
+        empty = [slot for slot in self._free if slot not in self._cached]
+        slot = min(empty) if empty else next(slot for slot in self._cached if slot in self._free)
+        self._free.remove(slot)
+        return slot
+
+    def _match(self, seq: Sequence) -> tuple[int, int | None]:
+        """The longest prefix of ``seq``'s prompt (all but its last token, whose logits the step needs) whose keys and
+        values a slot holds: (length, slot). A free slot's is taken over as it is; a running sequence's is copied,
+        and only from PREFIX_MIN_TOKENS on."""
+        prompt, limit = seq.prompt_ids, len(seq.prompt_ids) - 1
+        best, source = 0, None
+        for slot, tokens in self._cached.items():
+            n = _common_prefix(tokens, prompt, limit)
+            if n > best:
+                best, source = n, slot
+        for other in self._running:
+            tokens = other.prompt_ids if other.computed <= len(other.prompt_ids) else other.prompt_ids + other.token_ids
+            n = _common_prefix(tokens, prompt, min(limit, other.computed))
+            if n > best and n >= PREFIX_MIN_TOKENS:
+                best, source = n, other.slot
+        return best, source
 
     def _retire(self) -> None:
         """Give back the slots of finished and cancelled sequences (not while a micro-batch still carries them)."""
@@ -378,6 +511,9 @@ class Scheduler:
             for seq in self._running:
                 if (seq.finish_reason or seq.cancelled) and not seq.in_flight:
                     self._free.append(seq.slot)
+                    if self.prefix_caching and seq.computed:
+                        self._cached.pop(seq.slot, None)  # re-inserted: the most recently freed
+                        self._cached[seq.slot] = (seq.prompt_ids + seq.token_ids)[: seq.computed]
                 else:
                     keep.append(seq)
             self._free.sort(reverse=True)
@@ -437,6 +573,21 @@ class Scheduler:
             greedy[row] if seq.params.greedy else int(sample(logits[row : row + 1], seq.params, seq.generator)[0])
             for row, seq in enumerate(sequences)
         ]
+
+
+def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    """How many leading tokens a and b share, at most ``limit`` (binary search over slice comparisons)."""
+    n = min(len(a), len(b), limit)
+    if n <= 0 or a[:n] == b[:n]:
+        return max(n, 0)
+    low, high = 0, n  # a[:low] == b[:low], a[:high] != b[:high]
+    while high - low > 1:
+        mid = (low + high) // 2
+        if a[:mid] == b[:mid]:
+            low = mid
+        else:
+            high = mid
+    return low
 
 
 class Router:

@@ -10,6 +10,8 @@ Two cache layouts (``tpinfer.engine.kv_cache``):
   the step's own keys, masked to positions in (q - W, q]; afterwards the last W real tokens of each row are
   written. Padding is never written into a ring (it would evict a position the next query still needs).
 
+A packed batch (several sequences in one row, no padding) runs each of them as its own single-row step.
+
 Scores are scaled by ``scale`` (None: 1/sqrt(head_dim)); ``softcap`` caps them as c * tanh(s / c) before the mask
 (Gemma 2), which SDPA cannot do, so that path computes attention explicitly (softmax in float32, as HF does).
 """
@@ -27,6 +29,10 @@ _SDPA_GQA = "enable_gqa" in torch.nn.functional.scaled_dot_product_attention.__d
 def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, cache: KVCache, batch: Batch,
                      scale: float | None = None, softcap: float | None = None) -> torch.Tensor:
     """q (B, H_local, T, D) and k, v (B, H_kv_local, T, D), rope applied; returns (B, H_local, T, D)."""
+    if batch.segments:  # a packed row: each sequence attends its own slot
+        return torch.cat([cached_attention(q[:, :, o : o + part.lengths[0]], k[:, :, o : o + part.lengths[0]],
+                                           v[:, :, o : o + part.lengths[0]], layer, cache, part, scale, softcap)
+                          for o, part in batch.segments], dim=2)
     window = cache.ring[layer]
     if window is not None:
         return _ring_attention(q, k, v, layer, cache, batch, window, scale, softcap)

@@ -101,7 +101,9 @@ class DecoderModel(nn.Module):
         if comm.sequence_len is not None and x.shape[1] == T:  # a replicated embedding, or the previous stage's
             x = comm.scatter_sequence(x)
         seq_lens = None
-        if any(rope.limit is not None for rope in self.rotary_emb.values()):  # tables that depend on the length
+        if not self.packable:  # tables that depend on the length
+            if batch.segments:
+                raise ValueError("a packed batch needs rope tables that do not depend on the sequence length")
             seq_lens = [int(start) + n for start, n in zip(batch.positions[:, 0].tolist(), batch.lengths, strict=True)]
         ropes = {t: rope(batch.positions, x.dtype, seq_lens) for t, rope in self.rotary_emb.items()}
         for layer, kind in zip(self.layers, self.layer_types, strict=True):
@@ -110,6 +112,11 @@ class DecoderModel(nn.Module):
             self.ctx.pipe.send_next(comm.gather_sequence(x))
             return None
         return comm.gather_sequence(self.norm(x))
+
+    @property
+    def packable(self) -> bool:
+        """Whether several sequences can share one row (``Batch.packed``): not with rope tables chosen by length."""
+        return all(rope.limit is None for rope in self.rotary_emb.values())
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
@@ -128,6 +135,11 @@ class CausalLM(nn.Module):
         self.num_local_kv_heads = model.layers[0].self_attn.num_local_kv_heads
         # A sequence reaching this length has its cache recomputed from position 0 (see Phi-3); None: never.
         self.recompute_length: int | None = None
+
+    @property
+    def packable(self) -> bool:
+        """Whether a step may pack several sequences into one row (``Batch.packed``)."""
+        return self.model.packable
 
     def _head(self, config: ModelConfig, ctx: ParallelContext, plan: ResolvedPlan, dtype: torch.dtype) -> ParallelModule:
         """The LM head; tied to the embedding when this rank holds both, else (a last pipeline stage) its own copy

@@ -57,6 +57,9 @@ class Metrics:
         self.busy_seconds: Callable[[], float] = lambda: 0.0
         self.step_phases: Callable[[], dict[str, float]] = dict  # seconds of rank 0's steps by phase (Scheduler)
         self.prefill_tokens: Callable[[], int] = lambda: 0
+        # Prefix caching: whether it is on, prompt tokens looked up, and of them those found cached.
+        self.prefix_caching = False
+        self.prefix_cache: Callable[[], tuple[int, int]] = lambda: (0, 0)
         self.pipe_bytes: Callable[[], dict[str, int]] = dict
         # Data-parallel replicas: per replica {"running", "waiting", "steps", "generated_tokens"}.
         self.replicas: Callable[[], list[dict[str, int]]] = list
@@ -87,6 +90,7 @@ class Metrics:
         replicas = list(enumerate(self.replicas()))
         experts = [(layer, e, n) for layer, counts in sorted(self.expert_load().items()) for e, n in enumerate(counts)]
         phases = self.step_phases()
+        queries, hits = self.prefix_cache()
         with self._lock:
             lines = [
                 "# HELP tpinfer_requests_total Completion and chat requests by outcome.",
@@ -121,9 +125,21 @@ class Metrics:
                 "detokenizing, stop strings, streaming). One-stage layouts.",
                 "# TYPE tpinfer_step_seconds_total counter",
                 *(f'tpinfer_step_seconds_total{{phase="{k}"}} {v:.6f}' for k, v in phases.items()),
-                "# HELP tpinfer_prefill_tokens_total Prompt tokens prefilled, right-padding included.",
+                "# HELP tpinfer_prefill_tokens_total Prompt tokens prefilled (computed), right-padding included "
+                "where prompts are padded rather than packed.",
                 "# TYPE tpinfer_prefill_tokens_total counter",
                 f"tpinfer_prefill_tokens_total {self.prefill_tokens()}",
+                "# HELP tpinfer_prefix_caching Whether prompts start from cached prefixes (1) or not (0).",
+                "# TYPE tpinfer_prefix_caching gauge",
+                f"tpinfer_prefix_caching {int(self.prefix_caching)}",
+                "# HELP tpinfer_prefix_cache_queries_total Prompt tokens of admitted requests looked up in the "
+                "prefix cache.",
+                "# TYPE tpinfer_prefix_cache_queries_total counter",
+                f"tpinfer_prefix_cache_queries_total {queries}",
+                "# HELP tpinfer_prefix_cache_hits_total Of them, tokens whose keys and values were reused, not "
+                "computed.",
+                "# TYPE tpinfer_prefix_cache_hits_total counter",
+                f"tpinfer_prefix_cache_hits_total {hits}",
                 "# HELP tpinfer_pipeline_busy_seconds_total Seconds the engine thread spent running steps.",
                 "# TYPE tpinfer_pipeline_busy_seconds_total counter",
                 f"tpinfer_pipeline_busy_seconds_total {self.busy_seconds():.6f}",

@@ -33,7 +33,7 @@ import uvicorn
 
 from tpinfer.engine.launcher import Launcher
 from tpinfer.engine.runtime import EngineSpec, RankEngine, layout_label, load_engine
-from tpinfer.engine.scheduler import Router, Scheduler
+from tpinfer.engine.scheduler import MAX_NUM_BATCHED_TOKENS, Router, Scheduler
 from tpinfer.models.family import CAUSAL_LM
 from tpinfer.parallel.context import ParallelContext
 from tpinfer.serve.app import AppSettings, ServerState, build_app
@@ -64,6 +64,8 @@ class ServeConfig:
     port: int = 8000
     max_num_seqs: int = 16
     max_queue: int = 64
+    max_num_batched_tokens: int = MAX_NUM_BATCHED_TOKENS
+    prefix_caching: bool = True
     api_key: str | None = None
     served_model_name: str | None = None
     shutdown_timeout_s: float = 30.0
@@ -132,8 +134,8 @@ def serve(config: ServeConfig) -> int:
             return 0
     model_config, _ = spec.check()
     tokenizer = Tokenizer.from_pretrained(config.model)
-    if config.max_num_seqs < 1 or config.max_queue < 0:
-        raise ValueError("--max-num-seqs must be at least 1 and --max-queue at least 0")
+    if config.max_num_seqs < 1 or config.max_queue < 0 or config.max_num_batched_tokens < 1:
+        raise ValueError("--max-num-seqs and --max-num-batched-tokens must be at least 1 and --max-queue at least 0")
     sock = _bind(config.host, config.port)
     # Clients may name the model by --served-model-name, else by the folder's name or the --model value.
     names = (config.served_model_name,) if config.served_model_name else (Path(config.model).resolve().name,
@@ -195,8 +197,11 @@ def _workers_shielded_from_group_signals() -> Iterator[None]:
 
 def _build_state(config: ServeConfig, engine: RankEngine, tokenizer: Tokenizer, names: tuple[str, ...],
                  vocab_size: int) -> ServerState:
-    schedulers = [Scheduler(engine, config.max_num_seqs, config.max_queue, replica=d)
-                  for d in range(engine.ctx.dp_size)]
+    schedulers = [Scheduler(engine, config.max_num_seqs, config.max_queue, config.max_num_batched_tokens, replica=d,
+                            prefix_caching=config.prefix_caching) for d in range(engine.ctx.dp_size)]
+    why_not = Scheduler.prefix_caching_supported(engine)
+    if config.prefix_caching and why_not:
+        log.info("prefix caching is off for this model: %s", why_not)
     scheduler = schedulers[0] if len(schedulers) == 1 else Router(schedulers)
     cache = engine.generator.cache
     settings = AppSettings(model_names=tuple(dict.fromkeys(names)), max_model_len=scheduler.max_seq_len,
@@ -213,6 +218,8 @@ def _build_state(config: ServeConfig, engine: RankEngine, tokenizer: Tokenizer, 
     metrics.busy_seconds = lambda: sum(s.busy_s for s in schedulers)
     metrics.step_phases = lambda: {k: sum(s.phase_s[k] for s in schedulers) for k in schedulers[0].phase_s}
     metrics.prefill_tokens = lambda: sum(s.prefill_tokens for s in schedulers)
+    metrics.prefix_caching = schedulers[0].prefix_caching
+    metrics.prefix_cache = lambda: (sum(s.prompt_tokens for s in schedulers), sum(s.prefix_hit_tokens for s in schedulers))
     metrics.replicas = lambda: [{"running": s.num_running, "waiting": s.num_waiting, "steps": s.steps,
                                  "generated_tokens": s.generated_tokens} for s in schedulers]
     if hasattr(engine.model, "expert_load"):
