@@ -1,7 +1,9 @@
 """The native CPU decode kernels against torch's ops, and the model's native decode against its torch path."""
 
+import os
 import platform
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -65,6 +67,33 @@ def test_linear_tails_and_mixed_dtypes(x_dtype, w_dtype, k, rows):
     ref = F.linear(x.float(), w.float())
     assert out.dtype == x_dtype
     assert (out.float() - ref).abs().max() <= _tol(torch.bfloat16 if torch.bfloat16 in (x_dtype, w_dtype) else x_dtype, ref)
+
+
+@needs_kernels
+def test_bfloat16_dot_product_and_widened_paths_agree():
+    """bfloat16 x bfloat16 runs VDPBF16PS where the CPU has it; TPINFER_NO_BF16_DOT=1 takes the widening kernel (read
+    once per process, hence a subprocess). Both are checked against float32 products, and against each other."""
+    import subprocess
+    import sys
+
+    script = ("import sys, torch; from tpinfer import kernels; torch.manual_seed(0); "
+              "x, w = torch.randn(13, 1411).bfloat16(), torch.randn(67, 1411).bfloat16(); "
+              "torch.save(kernels.linear(x, w, out_dtype=torch.float32), sys.argv[1])")
+    outs = {}
+    for name, extra in (("dot", {}), ("widened", {"TPINFER_NO_BF16_DOT": "1"})):
+        path = Path(tempfile.mkdtemp()) / f"{name}.pt"
+        env = {k: v for k, v in os.environ.items() if k != "TPINFER_NO_BF16_DOT"} | extra
+        subprocess.run([sys.executable, "-c", script, str(path)], check=True, env=env, timeout=120)
+        outs[name] = torch.load(path)
+    torch.manual_seed(0)
+    x, w = torch.randn(13, 1411).bfloat16(), torch.randn(67, 1411).bfloat16()
+    ref = F.linear(x.float(), w.float())
+    for out in outs.values():  # float32 results: the exact products, summed in float32 in some order
+        assert (out - ref).abs().max() <= 1e-5 * (1 + ref.abs().max())
+    from tpinfer.parallel.layers import CPU_BF16_DOT
+
+    # Where the CPU has the instruction the two paths sum in different orders: some of 871 results differ in bits.
+    assert torch.equal(outs["dot"], outs["widened"]) != CPU_BF16_DOT
 
 
 @needs_kernels

@@ -208,11 +208,12 @@ def _code(t: torch.Tensor | None, default: torch.dtype) -> int:
     return _DTYPES[default if t is None else t.dtype]
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x W^T + b for a few rows of x (any leading shape), result in x's dtype."""
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x W^T + b for a few rows of x (any leading shape), result in ``out_dtype`` (default x's)."""
     x = x.contiguous()
     rows, (n, k) = x.numel() // x.shape[-1], weight.shape
-    y = torch.empty(*x.shape[:-1], n, dtype=x.dtype)
+    y = torch.empty(*x.shape[:-1], n, dtype=out_dtype or x.dtype)
     library().tpi_linear(x.data_ptr(), _DTYPES[x.dtype], weight.data_ptr(), _DTYPES[weight.dtype], _ptr(bias),
                          _code(bias, weight.dtype), y.data_ptr(), _DTYPES[y.dtype], rows, n, k,
                          torch.get_num_threads())

@@ -31,6 +31,9 @@ namespace {
 
 constexpr int kF32 = 0;
 constexpr int kBF16 = 1;
+// Not a tensor dtype: bfloat16 weights against bfloat16 activations kept as bfloat16 pairs, for the bfloat16 dot
+// product instruction (VDPBF16PS, AVX512-BF16). Chosen inside the GEMV entry points (weight_kind), never passed in.
+constexpr int kBF16Pairs = 2;
 constexpr int kMaxRows = 8;  // activation rows per register tile (one accumulator register each)
 // Activation rows per pass over a float weight: tiles of kMaxRows rows take turns on each block of weight rows
 // while it is in L2 (gemv_f32_out), so a batch of up to this many rows still reads every weight from memory once.
@@ -186,6 +189,72 @@ void gemv_dispatch(int B, const float *xs, const uint16_t *W, float *y, int64_t 
   }
 }
 
+#ifdef __AVX512BF16__
+// bfloat16 weights and activations, in their natural layout: a 64-byte load holds 16 pairs (k, k+1) of each, and
+// one VDPBF16PS adds both products of every pair into a float32 lane (the products are exact in float32; the
+// instruction rounds to nearest even and treats denormals as zero). Against gemv_rows_bf16, which widens the
+// weights and issues two FMAs per 32 of them, that is half the arithmetic instructions: measured on one core at
+// 8-64 rows, see docs/performance.md. x rows are padded with zeros to whole 32-blocks (prepare_x).
+template <int B, int R>
+void gemv_rows_pairs(const uint16_t *xb, const uint16_t *W, float *y, int64_t N, int64_t K, int64_t n0, int64_t n1) {
+  const int64_t KP = (K + 31) & ~int64_t(31);
+  const int64_t k_full = K & ~int64_t(31);
+  const __mmask32 tail = static_cast<__mmask32>((1ull << (K - k_full)) - 1ull);
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) {
+    __m512 acc[R][B];
+    for (int r = 0; r < R; r++)
+      for (int b = 0; b < B; b++) acc[r][b] = _mm512_setzero_ps();
+    const uint16_t *w = W + n * K;
+    auto step = [&](int64_t k, auto masked) __attribute__((always_inline)) {
+      __m512bh wv[R];
+      for (int r = 0; r < R; r++) {
+        if constexpr (masked) {
+          wv[r] = (__m512bh)_mm512_maskz_loadu_epi16(tail, w + r * K + k);
+        } else {
+          wv[r] = (__m512bh)_mm512_loadu_si512(w + r * K + k);
+          _mm_prefetch(reinterpret_cast<const char *>(w + r * K + k) + kPrefetchBytes, _MM_HINT_T1);
+        }
+      }
+      for (int b = 0; b < B; b++) {
+        const __m512bh xv = (__m512bh)_mm512_loadu_si512(xb + b * KP + k);
+        for (int r = 0; r < R; r++) acc[r][b] = _mm512_dpbf16_ps(acc[r][b], wv[r], xv);
+      }
+    };
+    for (int64_t k = 0; k < k_full; k += 32) step(k, std::false_type{});
+    if (tail) step(k_full, std::true_type{});
+    for (int r = 0; r < R; r++)
+      for (int b = 0; b < B; b++) y[b * N + n + r] = _mm512_reduce_add_ps(acc[r][b]);
+  }
+  if (n < n1) gemv_rows_pairs<B, 1>(xb, W, y, N, K, n, n1);
+}
+
+void gemv_dispatch_pairs(int B, const uint16_t *xb, const uint16_t *W, float *y, int64_t N, int64_t K, int64_t n0,
+                         int64_t n1) {
+  switch (B) {
+    case 1: gemv_rows_pairs<1, 4>(xb, W, y, N, K, n0, n1); break;
+    case 2: gemv_rows_pairs<2, 4>(xb, W, y, N, K, n0, n1); break;
+    case 3: gemv_rows_pairs<3, 4>(xb, W, y, N, K, n0, n1); break;
+    case 4: gemv_rows_pairs<4, 4>(xb, W, y, N, K, n0, n1); break;
+    case 5: gemv_rows_pairs<5, 2>(xb, W, y, N, K, n0, n1); break;
+    case 6: gemv_rows_pairs<6, 2>(xb, W, y, N, K, n0, n1); break;
+    case 7: gemv_rows_pairs<7, 2>(xb, W, y, N, K, n0, n1); break;
+    case 8: gemv_rows_pairs<8, 2>(xb, W, y, N, K, n0, n1); break;
+  }
+}
+constexpr bool kHavePairs = true;
+#else
+void gemv_dispatch_pairs(int, const uint16_t *, const uint16_t *, float *, int64_t, int64_t, int64_t, int64_t) {}
+constexpr bool kHavePairs = false;
+#endif
+
+// The kernel a weight dtype runs against these activations: bfloat16 pairs (VDPBF16PS) where both are bfloat16
+// and the CPU has the instruction, unless TPINFER_NO_BF16_DOT is set (to compare the two paths).
+int weight_kind(int x_dtype, int w_dtype) {
+  static const bool pairs = kHavePairs && getenv("TPINFER_NO_BF16_DOT") == nullptr;
+  return pairs && x_dtype == kBF16 && w_dtype == kBF16 ? kBF16Pairs : w_dtype;
+}
+
 // Blocks of weight rows handed to one thread at a time: large enough to amortise the scheduling, small
 // enough to balance two to a few dozen threads.
 constexpr int64_t kRowBlock = 64;
@@ -209,6 +278,16 @@ float *scratch(int64_t n, int which) {
 // row padded with zeros to whole 32-blocks, each block stored as its 16 even-indexed then its 16 odd-indexed
 // elements (gemv_rows_bf16). Vectorised: for bfloat16 x the split is the same shift and mask as the weights'.
 const float *prepare_x(const void *x, int x_dtype, int w_dtype, int B, int64_t K) {
+  if (w_dtype == kBF16Pairs) {  // bfloat16 rows as they are, padded with zeros to whole 32-blocks when K is not
+    if (K % 32 == 0) return static_cast<const float *>(x);
+    const int64_t KP = (K + 31) & ~int64_t(31);
+    uint16_t *out = reinterpret_cast<uint16_t *>(scratch((B * KP + 1) / 2, 3));
+    for (int b = 0; b < B; b++) {
+      memcpy(out + b * KP, static_cast<const uint16_t *>(x) + b * K, K * 2);
+      memset(out + b * KP + K, 0, (KP - K) * 2);
+    }
+    return reinterpret_cast<const float *>(out);
+  }
   if (w_dtype == kF32) {
     if (x_dtype == kF32) return static_cast<const float *>(x);
     float *out = scratch(B * K, 3);
@@ -251,6 +330,7 @@ const float *prepare_x(const void *x, int x_dtype, int w_dtype, int B, int64_t K
 // is sized to stay in L2 (256 KiB) between the tiles, so the weight is read from memory once per call.
 void gemv_f32_out(const float *x, const void *W, int w_dtype, float *out, int B, int64_t N, int64_t K, int threads) {
   const int64_t es = w_dtype == kF32 ? 4 : 2, stride = w_dtype == kF32 ? K : (K + 31) & ~int64_t(31);
+  const uint16_t *xb = reinterpret_cast<const uint16_t *>(x);  // kBF16Pairs: x is bfloat16
   int64_t rows_per_block = kRowBlock;
   if (B > kMaxRows) {
     rows_per_block = (int64_t(256) << 10) / (K * es);
@@ -264,6 +344,8 @@ void gemv_f32_out(const float *x, const void *W, int w_dtype, float *out, int B,
       const int tile = B - b0 < kMaxRows ? B - b0 : kMaxRows;
       if (w_dtype == kF32)
         gemv_dispatch(tile, x + b0 * stride, static_cast<const float *>(W), out + b0 * N, N, K, n0, n1);
+      else if (w_dtype == kBF16Pairs)
+        gemv_dispatch_pairs(tile, xb + b0 * stride, static_cast<const uint16_t *>(W), out + b0 * N, N, K, n0, n1);
       else
         gemv_dispatch(tile, x + b0 * stride, static_cast<const uint16_t *>(W), out + b0 * N, N, K, n0, n1);
     }
@@ -394,6 +476,7 @@ int tpi_abi_version() { return 6; }
 // y[rows, N] = x[rows, K] W[N, K]^T (+ bias[N]); any rows (passes of up to kMaxPassRows); dtypes 0/1 per operand.
 void tpi_linear(const void *x, int x_dtype, const void *W, int w_dtype, const void *bias, int bias_dtype, void *y,
                 int y_dtype, int64_t rows, int64_t N, int64_t K, int threads) {
+  w_dtype = weight_kind(x_dtype, w_dtype);
   for (int64_t r0 = 0; r0 < rows; r0 += kMaxPassRows) {
     const int B = static_cast<int>(rows - r0 < kMaxPassRows ? rows - r0 : kMaxPassRows);
     const float *xf = prepare_x(static_cast<const char *>(x) + r0 * K * (x_dtype == kF32 ? 4 : 2), x_dtype, w_dtype, B, K);
@@ -405,6 +488,7 @@ void tpi_linear(const void *x, int x_dtype, const void *W, int w_dtype, const vo
 void tpi_linear3(const void *x, int x_dtype, const void *W0, const void *W1, const void *W2, int w_dtype,
                  const void *b0, const void *b1, const void *b2, int bias_dtype, void *y0, void *y1, void *y2,
                  int y_dtype, int64_t rows, int64_t N0, int64_t N1, int64_t N2, int64_t K, int threads) {
+  w_dtype = weight_kind(x_dtype, w_dtype);
   for (int64_t r0 = 0; r0 < rows; r0 += kMaxPassRows) {
     const int B = static_cast<int>(rows - r0 < kMaxPassRows ? rows - r0 : kMaxPassRows);
     const float *xf = prepare_x(static_cast<const char *>(x) + r0 * K * (x_dtype == kF32 ? 4 : 2), x_dtype, w_dtype, B, K);
@@ -419,6 +503,7 @@ void tpi_linear3(const void *x, int x_dtype, const void *W0, const void *W1, con
 void tpi_gated_linear(const void *x, int x_dtype, const void *Wg, const void *Wu, int w_dtype, const void *bg,
                       const void *bu, int bias_dtype, void *y, int y_dtype, int64_t rows, int64_t N, int64_t K,
                       int threads) {
+  w_dtype = weight_kind(x_dtype, w_dtype);
   for (int64_t r0 = 0; r0 < rows; r0 += kMaxPassRows) {
     const int B = static_cast<int>(rows - r0 < kMaxPassRows ? rows - r0 : kMaxPassRows);
     const float *xf = prepare_x(static_cast<const char *>(x) + r0 * K * (x_dtype == kF32 ? 4 : 2), x_dtype, w_dtype, B, K);

@@ -6,6 +6,8 @@ Weights use nn.Linear's layout: (out_features, in_features), Y = X W^T.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,18 +24,20 @@ BF16_WIDEN_MIN_ROWS = 16
 _scratch: dict[torch.device, torch.Tensor] = {}
 
 
-def _cpu_has_bf16_math() -> bool:
-    """Whether this host's CPU multiplies bfloat16 natively (AVX512-BF16 or AMX-BF16): torch's bf16 GEMM then runs
-    at about twice its float32 speed (1.4-2x the widened path at 16-64 rows on an AMD EPYC), so nothing is widened."""
+def _cpu_flags() -> set[str]:
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
+            return set(next((line for line in f if line.startswith("flags")), "").split()[2:])
     except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        return set()
 
 
-CPU_BF16_MATH = _cpu_has_bf16_math()
+# Whether this host's CPU multiplies bfloat16 natively (AVX512-BF16 or AMX-BF16): torch's bf16 GEMM then runs at about
+# twice its float32 speed (1.4-2x the widened path at 16-64 rows on an AMD EPYC), so nothing is widened.
+CPU_BF16_MATH = bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
+# Whether the native kernels multiply bfloat16 weights and activations with the AVX512-BF16 dot product (VDPBF16PS;
+# the kernels are compiled for this CPU, and TPINFER_NO_BF16_DOT=1 turns it off for both sides).
+CPU_BF16_DOT = "avx512_bf16" in _cpu_flags() and not os.environ.get("TPINFER_NO_BF16_DOT")
 
 
 # For a few rows (batched decode) the CPU GEMM behind F.linear streams the weight at about half the speed
@@ -44,11 +48,11 @@ SKINNY_ROWS = range(3, 33)
 # Up to this many rows (decode), the native kernels (tpinfer.kernels) read the weight once for all rows, in float32
 # or bfloat16; beyond, torch's GEMM (with the policies above) takes over. Float32 past 8 rows is compute-bound on
 # either side; the kernels' tiles over an L2-resident block of weight rows measured 1.9x torch's GEMM at 16 rows,
-# 1.3x at 32 and 1.15x at 64 (one core, AMD EPYC, 64 MiB weight). bfloat16 stops at 15: there torch's GEMM uses
-# AVX512-BF16 dot products where the CPU has them (1.4x the kernels at 16 rows on that EPYC) and widening the weight
-# where it does not (an extra pass over it). Quantized weights keep to one pass of 8 float32 rows (their kernels
-# tile by re-reading the weight per 8 rows).
-NATIVE_MAX_ROWS = {torch.float32: 64, torch.bfloat16: 15}
+# 1.3x at 32 and 1.15x at 64 (one core, AMD EPYC, 64 MiB weight). bfloat16 with the kernels' AVX512-BF16 dot product
+# goes to 64 rows too (140-195 GFLOPS on one core of that EPYC at 8-64 rows, torch's bf16 GEMM 49-170); without it
+# bfloat16 stops at 15, where torch's GEMM widens the weight (an extra pass over it). Quantized weights keep to one
+# pass of 8 float32 rows (their kernels tile by re-reading the weight per 8 rows).
+NATIVE_MAX_ROWS = {torch.float32: 64, torch.bfloat16: 64 if CPU_BF16_DOT else 15}
 QUANT_NATIVE_MAX_ROWS = {torch.float32: 8, torch.bfloat16: 15}
 
 
