@@ -23,7 +23,7 @@ import httpx
 import openai
 import pytest
 
-from helpers import env, make_checkpoint
+from helpers import env, hf_greedy, make_checkpoint
 from tpinfer.engine.runtime import EngineSpec, load_engine
 from tpinfer.engine.sampling import SamplingParams
 from tpinfer.engine.scheduler import Scheduler, Sequence
@@ -211,6 +211,29 @@ def test_n_seed_stop_and_logprobs(tp2):
                                           temperature=0, logprobs=True, top_logprobs=3)
     assert len(chat.choices[0].logprobs.content) == chat.usage.completion_tokens
     assert all(len(t.top_logprobs) == 3 for t in chat.choices[0].logprobs.content)
+
+
+def test_greedy_logprobs_equal_hf(server, model_dir):
+    """Greedy decodes bring back only each rank's top candidates and log-sum-exp (not the logits): the chosen tokens'
+    logprobs and their top alternatives still equal HF transformers' full softmax on the same weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = Tokenizer.from_pretrained(model_dir)
+    ids = tokenizer.encode("Hello world")
+    out = server.client().completions.create(model=NAME, prompt=ids, max_tokens=6, temperature=0, logprobs=3,
+                                             extra_body={"ignore_eos": True})
+    lp = out.choices[0].logprobs
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    generated, _ = hf_greedy(hf, ids, 6)
+    with torch.no_grad():
+        logits = hf(torch.tensor([ids + generated])).logits[0, len(ids) - 1 : -1].log_softmax(-1)
+    assert out.choices[0].text == tokenizer.decode(ids + generated)[len(tokenizer.decode(ids)):]
+    assert lp.token_logprobs == pytest.approx(logits.max(-1).values.tolist(), abs=1e-4)
+    for top, row in zip(lp.top_logprobs, logits, strict=True):  # keyed by text: tokens that read alike share a key
+        best = row.topk(3).values.tolist()
+        assert 1 <= len(top) <= 3 and max(top.values()) == pytest.approx(best[0], abs=1e-4)
+        assert all(any(abs(v - b) < 1e-4 for b in best) for v in top.values())
 
 
 def test_echo_scores_the_prompt_as_hf_does(server, model_dir):

@@ -41,17 +41,21 @@ class Step:
     echo: list[int] = field(default_factory=list)  # prefill slots whose every position's logits rank 0 needs
     starts: list[int] = field(default_factory=list)  # per prefill entry, its first position (empty: all 0)
     copies: list[tuple[int, int, int]] = field(default_factory=list)
+    # k > 0: the decodes need only each row's k likeliest tokens (greedy rows, up to k logprobs): every rank sends its
+    # top k and log-sum-exp instead of its vocabulary shard (``sampling.local_candidates``).
+    candidates: int = 0
     op: ClassVar[str] = "step"
 
     def fields(self) -> dict[str, Any]:
         return {"prefill": [list(p) for p in self.prefill], "decode": [list(d) for d in self.decode],
-                "echo": list(self.echo), "starts": list(self.starts), "copies": [list(c) for c in self.copies]}
+                "echo": list(self.echo), "starts": list(self.starts), "copies": [list(c) for c in self.copies],
+                "candidates": self.candidates}
 
     @classmethod
     def parse(cls, raw: dict[str, Any]) -> Step:
         return cls([(int(s), list(t)) for s, t in raw["prefill"]], [(int(s), int(t), int(p)) for s, t, p in raw["decode"]],
                    [int(s) for s in raw.get("echo", ())], [int(s) for s in raw.get("starts", ())],
-                   [(int(a), int(b), int(n)) for a, b, n in raw.get("copies", ())])
+                   [(int(a), int(b), int(n)) for a, b, n in raw.get("copies", ())], int(raw.get("candidates", 0)))
 
     def start(self, entry: int) -> int:
         return self.starts[entry] if self.starts else 0

@@ -54,7 +54,7 @@ import torch
 from tpinfer.engine import messages
 from tpinfer.engine.kv_cache import Batch
 from tpinfer.engine.runtime import RankEngine
-from tpinfer.engine.sampling import SamplingParams, make_generator, sample
+from tpinfer.engine.sampling import SamplingParams, local_candidates, make_generator, merge_candidates, sample
 from tpinfer.models.family import CAUSAL_LM
 
 # Prompt tokens prefilled per step (vLLM's max_num_batched_tokens): prompts are packed and chunked to it, so a burst of
@@ -166,10 +166,25 @@ def run_stage(engine: RankEngine, message: messages.Step, times: dict[str, float
     if message.decode:
         slots, tokens, positions = (list(column) for column in zip(*message.decode, strict=True))
         batch = Batch.build([[t] for t in tokens], positions, slots, device)
-        decode_logits = _send_logits(engine, model.gather_logits(forward(batch, cache)))
+        local = forward(batch, cache)
+        decode_logits = _send_logits(engine, _candidates(engine, local, message.candidates) if message.candidates
+                                     else model.gather_logits(local))
     if times is not None:
         times["decode"] += time.perf_counter() - start
     return prefill_logits, decode_logits, echo_logits
+
+
+def _candidates(engine: RankEngine, local_logits: torch.Tensor | None, k: int) -> torch.Tensor | None:
+    """Every row's k likeliest tokens over the whole vocabulary and its log-sum-exp, from each rank's shard, as one
+    (B, 2k + 1) float32 tensor on the last stage: values (largest first, ties by lower id), ids, log-sum-exp."""
+    if local_logits is None:
+        return None
+    head, tp = engine.model.lm_head, engine.ctx.tp_size
+    packed = local_candidates(local_logits, head.start, min(head.length, head.vocab_size - head.start), k)
+    sharded = tp > 1 and head.length < head.vocab_size
+    parts = engine.ctx.comm.all_gather(packed, dim=0).chunk(tp, dim=0) if sharded else [packed]
+    values, ids, lse = merge_candidates(list(parts), k)
+    return torch.cat([values, ids.float(), lse[:, None]], dim=-1)
 
 
 def _send_logits(engine: RankEngine, logits: torch.Tensor | None) -> torch.Tensor | None:
@@ -184,8 +199,12 @@ def take_logits(pipe, vocab: int, message: messages.Step) -> Logits:  # noqa: AN
     echo logits: the server takes echo requests only where rank 0 is the sampler)."""
     recv = lambda rows: pipe.recv(torch.empty((rows, vocab), dtype=torch.float32, device=pipe.device),  # noqa: E731
                                   pipe.sampler)
-    return (recv(len(message.prefill)) if message.prefill else None,
-            recv(len(message.decode)) if message.decode else None, {})
+    prefill = recv(len(message.prefill)) if message.prefill else None  # in the order the sampler sends them
+    decode = None
+    if message.decode:
+        decode = pipe.recv(torch.empty((len(message.decode), 2 * message.candidates + 1), dtype=torch.float32,
+                                       device=pipe.device), pipe.sampler) if message.candidates else recv(len(message.decode))
+    return prefill, decode, {}
 
 
 def run_step(engine: RankEngine, message: messages.Step, times: dict[str, float] | None = None) -> Logits:
@@ -330,7 +349,7 @@ class Scheduler:
             prefill_logits, decode_logits, echo_logits = take_logits(self._results, self.vocab_size, message)
             phases["decode" if decoding else "prefill"] += time.perf_counter() - forward
         start = time.perf_counter()
-        self._take(complete, decoding, prefill_logits, decode_logits, echo_logits)
+        self._take(complete, decoding, prefill_logits, decode_logits, echo_logits, message.candidates)
         self._retire()
         self.steps += 1
         phases["sample"] += time.perf_counter() - start
@@ -349,7 +368,7 @@ class Scheduler:
         starts = [seq.computed for seq, _ in chunks] + [0] * len(again)
         message = messages.Step(prefill, [(seq.slot, seq.token_ids[-1], seq.last_position) for seq in decoding],
                                 [seq.slot for seq, _ in chunks if seq.prompt_logprobs],
-                                starts if any(starts) else [], copies)
+                                starts if any(starts) else [], copies, _candidates_for(decoding))
         complete = []
         for row, (seq, n) in enumerate(chunks):
             seq.computed += n
@@ -364,7 +383,7 @@ class Scheduler:
         return message, complete, decoding
 
     def _take(self, complete: list[tuple[int, Sequence]], decoding: list[Sequence], prefill_logits: torch.Tensor | None,
-              decode_logits: torch.Tensor | None, echo_logits: dict[int, torch.Tensor]) -> None:
+              decode_logits: torch.Tensor | None, echo_logits: dict[int, torch.Tensor], candidates: int = 0) -> None:
         """A step's logits back on rank 0: a token for each prompt it finished and for each decode."""
         if prefill_logits is not None and complete:
             finished = [seq for _, seq in complete]
@@ -372,7 +391,7 @@ class Scheduler:
             rows = [row for row, _ in complete]
             self._advance(finished, prefill_logits if len(rows) == len(prefill_logits) else prefill_logits[rows])
         if decode_logits is not None:
-            self._advance(decoding, decode_logits)
+            self._advance(decoding, decode_logits, candidates)
 
     def _pipelined_step(self) -> bool:
         """Start a micro-batch if there is room and work for one; else take the oldest one's logits back."""
@@ -416,7 +435,7 @@ class Scheduler:
             self.bubble_s += time.perf_counter() - start
         for seq in chunked + [seq for _, seq in complete] + decoded:
             seq.in_flight = False
-        self._take(complete, decoded, prefill_logits, decode_logits, echo_logits)
+        self._take(complete, decoded, prefill_logits, decode_logits, echo_logits, message.candidates)
 
     def _plan(self, limit: int | None = None) -> tuple[list[tuple[Sequence, int]], list[tuple[int, int, int]]]:
         """This step's prefill: (sequence, tokens) chunks within the token budget, first the prompts already being
@@ -541,14 +560,25 @@ class Scheduler:
                 seq.finish_reason = "length"
                 seq.output.finish("length")
 
-    def _advance(self, sequences: list[Sequence], logits: torch.Tensor) -> None:
-        """Sample one token per row of (B, V) ``logits`` with each sequence's parameters, then check its stops."""
-        tokens = self._sample(sequences, logits)
+    def _advance(self, sequences: list[Sequence], logits: torch.Tensor, candidates: int = 0) -> None:
+        """Sample one token per row of (B, V) ``logits`` with each sequence's parameters, then check its stops. With
+        ``candidates`` k, rows are (B, 2k + 1) candidates (``_candidates``) of greedy sequences instead."""
+        if candidates:
+            k = candidates
+            values, ids, lse = logits[:, :k], logits[:, k : 2 * k].long(), logits[:, 2 * k]
+            tokens = ids[:, 0].tolist()
+            logprobs_k = values - lse[:, None]
+        else:
+            tokens = self._sample(sequences, logits)
         for row, (seq, token) in enumerate(zip(sequences, tokens, strict=True)):
             if seq.cancelled or seq.finish_reason:  # left, or echo only (finished at its prefill)
                 continue
             logprob, top = None, None
-            if seq.top_logprobs is not None:
+            if candidates and seq.top_logprobs is not None:
+                logprob = float(logprobs_k[row, 0])
+                n = seq.top_logprobs
+                top = list(zip(ids[row, :n].tolist(), logprobs_k[row, :n].tolist(), strict=True)) if n > 0 else None
+            elif seq.top_logprobs is not None:
                 logprobs = logits[row].log_softmax(-1)
                 logprob = float(logprobs[token])
                 if seq.top_logprobs > 0:
@@ -573,6 +603,17 @@ class Scheduler:
             greedy[row] if seq.params.greedy else int(sample(logits[row : row + 1], seq.params, seq.generator)[0])
             for row, seq in enumerate(sequences)
         ]
+
+
+MAX_CANDIDATES = 20  # OpenAI's largest top_logprobs
+
+
+def _candidates_for(decoding: list[Sequence]) -> int:
+    """k for a step whose decodes are all greedy (each needing at most k logprobs): 0 when any row samples."""
+    if not decoding or not all(seq.params.greedy for seq in decoding):
+        return 0
+    k = max(1, *(seq.top_logprobs or 0 for seq in decoding))
+    return k if k <= MAX_CANDIDATES else 0
 
 
 def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
