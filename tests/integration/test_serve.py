@@ -290,6 +290,26 @@ def test_32_concurrent_greedy_requests_equal_each_alone(tp2):
     assert asyncio.run(together()) == alone  # 32 requests over 8 slots: they queue, join and leave the batch
 
 
+def test_sequence_parallel_server_packs_prompts_as_the_plain_one(tp2, model_dir, tmp_path):
+    """--tp-plan auto-sp: a packed prefill row is split along the sequence between the ranks; the same concurrent
+    requests (half behind a cached system prompt) give the same greedy text as the plain TP=2 server."""
+    requests = [f"{SYSTEM if i % 2 else ''}{PROMPTS[i % len(PROMPTS)]} {i}" for i in range(10)]
+
+    async def together(url: str) -> list[str]:
+        async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=60) as aclient:
+            outs = await asyncio.gather(*(aclient.completions.create(model=NAME, prompt=p, max_tokens=8, temperature=0,
+                                                                     extra_body={"ignore_eos": True})
+                                          for p in requests))
+            return [out.choices[0].text for out in outs]
+
+    split = start_server(model_dir, tmp_path / "sp.log", "--tensor-parallel-size", "2", "--tp-plan", "auto-sp",
+                         "--max-num-seqs", "8", "--max-model-len", "512")
+    try:
+        assert asyncio.run(together(split.url)) == asyncio.run(together(tp2.url))
+    finally:
+        stop_server(split)
+
+
 BAD_BODIES = [
     (b"{not json", "invalid_json"),
     (b"[1, 2]", None),

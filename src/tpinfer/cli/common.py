@@ -20,8 +20,9 @@ def add_model_args(parser: argparse.ArgumentParser, tp: bool = True) -> None:
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tp-plan", default="auto", metavar="auto|FILE.json",
-                        help='"auto" or a JSON file mapping module patterns to colwise/rowwise/replicate')
+    parser.add_argument("--tp-plan", default="auto", metavar="auto|auto-sp|FILE.json",
+                        help='"auto", "auto-sp" (with sequence parallelism) or a JSON file mapping module patterns '
+                        "to colwise/rowwise/replicate")
     parser.add_argument("--quantization", "-q", default=None, metavar="SCHEME",
                         help="quantize the projections while loading, each rank its own slice: int8 (per channel), "
                         "int4 (groups of 32 with offsets; int4-g64, int4-g128, int4-g32-sym), fp8 (e4m3, per "
@@ -113,11 +114,11 @@ def require_causal_lm(path: str, command: str) -> None:
 
 
 def tp_plan(value: str) -> str | dict[str, str]:
-    if value == "auto":
+    if value in ("auto", "auto-sp"):  # tpinfer.parallel.plan's AUTO and AUTO_SP (not imported: no torch here)
         return value
     path = Path(value)
     if not path.is_file():
-        raise ValueError(f"--tp-plan {value!r} is neither 'auto' nor a JSON file")
+        raise ValueError(f"--tp-plan {value!r} is neither 'auto', 'auto-sp' nor a JSON file")
     plan = json.loads(path.read_text())
     if not isinstance(plan, dict):
         raise ValueError(f"{value}: a tp plan is a JSON object of module pattern -> strategy")
