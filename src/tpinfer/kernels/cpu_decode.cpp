@@ -465,6 +465,59 @@ void gated_epilogue(const float *g, const float *u, const void *bg, const void *
   }
 }
 
+// One query row against n cached positions of one KV head (head_dim 16 * NV, activations bfloat16 when BF): scores
+// with q kept in registers, the softmax's exponentials 16 at a time (exp16), and the weighted sum of values in
+// registers, divided by the total once at the end. out gets the result in float32.
+template <int NV, bool BF>
+void attend_row(const float *qf, const void *k_cache, const void *v_cache, int64_t head, int64_t n, float *scores,
+                float *out) {
+  constexpr int64_t D = 16 * NV;
+  auto load = [](const void *p, int64_t i) __attribute__((always_inline)) {
+    return BF ? load16(static_cast<const uint16_t *>(p) + i) : _mm512_loadu_ps(static_cast<const float *>(p) + i);
+  };
+  __m512 qv[NV];
+  for (int v = 0; v < NV; v++) qv[v] = _mm512_loadu_ps(qf + 16 * v);
+  auto dot = [&](int64_t j) __attribute__((always_inline)) {
+    const int64_t row = head + j * D;
+    __m512 a = _mm512_mul_ps(qv[0], load(k_cache, row));
+    for (int v = 1; v < NV; v++) a = _mm512_fmadd_ps(qv[v], load(k_cache, row + 16 * v), a);
+    return a;
+  };
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {  // four keys at a time: independent chains
+    const __m512 a0 = dot(j), a1 = dot(j + 1), a2 = dot(j + 2), a3 = dot(j + 3);
+    scores[j] = _mm512_reduce_add_ps(a0);
+    scores[j + 1] = _mm512_reduce_add_ps(a1);
+    scores[j + 2] = _mm512_reduce_add_ps(a2);
+    scores[j + 3] = _mm512_reduce_add_ps(a3);
+  }
+  for (; j < n; j++) scores[j] = _mm512_reduce_add_ps(dot(j));
+  float top = -INFINITY;
+  for (j = 0; j < n; j++) top = scores[j] > top ? scores[j] : top;
+  const __m512 tv = _mm512_set1_ps(top);
+  __m512 tot = _mm512_setzero_ps();
+  for (j = 0; j + 16 <= n; j += 16) {
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(scores + j), tv));
+    _mm512_storeu_ps(scores + j, e);
+    tot = _mm512_add_ps(tot, e);
+  }
+  if (j < n) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (n - j)) - 1u);
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, scores + j), tv));
+    _mm512_mask_storeu_ps(scores + j, m, e);
+    tot = _mm512_mask_add_ps(tot, m, tot, e);
+  }
+  __m512 acc[NV];
+  for (int v = 0; v < NV; v++) acc[v] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i++) {
+    const __m512 pv = _mm512_set1_ps(scores[i]);
+    const int64_t row = head + i * D;
+    for (int v = 0; v < NV; v++) acc[v] = _mm512_fmadd_ps(pv, load(v_cache, row + 16 * v), acc[v]);
+  }
+  const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(tot));
+  for (int v = 0; v < NV; v++) _mm512_storeu_ps(out + 16 * v, _mm512_mul_ps(acc[v], inv));
+}
+
 }  // namespace
 
 #include "cpu_quant.inc"  // quantized GEMVs: qlinear_n, qlinear, qgated (namespace) and tpi_qlinear
@@ -559,6 +612,15 @@ void tpi_decode_attention(void *q, void *k, const void *v, int act_dtype, const 
     float *acc = scores + n;
     float qf[512];
     for (int64_t i = 0; i < D; i++) qf[i] = load1(q, act_dtype, (b * Hq + h) * D + i) * scale;
+    if (D == 64 || D == 128) {  // the common head sizes: registers throughout (attend_row)
+      const bool bf = act_dtype == kBF16;
+      if (D == 64)
+        (bf ? attend_row<4, true> : attend_row<4, false>)(qf, k_cache, v_cache, head, n, scores, acc);
+      else
+        (bf ? attend_row<8, true> : attend_row<8, false>)(qf, k_cache, v_cache, head, n, scores, acc);
+      for (int64_t i = 0; i < D; i++) store1(out, act_dtype, (b * Hq + h) * D + i, acc[i]);
+      continue;
+    }
     float top = -INFINITY;
     for (int64_t j = 0; j < n; j++) {
       float dot = 0.0f;
