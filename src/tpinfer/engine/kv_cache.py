@@ -12,8 +12,8 @@ row's slot, and the native decode kernel and attention read the slot's positions
 are one strided view, which the decode kernel walks without an indirection per block. What a block table adds is
 sharing a prefix's pages between sequences; here a shared prefix is copied instead (``copy_prefix``: per layer,
 2 x prefix x local KV heads x head_dim elements, e.g. 200 tokens of the 250M benchmark Llama at TP=2 are 6.3 MiB
-per rank in float32, a few milliseconds, against about half a second to prefill them), or taken over whole when its slot is free.
-The price is memory: every slot reserves max_seq_len positions.
+per rank in float32, a few milliseconds, against about half a second to prefill them), or taken over whole when
+its slot is free. The price is memory: every slot reserves max_seq_len positions.
 """
 
 from __future__ import annotations
