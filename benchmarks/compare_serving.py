@@ -20,17 +20,14 @@ ranks get one thread each) and a KV cache of ``--vllm-kv-gib``.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
-import httpx
-from serve_load import _body, _free_port, _level, _start_server, wait_healthy
+from serve_load import _free_port, _start_server, run_levels, wait_healthy
 
 NAME = "bench-model"
 
@@ -58,18 +55,7 @@ def _start_vllm(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
 
 
 def _run(start, args: argparse.Namespace) -> list[dict]:  # noqa: ANN001
-    server, url = start(args)
-    try:
-        model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
-        body = _body(model, args.max_tokens)
-        return [asyncio.run(_level(url, {}, c, args.requests_per_client, body)) for c in args.concurrency]
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait(10)
+    return run_levels(*start(args), args)[0]
 
 
 def main() -> int:

@@ -233,6 +233,25 @@ def _start_server(args: argparse.Namespace, layout: dict[str, int] | None = None
     return server, url
 
 
+def run_levels(server: subprocess.Popen, url: str, args: argparse.Namespace,
+               prefix: str = "") -> tuple[list[dict], dict[str, float], dict[str, float]]:
+    """Every --concurrency level against a server this script started, then stop it: (levels, /metrics before,
+    /metrics after: tpinfer's counters, empty for another server)."""
+    try:
+        model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
+        body = _body(model, args.max_tokens)
+        before = _metrics(url, {})
+        levels = [asyncio.run(_level(url, {}, c, args.requests_per_client, body, prefix)) for c in args.concurrency]
+        return levels, before, _metrics(url, {})
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(10)
+
+
 def wait_healthy(server: subprocess.Popen, url: str, timeout_s: float, poll_s: float = 0.5, log: str = "") -> None:
     """Until ``url``/health answers 200; SystemExit (the server killed) if it exits first or ``timeout_s`` passes."""
     see = f"; see {log}" if log else ""
@@ -338,15 +357,7 @@ def compare_prefix_caching(args: argparse.Namespace) -> int:
     runs: dict[str, list[list[dict]]] = {name: [] for name in variants}
     for round_ in range(args.rounds):
         for name in (list(variants) if round_ % 2 == 0 else list(variants)[::-1]):
-            server, url = _start_server(args, extra=variants[name])
-            try:
-                model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
-                body = _body(model, args.max_tokens)
-                levels = [asyncio.run(_level(url, {}, c, args.requests_per_client, body, args.prefix))
-                          for c in args.concurrency]
-            finally:
-                os.killpg(server.pid, signal.SIGTERM)
-                server.wait(60)
+            levels, _, _ = run_levels(*_start_server(args, extra=variants[name]), args, args.prefix)
             runs[name].append(levels)
             print(f"round {round_} prefix caching {name}: " + ", ".join(
                 f"{lv['concurrency']} clients TTFT p50 {lv['ttft_p50_ms']:.0f} ms, {lv['tokens_per_s']:.1f} tok/s"
@@ -379,17 +390,7 @@ def compare_layouts(args: argparse.Namespace) -> int:
     runs: dict[str, list[dict]] = {name: [] for name in names}
     for round_ in range(args.rounds):
         for name, layout in zip(names, args.layouts, strict=True):
-            server, url = _start_server(args, layout)
-            try:
-                model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
-                body = _body(model, args.max_tokens)
-                before = _metrics(url, {})
-                levels = [asyncio.run(_level(url, {}, c, args.requests_per_client, body, args.prefix))
-                          for c in args.concurrency]
-                after = _metrics(url, {})
-            finally:
-                os.killpg(server.pid, signal.SIGTERM)
-                server.wait(60)
+            levels, before, after = run_levels(*_start_server(args, layout), args, args.prefix)
             busy = after.get("tpinfer_pipeline_busy_seconds_total", 0) - before.get(
                 "tpinfer_pipeline_busy_seconds_total", 0)
             bubble = after.get("tpinfer_pipeline_bubble_seconds_total", 0) - before.get(

@@ -101,7 +101,6 @@ class Sequence:
     echo: bool = False
     generate: bool = True
     computed: int = 0  # leading positions whose keys and values the steps sent so far write into the slot
-    reused: int = 0  # of them, the prompt tokens taken from the prefix cache instead of computed
 
     @property
     def prefilling(self) -> bool:
@@ -477,7 +476,7 @@ class Scheduler:
                     if reuse:
                         copies.append((source, seq.slot, reuse))
                 self._cached.pop(seq.slot, None)
-                seq.computed = seq.reused = reuse
+                seq.computed = reuse  # positions taken from the prefix cache count as computed
                 if self.prefix_caching and not seq.prompt_logprobs:
                     self.prompt_tokens += len(seq.prompt_ids)
                     self.prefix_hit_tokens += reuse
@@ -515,8 +514,10 @@ class Scheduler:
             if n > best:
                 best, source = n, slot
         for other in self._running:
-            tokens = other.prompt_ids if other.computed <= len(other.prompt_ids) else other.prompt_ids + other.token_ids
-            n = _common_prefix(tokens, prompt, min(limit, other.computed))
+            reach = min(limit, other.computed)
+            n = _common_prefix(other.prompt_ids, prompt, reach)
+            if n == len(other.prompt_ids) < reach:  # all of its prompt: on into what it generated
+                n += _common_prefix(other.token_ids, prompt[n:], reach - n)
             if n > best and n >= PREFIX_MIN_TOKENS:
                 best, source = n, other.slot
         return best, source

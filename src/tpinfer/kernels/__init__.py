@@ -14,6 +14,7 @@ which computes the same thing; the tests compare the two.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -51,14 +52,16 @@ def cache_dir() -> Path:
     return Path(base) / "tpinfer"
 
 
-def _cpu_flags() -> set[str]:
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """This host's CPU feature flags (/proc/cpuinfo; empty where there is none)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
+                return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return set()
+    return frozenset()
 
 
 def _cpu_model() -> str:
@@ -82,7 +85,7 @@ def _build() -> ctypes.CDLL:
     """Compile (or reuse) the library for this host; raises RuntimeError saying why it cannot."""
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
         raise RuntimeError(f"native kernels are built for x86-64 Linux, not {platform.system()} {platform.machine()}")
-    missing = [f for f in REQUIRED_CPU_FLAGS if f not in _cpu_flags()]
+    missing = [f for f in REQUIRED_CPU_FLAGS if f not in cpu_flags()]
     if missing:
         raise RuntimeError(f"this CPU lacks {', '.join(missing)}")
     compiler = _compiler()
@@ -92,7 +95,7 @@ def _build() -> ctypes.CDLL:
     source = b"".join(path.read_bytes() for path in (SOURCE, *INCLUDES))
     key = hashlib.sha256(
         b"\0".join([source, version.encode(), " ".join(FLAGS).encode(), _cpu_model().encode(),
-                    " ".join(sorted(_cpu_flags())).encode()])
+                    " ".join(sorted(cpu_flags())).encode()])
     ).hexdigest()[:16]
     target = cache_dir() / f"cpu_decode-{key}.so"
     if not target.exists():

@@ -123,12 +123,20 @@ void gemv_rows(const float *x, const float *W, float *y, int64_t N, int64_t K, i
 // cheap ops per 32 weights, and 2 FMAs against x stored with each 32-block split into its 16 even then 16 odd
 // elements (see prepare_x). Measured on one core against widening 16 at a time (vpmovzxwd + shift): 4%
 // faster at 1 row, about 25% at 8 rows, where the shuffle port is shared with the FMAs.
-template <int B, int R>
-void gemv_rows_bf16(const float *xs, const uint16_t *W, float *y, int64_t N, int64_t K, int64_t n0, int64_t n1) {
-  const int64_t KP = (K + 31) & ~int64_t(31);  // split x rows are padded with zeros to whole 32-blocks
+//
+// Pairs (CPUs with AVX512-BF16): x is bfloat16 in its natural layout instead, and one VDPBF16PS adds both products of
+// each pair (k, k+1) of weight and activation into a float32 lane (the products are exact in float32; the
+// instruction rounds to nearest even and treats denormals as zero): half the arithmetic instructions of the two
+// FMAs, measured on one core at 8-64 rows in docs/performance.md. Either way x rows are padded with zeros to whole
+// 32-blocks (prepare_x).
+template <int B, int R, bool Pairs>
+void gemv_rows_bf16(const void *x, const uint16_t *W, float *y, int64_t N, int64_t K, int64_t n0, int64_t n1) {
+  const int64_t KP = (K + 31) & ~int64_t(31);
   const int64_t k_full = K & ~int64_t(31);
   const __mmask32 tail = static_cast<__mmask32>((1ull << (K - k_full)) - 1ull);
   const __m512i odd = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
+  const float *xs = static_cast<const float *>(x);
+  const uint16_t *xb = static_cast<const uint16_t *>(x);
   int64_t n = n0;
   for (; n + R <= n1; n += R) {
     __m512 acc[R][B];
@@ -136,21 +144,32 @@ void gemv_rows_bf16(const float *xs, const uint16_t *W, float *y, int64_t N, int
       for (int b = 0; b < B; b++) acc[r][b] = _mm512_setzero_ps();
     const uint16_t *w = W + n * K;
     auto step = [&](int64_t k, auto masked) __attribute__((always_inline)) {
-      __m512 we[R], wo[R];
+      __m512i v[R];
       for (int r = 0; r < R; r++) {
-        __m512i v;
         if constexpr (masked) {
-          v = _mm512_maskz_loadu_epi16(tail, w + r * K + k);
+          v[r] = _mm512_maskz_loadu_epi16(tail, w + r * K + k);
         } else {
-          v = _mm512_loadu_si512(w + r * K + k);
+          v[r] = _mm512_loadu_si512(w + r * K + k);
           _mm_prefetch(reinterpret_cast<const char *>(w + r * K + k) + kPrefetchBytes, _MM_HINT_T1);
         }
-        we[r] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-        wo[r] = _mm512_castsi512_ps(_mm512_and_si512(v, odd));
       }
-      for (int b = 0; b < B; b++) {
-        const __m512 xe = _mm512_loadu_ps(xs + b * KP + k), xo = _mm512_loadu_ps(xs + b * KP + k + 16);
-        for (int r = 0; r < R; r++) acc[r][b] = _mm512_fmadd_ps(wo[r], xo, _mm512_fmadd_ps(we[r], xe, acc[r][b]));
+      if constexpr (Pairs) {
+#ifdef __AVX512BF16__
+        for (int b = 0; b < B; b++) {
+          const __m512bh xv = (__m512bh)_mm512_loadu_si512(xb + b * KP + k);
+          for (int r = 0; r < R; r++) acc[r][b] = _mm512_dpbf16_ps(acc[r][b], (__m512bh)v[r], xv);
+        }
+#endif
+      } else {
+        __m512 we[R], wo[R];
+        for (int r = 0; r < R; r++) {
+          we[r] = _mm512_castsi512_ps(_mm512_slli_epi32(v[r], 16));
+          wo[r] = _mm512_castsi512_ps(_mm512_and_si512(v[r], odd));
+        }
+        for (int b = 0; b < B; b++) {
+          const __m512 xe = _mm512_loadu_ps(xs + b * KP + k), xo = _mm512_loadu_ps(xs + b * KP + k + 16);
+          for (int r = 0; r < R; r++) acc[r][b] = _mm512_fmadd_ps(wo[r], xo, _mm512_fmadd_ps(we[r], xe, acc[r][b]));
+        }
       }
     };
     for (int64_t k = 0; k < k_full; k += 32) step(k, std::false_type{});
@@ -158,7 +177,7 @@ void gemv_rows_bf16(const float *xs, const uint16_t *W, float *y, int64_t N, int
     for (int r = 0; r < R; r++)
       for (int b = 0; b < B; b++) y[b * N + n + r] = _mm512_reduce_add_ps(acc[r][b]);
   }
-  if (n < n1) gemv_rows_bf16<B, 1>(xs, W, y, N, K, n, n1);
+  if (n < n1) gemv_rows_bf16<B, 1, Pairs>(x, W, y, N, K, n, n1);
 }
 
 void gemv_dispatch(int B, const float *x, const float *W, float *y, int64_t N, int64_t K, int64_t n0, int64_t n1) {
@@ -175,76 +194,26 @@ void gemv_dispatch(int B, const float *x, const float *W, float *y, int64_t N, i
   }
 }
 
-// x in the split form of prepare_x.
-void gemv_dispatch(int B, const float *xs, const uint16_t *W, float *y, int64_t N, int64_t K, int64_t n0, int64_t n1) {
+// x in the form prepare_x gives for kBF16 (split) or kBF16Pairs (Pairs). The pairs kernel's accumulators are fed by
+// one instruction each per 32 weights, so it takes more weight rows per pass at 4 and 8 rows.
+template <bool Pairs>
+void gemv_dispatch_bf16(int B, const void *x, const uint16_t *W, float *y, int64_t N, int64_t K, int64_t n0,
+                        int64_t n1) {
   switch (B) {
-    case 1: gemv_rows_bf16<1, 4>(xs, W, y, N, K, n0, n1); break;
-    case 2: gemv_rows_bf16<2, 4>(xs, W, y, N, K, n0, n1); break;
-    case 3: gemv_rows_bf16<3, 4>(xs, W, y, N, K, n0, n1); break;
-    case 4: gemv_rows_bf16<4, 2>(xs, W, y, N, K, n0, n1); break;
-    case 5: gemv_rows_bf16<5, 2>(xs, W, y, N, K, n0, n1); break;
-    case 6: gemv_rows_bf16<6, 2>(xs, W, y, N, K, n0, n1); break;
-    case 7: gemv_rows_bf16<7, 2>(xs, W, y, N, K, n0, n1); break;
-    case 8: gemv_rows_bf16<8, 1>(xs, W, y, N, K, n0, n1); break;
+    case 1: gemv_rows_bf16<1, 4, Pairs>(x, W, y, N, K, n0, n1); break;
+    case 2: gemv_rows_bf16<2, 4, Pairs>(x, W, y, N, K, n0, n1); break;
+    case 3: gemv_rows_bf16<3, 4, Pairs>(x, W, y, N, K, n0, n1); break;
+    case 4: gemv_rows_bf16<4, Pairs ? 4 : 2, Pairs>(x, W, y, N, K, n0, n1); break;
+    case 5: gemv_rows_bf16<5, 2, Pairs>(x, W, y, N, K, n0, n1); break;
+    case 6: gemv_rows_bf16<6, 2, Pairs>(x, W, y, N, K, n0, n1); break;
+    case 7: gemv_rows_bf16<7, 2, Pairs>(x, W, y, N, K, n0, n1); break;
+    case 8: gemv_rows_bf16<8, Pairs ? 2 : 1, Pairs>(x, W, y, N, K, n0, n1); break;
   }
 }
 
 #ifdef __AVX512BF16__
-// bfloat16 weights and activations, in their natural layout: a 64-byte load holds 16 pairs (k, k+1) of each, and
-// one VDPBF16PS adds both products of every pair into a float32 lane (the products are exact in float32; the
-// instruction rounds to nearest even and treats denormals as zero). Against gemv_rows_bf16, which widens the
-// weights and issues two FMAs per 32 of them, that is half the arithmetic instructions: measured on one core at
-// 8-64 rows, see docs/performance.md. x rows are padded with zeros to whole 32-blocks (prepare_x).
-template <int B, int R>
-void gemv_rows_pairs(const uint16_t *xb, const uint16_t *W, float *y, int64_t N, int64_t K, int64_t n0, int64_t n1) {
-  const int64_t KP = (K + 31) & ~int64_t(31);
-  const int64_t k_full = K & ~int64_t(31);
-  const __mmask32 tail = static_cast<__mmask32>((1ull << (K - k_full)) - 1ull);
-  int64_t n = n0;
-  for (; n + R <= n1; n += R) {
-    __m512 acc[R][B];
-    for (int r = 0; r < R; r++)
-      for (int b = 0; b < B; b++) acc[r][b] = _mm512_setzero_ps();
-    const uint16_t *w = W + n * K;
-    auto step = [&](int64_t k, auto masked) __attribute__((always_inline)) {
-      __m512bh wv[R];
-      for (int r = 0; r < R; r++) {
-        if constexpr (masked) {
-          wv[r] = (__m512bh)_mm512_maskz_loadu_epi16(tail, w + r * K + k);
-        } else {
-          wv[r] = (__m512bh)_mm512_loadu_si512(w + r * K + k);
-          _mm_prefetch(reinterpret_cast<const char *>(w + r * K + k) + kPrefetchBytes, _MM_HINT_T1);
-        }
-      }
-      for (int b = 0; b < B; b++) {
-        const __m512bh xv = (__m512bh)_mm512_loadu_si512(xb + b * KP + k);
-        for (int r = 0; r < R; r++) acc[r][b] = _mm512_dpbf16_ps(acc[r][b], wv[r], xv);
-      }
-    };
-    for (int64_t k = 0; k < k_full; k += 32) step(k, std::false_type{});
-    if (tail) step(k_full, std::true_type{});
-    for (int r = 0; r < R; r++)
-      for (int b = 0; b < B; b++) y[b * N + n + r] = _mm512_reduce_add_ps(acc[r][b]);
-  }
-  if (n < n1) gemv_rows_pairs<B, 1>(xb, W, y, N, K, n, n1);
-}
-
-void gemv_dispatch_pairs(int B, const uint16_t *xb, const uint16_t *W, float *y, int64_t N, int64_t K, int64_t n0,
-                         int64_t n1) {
-  switch (B) {
-    case 1: gemv_rows_pairs<1, 4>(xb, W, y, N, K, n0, n1); break;
-    case 2: gemv_rows_pairs<2, 4>(xb, W, y, N, K, n0, n1); break;
-    case 3: gemv_rows_pairs<3, 4>(xb, W, y, N, K, n0, n1); break;
-    case 4: gemv_rows_pairs<4, 4>(xb, W, y, N, K, n0, n1); break;
-    case 5: gemv_rows_pairs<5, 2>(xb, W, y, N, K, n0, n1); break;
-    case 6: gemv_rows_pairs<6, 2>(xb, W, y, N, K, n0, n1); break;
-    case 7: gemv_rows_pairs<7, 2>(xb, W, y, N, K, n0, n1); break;
-    case 8: gemv_rows_pairs<8, 2>(xb, W, y, N, K, n0, n1); break;
-  }
-}
 constexpr bool kHavePairs = true;
 #else
-void gemv_dispatch_pairs(int, const uint16_t *, const uint16_t *, float *, int64_t, int64_t, int64_t, int64_t) {}
 constexpr bool kHavePairs = false;
 #endif
 
@@ -345,9 +314,9 @@ void gemv_f32_out(const float *x, const void *W, int w_dtype, float *out, int B,
       if (w_dtype == kF32)
         gemv_dispatch(tile, x + b0 * stride, static_cast<const float *>(W), out + b0 * N, N, K, n0, n1);
       else if (w_dtype == kBF16Pairs)
-        gemv_dispatch_pairs(tile, xb + b0 * stride, static_cast<const uint16_t *>(W), out + b0 * N, N, K, n0, n1);
+        gemv_dispatch_bf16<true>(tile, xb + b0 * stride, static_cast<const uint16_t *>(W), out + b0 * N, N, K, n0, n1);
       else
-        gemv_dispatch(tile, x + b0 * stride, static_cast<const uint16_t *>(W), out + b0 * N, N, K, n0, n1);
+        gemv_dispatch_bf16<false>(tile, x + b0 * stride, static_cast<const uint16_t *>(W), out + b0 * N, N, K, n0, n1);
     }
   }
 }

@@ -24,20 +24,12 @@ BF16_WIDEN_MIN_ROWS = 16
 _scratch: dict[torch.device, torch.Tensor] = {}
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return set(next((line for line in f if line.startswith("flags")), "").split()[2:])
-    except OSError:
-        return set()
-
-
 # Whether this host's CPU multiplies bfloat16 natively (AVX512-BF16 or AMX-BF16): torch's bf16 GEMM then runs at about
 # twice its float32 speed (1.4-2x the widened path at 16-64 rows on an AMD EPYC), so nothing is widened.
-CPU_BF16_MATH = bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
+CPU_BF16_MATH = bool(kernels.cpu_flags() & {"avx512_bf16", "amx_bf16"})
 # Whether the native kernels multiply bfloat16 weights and activations with the AVX512-BF16 dot product (VDPBF16PS;
 # the kernels are compiled for this CPU, and TPINFER_NO_BF16_DOT=1 turns it off for both sides).
-CPU_BF16_DOT = "avx512_bf16" in _cpu_flags() and not os.environ.get("TPINFER_NO_BF16_DOT")
+CPU_BF16_DOT = "avx512_bf16" in kernels.cpu_flags() and not os.environ.get("TPINFER_NO_BF16_DOT")
 
 
 # For a few rows (batched decode) the CPU GEMM behind F.linear streams the weight at about half the speed
