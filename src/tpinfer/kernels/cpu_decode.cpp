@@ -84,8 +84,11 @@ constexpr int kPrefetchBytes = 8192;
 
 // y[b, n] = sum_k x[b, k] W[n, k] for weight rows [n0, n1): R weight rows at a time against B activation rows
 // (float32, contiguous, K floats each), so every weight element is loaded once and used B times.
-template <int B, int R>
-void gemv_rows(const float *x, const float *W, float *y, int64_t N, int64_t K, int64_t n0, int64_t n1) {
+// Hot (weights in L2, a later tile of a pass): each x vector is loaded once into a register for its R FMAs. From
+// memory, letting the compiler fold the loads into the FMAs measured faster (8 rows, TP=2 decode).
+template <int B, int R, bool Hot = false>
+void gemv_rows(const float *x, const float *W, float *y, int64_t N, int64_t K, int64_t n0, int64_t n1,
+               int64_t pf = kPrefetchBytes) {
   const int64_t k_full = K & ~int64_t(15);
   const __mmask16 tail = static_cast<__mmask16>((1u << (K - k_full)) - 1u);
   int64_t n = n0;
@@ -98,10 +101,11 @@ void gemv_rows(const float *x, const float *W, float *y, int64_t N, int64_t K, i
       __m512 wv[R];
       for (int r = 0; r < R; r++) {
         wv[r] = load16(w + r * K + k);
-        _mm_prefetch(reinterpret_cast<const char *>(w + r * K + k) + kPrefetchBytes, _MM_HINT_T1);
+        _mm_prefetch(reinterpret_cast<const char *>(w + r * K + k) + pf, _MM_HINT_T1);
       }
       for (int b = 0; b < B; b++) {
         __m512 xv = _mm512_loadu_ps(x + b * K + k);
+        if constexpr (Hot) __asm__("" : "+v"(xv));  // one load for R FMAs, not one folded into each (the loads bound them)
         for (int r = 0; r < R; r++) acc[r][b] = _mm512_fmadd_ps(wv[r], xv, acc[r][b]);
       }
     }
@@ -115,7 +119,7 @@ void gemv_rows(const float *x, const float *W, float *y, int64_t N, int64_t K, i
     for (int r = 0; r < R; r++)
       for (int b = 0; b < B; b++) y[b * N + n + r] = _mm512_reduce_add_ps(acc[r][b]);
   }
-  if (n < n1) gemv_rows<B, 1>(x, W, y, N, K, n, n1);
+  if (n < n1) gemv_rows<B, 1, Hot>(x, W, y, N, K, n, n1, pf);
 }
 
 // bfloat16 weights, even/odd form: a 64-byte load holds 32 weights; shifting each 32-bit lane left by 16 gives the
@@ -130,7 +134,8 @@ void gemv_rows(const float *x, const float *W, float *y, int64_t N, int64_t K, i
 // FMAs, measured on one core at 8-64 rows in docs/performance.md. Either way x rows are padded with zeros to whole
 // 32-blocks (prepare_x).
 template <int B, int R, bool Pairs>
-void gemv_rows_bf16(const void *x, const uint16_t *W, float *y, int64_t N, int64_t K, int64_t n0, int64_t n1) {
+void gemv_rows_bf16(const void *x, const uint16_t *W, float *y, int64_t N, int64_t K, int64_t n0, int64_t n1,
+                    int64_t pf = kPrefetchBytes) {
   const int64_t KP = (K + 31) & ~int64_t(31);
   const int64_t k_full = K & ~int64_t(31);
   const __mmask32 tail = static_cast<__mmask32>((1ull << (K - k_full)) - 1ull);
@@ -150,7 +155,7 @@ void gemv_rows_bf16(const void *x, const uint16_t *W, float *y, int64_t N, int64
           v[r] = _mm512_maskz_loadu_epi16(tail, w + r * K + k);
         } else {
           v[r] = _mm512_loadu_si512(w + r * K + k);
-          _mm_prefetch(reinterpret_cast<const char *>(w + r * K + k) + kPrefetchBytes, _MM_HINT_T1);
+          _mm_prefetch(reinterpret_cast<const char *>(w + r * K + k) + pf, _MM_HINT_T1);
         }
       }
       if constexpr (Pairs) {
@@ -177,20 +182,26 @@ void gemv_rows_bf16(const void *x, const uint16_t *W, float *y, int64_t N, int64
     for (int r = 0; r < R; r++)
       for (int b = 0; b < B; b++) y[b * N + n + r] = _mm512_reduce_add_ps(acc[r][b]);
   }
-  if (n < n1) gemv_rows_bf16<B, 1, Pairs>(x, W, y, N, K, n, n1);
+  if (n < n1) gemv_rows_bf16<B, 1, Pairs>(x, W, y, N, K, n, n1, pf);
 }
 
-void gemv_dispatch(int B, const float *x, const float *W, float *y, int64_t N, int64_t K, int64_t n0, int64_t n1) {
+void gemv_dispatch(int B, const float *x, const float *W, float *y, int64_t N, int64_t K, int64_t n0, int64_t n1,
+                   int64_t pf, bool hot) {
   // R x B accumulators must fit the 32 vector registers with room for the loads.
   switch (B) {
-    case 1: gemv_rows<1, 4>(x, W, y, N, K, n0, n1); break;
-    case 2: gemv_rows<2, 4>(x, W, y, N, K, n0, n1); break;
-    case 3: gemv_rows<3, 4>(x, W, y, N, K, n0, n1); break;
-    case 4: gemv_rows<4, 2>(x, W, y, N, K, n0, n1); break;
-    case 5: gemv_rows<5, 2>(x, W, y, N, K, n0, n1); break;
-    case 6: gemv_rows<6, 2>(x, W, y, N, K, n0, n1); break;
-    case 7: gemv_rows<7, 2>(x, W, y, N, K, n0, n1); break;
-    case 8: gemv_rows<8, 2>(x, W, y, N, K, n0, n1); break;
+    case 1: gemv_rows<1, 4>(x, W, y, N, K, n0, n1, pf); break;
+    case 2: gemv_rows<2, 4>(x, W, y, N, K, n0, n1, pf); break;
+    case 3: gemv_rows<3, 4>(x, W, y, N, K, n0, n1, pf); break;
+    case 4: gemv_rows<4, 2>(x, W, y, N, K, n0, n1, pf); break;
+    case 5: gemv_rows<5, 2>(x, W, y, N, K, n0, n1, pf); break;
+    case 6: gemv_rows<6, 2>(x, W, y, N, K, n0, n1, pf); break;
+    case 7: gemv_rows<7, 2>(x, W, y, N, K, n0, n1, pf); break;
+    case 8:  // from L2, three weight rows a step: 24 accumulators, 11 loads per 24 FMAs
+      if (hot)
+        gemv_rows<8, 3, true>(x, W, y, N, K, n0, n1, pf);
+      else
+        gemv_rows<8, 2>(x, W, y, N, K, n0, n1, pf);
+      break;
   }
 }
 
@@ -198,16 +209,16 @@ void gemv_dispatch(int B, const float *x, const float *W, float *y, int64_t N, i
 // one instruction each per 32 weights, so it takes more weight rows per pass at 4 and 8 rows.
 template <bool Pairs>
 void gemv_dispatch_bf16(int B, const void *x, const uint16_t *W, float *y, int64_t N, int64_t K, int64_t n0,
-                        int64_t n1) {
+                        int64_t n1, int64_t pf) {
   switch (B) {
-    case 1: gemv_rows_bf16<1, 4, Pairs>(x, W, y, N, K, n0, n1); break;
-    case 2: gemv_rows_bf16<2, 4, Pairs>(x, W, y, N, K, n0, n1); break;
-    case 3: gemv_rows_bf16<3, 4, Pairs>(x, W, y, N, K, n0, n1); break;
-    case 4: gemv_rows_bf16<4, Pairs ? 4 : 2, Pairs>(x, W, y, N, K, n0, n1); break;
-    case 5: gemv_rows_bf16<5, 2, Pairs>(x, W, y, N, K, n0, n1); break;
-    case 6: gemv_rows_bf16<6, 2, Pairs>(x, W, y, N, K, n0, n1); break;
-    case 7: gemv_rows_bf16<7, 2, Pairs>(x, W, y, N, K, n0, n1); break;
-    case 8: gemv_rows_bf16<8, Pairs ? 2 : 1, Pairs>(x, W, y, N, K, n0, n1); break;
+    case 1: gemv_rows_bf16<1, 4, Pairs>(x, W, y, N, K, n0, n1, pf); break;
+    case 2: gemv_rows_bf16<2, 4, Pairs>(x, W, y, N, K, n0, n1, pf); break;
+    case 3: gemv_rows_bf16<3, 4, Pairs>(x, W, y, N, K, n0, n1, pf); break;
+    case 4: gemv_rows_bf16<4, Pairs ? 4 : 2, Pairs>(x, W, y, N, K, n0, n1, pf); break;
+    case 5: gemv_rows_bf16<5, 2, Pairs>(x, W, y, N, K, n0, n1, pf); break;
+    case 6: gemv_rows_bf16<6, 2, Pairs>(x, W, y, N, K, n0, n1, pf); break;
+    case 7: gemv_rows_bf16<7, 2, Pairs>(x, W, y, N, K, n0, n1, pf); break;
+    case 8: gemv_rows_bf16<8, Pairs ? 2 : 1, Pairs>(x, W, y, N, K, n0, n1, pf); break;
   }
 }
 
@@ -311,12 +322,17 @@ void gemv_f32_out(const float *x, const void *W, int w_dtype, float *out, int B,
     const int64_t n0 = blk * rows_per_block, n1 = n0 + rows_per_block < N ? n0 + rows_per_block : N;
     for (int b0 = 0; b0 < B; b0 += kMaxRows) {
       const int tile = B - b0 < kMaxRows ? B - b0 : kMaxRows;
+      // The first tile streams the block from memory, prefetching its own rows ahead; the later tiles read it from
+      // L2 and prefetch the next block instead, so the memory keeps streaming while they compute.
+      const int64_t pf = b0 == 0 ? kPrefetchBytes : (n1 - n0) * stride * es;
       if (w_dtype == kF32)
-        gemv_dispatch(tile, x + b0 * stride, static_cast<const float *>(W), out + b0 * N, N, K, n0, n1);
+        gemv_dispatch(tile, x + b0 * stride, static_cast<const float *>(W), out + b0 * N, N, K, n0, n1, pf, b0 > 0);
       else if (w_dtype == kBF16Pairs)
-        gemv_dispatch_bf16<true>(tile, xb + b0 * stride, static_cast<const uint16_t *>(W), out + b0 * N, N, K, n0, n1);
+        gemv_dispatch_bf16<true>(tile, xb + b0 * stride, static_cast<const uint16_t *>(W), out + b0 * N, N, K, n0, n1,
+                                 pf);
       else
-        gemv_dispatch_bf16<false>(tile, x + b0 * stride, static_cast<const uint16_t *>(W), out + b0 * N, N, K, n0, n1);
+        gemv_dispatch_bf16<false>(tile, x + b0 * stride, static_cast<const uint16_t *>(W), out + b0 * N, N, K, n0, n1,
+                                  pf);
     }
   }
 }
