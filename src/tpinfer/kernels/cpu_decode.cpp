@@ -84,8 +84,9 @@ constexpr int kPrefetchBytes = 8192;
 
 // y[b, n] = sum_k x[b, k] W[n, k] for weight rows [n0, n1): R weight rows at a time against B activation rows
 // (float32, contiguous, K floats each), so every weight element is loaded once and used B times.
-// Hot (weights in L2, a later tile of a pass): each x vector is loaded once into a register for its R FMAs. From
-// memory, letting the compiler fold the loads into the FMAs measured faster (8 rows, TP=2 decode).
+// Hot (past 8 rows, where tiles of 8 take turns on a block of weights): each x vector is loaded once into a register
+// for its R FMAs instead of once per FMA (folded into it), which bounded the tiles by their loads. At 8 rows or
+// fewer, one pass straight from memory, the folded form measured faster (TP=2 decode).
 template <int B, int R, bool Hot = false>
 void gemv_rows(const float *x, const float *W, float *y, int64_t N, int64_t K, int64_t n0, int64_t n1,
                int64_t pf = kPrefetchBytes) {
@@ -196,7 +197,7 @@ void gemv_dispatch(int B, const float *x, const float *W, float *y, int64_t N, i
     case 5: gemv_rows<5, 2>(x, W, y, N, K, n0, n1, pf); break;
     case 6: gemv_rows<6, 2>(x, W, y, N, K, n0, n1, pf); break;
     case 7: gemv_rows<7, 2>(x, W, y, N, K, n0, n1, pf); break;
-    case 8:  // from L2, three weight rows a step: 24 accumulators, 11 loads per 24 FMAs
+    case 8:  // hot: three weight rows a step, 24 accumulators, 11 loads per 24 FMAs
       if (hot)
         gemv_rows<8, 3, true>(x, W, y, N, K, n0, n1, pf);
       else
@@ -326,7 +327,7 @@ void gemv_f32_out(const float *x, const void *W, int w_dtype, float *out, int B,
       // L2 and prefetch the next block instead, so the memory keeps streaming while they compute.
       const int64_t pf = b0 == 0 ? kPrefetchBytes : (n1 - n0) * stride * es;
       if (w_dtype == kF32)
-        gemv_dispatch(tile, x + b0 * stride, static_cast<const float *>(W), out + b0 * N, N, K, n0, n1, pf, b0 > 0);
+        gemv_dispatch(tile, x + b0 * stride, static_cast<const float *>(W), out + b0 * N, N, K, n0, n1, pf, B > kMaxRows);
       else if (w_dtype == kBF16Pairs)
         gemv_dispatch_bf16<true>(tile, xb + b0 * stride, static_cast<const uint16_t *>(W), out + b0 * N, N, K, n0, n1,
                                  pf);
