@@ -106,7 +106,7 @@ void gemv_rows(const float *x, const float *W, float *y, int64_t N, int64_t K, i
       }
       for (int b = 0; b < B; b++) {
         __m512 xv = _mm512_loadu_ps(x + b * K + k);
-        if constexpr (Hot) __asm__("" : "+v"(xv));  // one load for R FMAs, not one folded into each (the loads bound them)
+        if constexpr (Hot) __asm__("" : "+v"(xv));  // one load for R FMAs, not one folded into each
         for (int r = 0; r < R; r++) acc[r][b] = _mm512_fmadd_ps(wv[r], xv, acc[r][b]);
       }
     }
@@ -327,7 +327,8 @@ void gemv_f32_out(const float *x, const void *W, int w_dtype, float *out, int B,
       // L2 and prefetch the next block instead, so the memory keeps streaming while they compute.
       const int64_t pf = b0 == 0 ? kPrefetchBytes : (n1 - n0) * stride * es;
       if (w_dtype == kF32)
-        gemv_dispatch(tile, x + b0 * stride, static_cast<const float *>(W), out + b0 * N, N, K, n0, n1, pf, B > kMaxRows);
+        gemv_dispatch(tile, x + b0 * stride, static_cast<const float *>(W), out + b0 * N, N, K, n0, n1, pf,
+                      B > kMaxRows);
       else if (w_dtype == kBF16Pairs)
         gemv_dispatch_bf16<true>(tile, xb + b0 * stride, static_cast<const uint16_t *>(W), out + b0 * N, N, K, n0, n1,
                                  pf);
