@@ -4,7 +4,7 @@
 
 The decode kernels are bound by memory at one row and by these instructions at many rows; their peaks bound what
 batching can gain (docs/performance.md uses them). Each loop runs 12 independent accumulator chains of one
-instruction (more than its latency needs), compiled here with the kernels' compiler and -march=native:
+instruction (more than its latency needs), compiled here with the system's C compiler (`cc -march=native`):
 
   vpdpbusd     int8 x uint8 dot products, 64 multiply-adds (the -a8 quantized kernels, AVX512-VNNI)
   vdpbf16ps    bfloat16 pair dot products, 32 multiply-adds (bfloat16 weights, AVX512-BF16)
@@ -17,6 +17,7 @@ An instruction the CPU lacks is reported as such. Ends with one JSON line.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -64,6 +65,8 @@ def measure(insn: str, workdir: Path) -> float | None:
 
 
 def main() -> None:
+    if shutil.which("cc") is None:
+        raise SystemExit("cpu_peak.py needs a C compiler on PATH as cc (e.g. apt-get install gcc)")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for insn, macs in INSTRUCTIONS.items():
