@@ -20,7 +20,8 @@ on a shared machine hits all of them alike (medians and per-round ratios reporte
   llama.cpp Q8_0 / Q4_K_M    llama-bench -t THREADS -p 0 -n OUTPUT_LEN (batch 1)
   tpinfer int8 / int4        tpinfer bench --tp 2 --threads 1 --dtype bfloat16 -q SCHEME --quantize-lm-head HEAD,
                              batch 1 and batch 8, quantizing the bfloat16 checkpoint while loading (the LM head
-                             in int8 by default, as llama.cpp keeps its own at 8 or 6 bits)
+                             in int8 by default, as llama.cpp keeps its own at 8 or 6 bits; int8-a8 beside an -a8
+                             scheme, so that batch 8 does not widen the head's weights to float for every row)
 
 Each tpinfer run reports its roofline: this machine's bandwidth measured in the same processes, over the bytes
 one decode step reads at that format (bytes_per_weight). Ends with one JSON line.
@@ -147,6 +148,8 @@ def tpinfer_bench(model: Path, scheme: str, tp: int, batch: int, output_len: int
     cmd = [PY, "-m", "tpinfer.cli.main", "bench", "--model", str(model), "--dtype", "bfloat16", "-q", scheme,
            "--tensor-parallel-size", str(tp), "--threads", "1", "--batch-size", str(batch), "--input-len", "32",
            "--output-len", str(output_len), "--repeat", "1", "--json"]
+    if head == "auto":
+        head = "int8-a8" if scheme.endswith("-a8") else "int8"
     if head != "float":
         cmd += ["--quantize-lm-head", head]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
@@ -163,9 +166,10 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/tpinfer-gguf"), help="where the GGUF files go")
     parser.add_argument("--int8", default="int8", help="tpinfer's 8-bit scheme (default int8: per channel)")
     parser.add_argument("--int4", default="int4", help="tpinfer's 4-bit scheme (default int4: groups of 32)")
-    parser.add_argument("--lm-head", default="int8", metavar="SCHEME|float",
-                        help="tpinfer's LM head format (default int8, as llama.cpp keeps its head at 6-8 bits: Q8_0 in "
-                        "a Q8_0 file, Q6_K in Q4_K_M); float keeps it bfloat16")
+    parser.add_argument("--lm-head", default="auto", metavar="SCHEME|float|auto",
+                        help="tpinfer's LM head format (default auto: int8, or int8-a8 beside an -a8 scheme, as "
+                        "llama.cpp keeps its head at 6-8 bits: Q8_0 in a Q8_0 file, Q6_K in Q4_K_M); float keeps it "
+                        "bfloat16")
     parser.add_argument("--tp", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads (default 2)")
     parser.add_argument("--output-len", type=int, default=64)
