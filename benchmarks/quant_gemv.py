@@ -7,6 +7,11 @@ Each process holds 24 random 2816 x 2048 weights (a TP=2 rank's share of a 1.1B 
 than the caches) in bfloat16 and in every scheme, in huge pages as the engine holds them, and times one pass over
 all of them against bfloat16 activations, the median of 7; the processes start each timing together (one
 process alone gets the whole memory bus, which decode at TP=2 never does). Ends with one JSON line.
+
+    python benchmarks/quant_gemv.py --in-cache --procs 1 --schemes int4-g128-a8,int8-a8
+
+``--in-cache`` times one 1024 x 2048 weight over and over instead (it stays in L2): what the kernel itself computes,
+with memory out of the way, in multiply-adds a second (`cpu_peak.py` gives the instructions' own peaks).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import statistics
 import time
 
 N, K, MATRICES, REPEATS = 2816, 2048, 24, 7
+IN_CACHE_N, IN_CACHE_CALLS = 1024, 24  # --in-cache: one weight this tall, called this many times a timing
 
 
 def _into_huge_pages(stored: dict) -> None:
@@ -41,7 +47,7 @@ def _into_huge_pages(stored: dict) -> None:
     stored["_arena"] = arena
 
 
-def _worker(schemes: list[str], rows: list[int], barrier, out) -> None:  # noqa: ANN001
+def _worker(schemes: list[str], rows: list[int], barrier, out, in_cache: bool) -> None:  # noqa: ANN001
     import torch
 
     from tpinfer import kernels
@@ -49,7 +55,8 @@ def _worker(schemes: list[str], rows: list[int], barrier, out) -> None:  # noqa:
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    weights = [torch.randn(N, K) for _ in range(MATRICES)]
+    n_rows, matrices = (IN_CACHE_N, 1) if in_cache else (N, MATRICES)
+    weights = [torch.randn(n_rows, K) for _ in range(matrices)]
     stored = {"bfloat16": [w.bfloat16() for w in weights]}
     for name in schemes:
         stored[name] = [quantize(parse(name), w) for w in weights]
@@ -57,8 +64,9 @@ def _worker(schemes: list[str], rows: list[int], barrier, out) -> None:  # noqa:
     _into_huge_pages(stored)  # as the engine holds its weights
     result: dict[str, dict[int, float]] = {}
     arena = stored.pop("_arena")
+    calls = IN_CACHE_CALLS if in_cache else MATRICES
     for name, mats in stored.items():
-        nbytes = (N * K * 2 if name == "bfloat16" else
+        nbytes = (n_rows * K * 2 if name == "bfloat16" else
                   sum(t.numel() * t.element_size() for t in mats[0].values()))
         for b in rows:
             x = torch.randn(b, K).bfloat16()
@@ -75,10 +83,12 @@ def _worker(schemes: list[str], rows: list[int], barrier, out) -> None:  # noqa:
             times = []
             for _ in range(REPEATS):
                 start = time.perf_counter()
-                for i in range(MATRICES):
-                    step(i)
-                times.append((time.perf_counter() - start) / MATRICES)
-            result.setdefault(name, {})[b] = nbytes / statistics.median(times) / 1e9
+                for i in range(calls):
+                    step(i % matrices)
+                times.append((time.perf_counter() - start) / calls)
+            seconds = statistics.median(times)
+            # in cache: multiply-adds a second (G); from memory: stored bytes a second (GB)
+            result.setdefault(name, {})[b] = (n_rows * K * b if in_cache else nbytes) / seconds / 1e9
     out.put({"huge_pages": arena is not None, **result})
 
 
@@ -87,21 +97,26 @@ def main() -> None:
     parser.add_argument("--procs", type=int, default=2, help="processes streaming at once (default 2)")
     parser.add_argument("--rows", default="1,8", help="activation rows (default 1,8)")
     parser.add_argument("--schemes", default="int8,int8-a8,int4,int4-a8,fp8")
+    parser.add_argument("--in-cache", action="store_true",
+                        help="one L2-resident weight called over and over: G multiply-adds/s instead of GB/s")
     args = parser.parse_args()
     schemes, rows = args.schemes.split(","), [int(r) for r in args.rows.split(",")]
     ctx = mp.get_context("spawn")
     barrier, out = ctx.Barrier(args.procs), ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(schemes, rows, barrier, out)) for _ in range(args.procs)]
+    procs = [ctx.Process(target=_worker, args=(schemes, rows, barrier, out, args.in_cache))
+             for _ in range(args.procs)]
     for p in procs:
         p.start()
     results = [out.get() for _ in procs]
     for p in procs:
         p.join()
-    print(f"{'GB/s per process':<18}" + "".join(f"{f'{r} row' + ('s' if r > 1 else ''):>16}" for r in rows))
+    unit = "G mul-adds/s" if args.in_cache else "GB/s per process"
+    print(f"{unit:<18}" + "".join(f"{f'{r} row' + ('s' if r > 1 else ''):>16}" for r in rows))
     for name in (n for n in results[0] if n != "huge_pages"):
         cells = ["/".join(f"{res[name][r]:.1f}" for res in results) for r in rows]
         print(f"{name:<18}" + "".join(f"{c:>16}" for c in cells))
-    print(json.dumps({"procs": args.procs, "shape": [N, K], "gb_per_s": results}))
+    print(json.dumps({"procs": args.procs, "shape": [IN_CACHE_N if args.in_cache else N, K],
+                      "g_mul_adds_per_s" if args.in_cache else "gb_per_s": results}))
 
 
 if __name__ == "__main__":
