@@ -62,14 +62,17 @@ def main() -> None:
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     floor = int(subprocess.run([sys.executable, "-c", FLOOR], capture_output=True, text=True,
                                check=True).stdout.split()[-1])
-    base, weights = max(results[0]["peak_rss_bytes"]), max(results[0]["param_bytes"])
+    first = results[0]
+    # the whole model's weight bytes, from the first layout's largest rank
+    base, weights = max(first["peak_rss_bytes"]), max(first["param_bytes"]) * first["tp"] * first["pp"]
     print(f"{'TPxPP':>5} {'params/rank GiB':>16} {'peak RSS/rank GiB':>18} {'vs first':>8} {'best possible':>13} "
           f"{'load s':>7}")
     for r in results:
         peak = max(r["peak_rss_bytes"])
         r["peak_vs_tp1"] = peak / base
-        # every rank keeps the floor; the weights split at best evenly over the ranks of this layout
-        r["best_possible_vs_tp1"] = (floor + weights / (r["tp"] * r["pp"])) / (floor + weights)
+        # every rank keeps the floor; the weights split at best evenly over the ranks of each layout
+        r["best_possible_vs_tp1"] = ((floor + weights / (r["tp"] * r["pp"]))
+                                     / (floor + weights / (first["tp"] * first["pp"])))
         print(f"{r['tp']:>3}x{r['pp']} {max(r['param_bytes']) / 2**30:>16.2f} {peak / 2**30:>18.2f} {peak / base:>7.0%} "
               f"{r['best_possible_vs_tp1']:>13.0%} {r['load_s']:>7.1f}")
     print(f"floor (Python, torch and tpinfer imported, nothing loaded): {floor / 2**20:.0f} MiB a process",
