@@ -87,6 +87,16 @@ constexpr int kPrefetchBytes = 8192;
 // Hot (past 8 rows, where tiles of 8 take turns on a block of weights): each x vector is loaded once into a register
 // for its R FMAs instead of once per FMA (folded into it), which bounded the tiles by their loads. At 8 rows or
 // fewer, one pass straight from memory, the folded form measured faster (TP=2 decode).
+// Rows of 4 KiB or more (float32 from K = 1024, bfloat16 from K = 2048) streamed from memory at 1-8 activation
+// rows: each weight line is prefetched twice, kPrefetchBytes and twice that ahead. One prefetch that far ahead
+// (16-32 KiB alone, single runs) did not help; the pair did. Two processes at once (a rank per core), weights in huge pages,
+// G multiply-adds/s for both, before -> after, two alternating rounds: bfloat16 at 8 rows, K = 2048 112-127 ->
+// 146-162, K = 4096 65-74 -> 85-87; at 4 rows, K = 2048 63-71 -> 86-89; float32 at 8 rows, K = 2048 60 -> 77,
+// K = 4096 43-50 -> 58-66; at 4 rows, K = 1024 46 -> 56-66; one row and rows under 4 KiB unchanged (K = 512-1024 in
+// bfloat16 lost 0-5% with it, so they keep one). TP=2 decode of the 1.1B Llama in bfloat16 (K = 2048): batch 8
+// 80-87 -> 102-107 tokens/s. Not for the prefetch of the next block (tiles past 8 rows), which is far already.
+inline bool far_prefetch(int64_t pf, int64_t row_bytes) { return pf <= kPrefetchBytes * 8 && row_bytes >= 4096; }
+
 template <int B, int R, bool Hot = false>
 void gemv_rows(const float *x, const float *W, float *y, int64_t N, int64_t K, int64_t n0, int64_t n1,
                int64_t pf = kPrefetchBytes) {
@@ -97,6 +107,7 @@ void gemv_rows(const float *x, const float *W, float *y, int64_t N, int64_t K, i
   // four rows at a time (1-3 activation rows) showed no clear gain either way, so they keep 8 KiB.
   const int64_t pair = R * K * int64_t(sizeof(float));
   if (R == 2 && pf < pair) pf = pair;
+  const bool far = far_prefetch(pf, K * int64_t(sizeof(float)));
   int64_t n = n0;
   for (; n + R <= n1; n += R) {
     __m512 acc[R][B];
@@ -108,6 +119,7 @@ void gemv_rows(const float *x, const float *W, float *y, int64_t N, int64_t K, i
       for (int r = 0; r < R; r++) {
         wv[r] = load16(w + r * K + k);
         _mm_prefetch(reinterpret_cast<const char *>(w + r * K + k) + pf, _MM_HINT_T1);
+        if (far) _mm_prefetch(reinterpret_cast<const char *>(w + r * K + k) + 2 * pf, _MM_HINT_T1);
       }
       for (int b = 0; b < B; b++) {
         __m512 xv = _mm512_loadu_ps(x + b * K + k);
@@ -144,6 +156,7 @@ void gemv_rows_bf16(const void *x, const uint16_t *W, float *y, int64_t N, int64
                     int64_t pf = kPrefetchBytes) {
   const int64_t KP = (K + 31) & ~int64_t(31);
   const int64_t k_full = K & ~int64_t(31);
+  const bool far = far_prefetch(pf, K * 2);
   const __mmask32 tail = static_cast<__mmask32>((1ull << (K - k_full)) - 1ull);
   const __m512i odd = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
   const float *xs = static_cast<const float *>(x);
@@ -162,6 +175,7 @@ void gemv_rows_bf16(const void *x, const uint16_t *W, float *y, int64_t N, int64
         } else {
           v[r] = _mm512_loadu_si512(w + r * K + k);
           _mm_prefetch(reinterpret_cast<const char *>(w + r * K + k) + pf, _MM_HINT_T1);
+          if (far) _mm_prefetch(reinterpret_cast<const char *>(w + r * K + k) + 2 * pf, _MM_HINT_T1);
         }
       }
       if constexpr (Pairs) {
