@@ -1,4 +1,5 @@
-"""The server's scheduler in process (TP=1): packed and chunked prefill under a token budget, and prefix caching.
+"""The server's scheduler in process (TP=1): packed and chunked prefill under a token budget, prefix caching, and
+prompt tokens folded into the decode forward.
 
 Every sequence's greedy tokens are checked against HF transformers' own greedy continuation of the same prompt, so
 packing, chunking and reusing another slot's keys and values must each compute what a lone full prefill computes.
@@ -10,10 +11,13 @@ import pytest
 import torch
 
 from helpers import hf_greedy, hf_model, make_checkpoint
+from tpinfer import kernels
+from tpinfer.engine import messages
 from tpinfer.engine.runtime import EngineSpec, load_engine
 from tpinfer.engine.sampling import SamplingParams
-from tpinfer.engine.scheduler import PREFIX_MIN_TOKENS, Scheduler, Sequence
+from tpinfer.engine.scheduler import PREFIX_MIN_TOKENS, Scheduler, Sequence, fold_prefill
 from tpinfer.parallel.context import ParallelContext
+from tpinfer.parallel.layers import NATIVE_MAX_ROWS
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -78,6 +82,8 @@ def test_packed_and_chunked_prefill_equal_hf(engine, hf):
     assert before_long.count("a") == NEW and before_long.count("c") >= NEW - 1
     assert scheduler.prefill_tokens == sum(len(p) for p in prompts.values())  # packed: nothing padded
     assert scheduler.prefix_hit_tokens == 0
+    # Where the native kernels run decode, the chunks of at most 16 tokens rode in the decode forwards.
+    assert (scheduler.folded_steps > 0) == hasattr(engine.forward, "takes")
 
 
 def test_prefix_cache_reuses_a_shared_prefix_and_changes_no_token(engine, hf):
@@ -120,3 +126,20 @@ def test_prefix_cache_off_and_where_it_cannot_work(engine, checkpoints):
     assert not Scheduler(ring, 2, 2).prefix_caching
     with pytest.raises(ValueError, match="max_num_batched_tokens"):
         Scheduler(engine, 4, 4, max_num_batched_tokens=0)
+
+
+@pytest.mark.skipif(not kernels.available(), reason="the native decode kernels are not built on this host")
+def test_prompt_tokens_ride_in_the_decode_forward_only_where_that_is_exact(engine, hf, checkpoints):
+    step = lambda prefill, decode=(), **kw: messages.Step(list(prefill), list(decode), **kw)  # noqa: E731
+    assert fold_prefill(engine, step([(0, [5, 6, 7])], [(1, 9, 4)]))
+    assert not fold_prefill(engine, step([], [(1, 9, 4)]))  # nothing to fold
+    assert not fold_prefill(engine, step([(0, [5, 6, 7])], echo=[0]))  # every position's logits wanted
+    assert not fold_prefill(engine, step([(0, list(range(3, 3 + NATIVE_MAX_ROWS[torch.float32])))], [(1, 9, 4)]))
+    ring = load_engine(EngineSpec(str(checkpoints["gemma3_text"]), max_batch_size=2, max_model_len=256),
+                       ParallelContext.single())
+    assert not fold_prefill(ring, step([(0, [5, 6, 7])]))  # a sliding-window ring: later positions overwrite
+    # Folded or not, a prompt arriving while others decode gets HF's tokens; one step per new token.
+    prompts = {"a": _prompt(40, 9), "b": _prompt(41, 30), "c": _prompt(42, 4)}
+    scheduler = Scheduler(engine, 4, 4, max_num_batched_tokens=64, prefix_caching=False)
+    assert _run(scheduler, prompts) == {name: hf_greedy(hf, p, NEW)[0] for name, p in prompts.items()}
+    assert scheduler.folded_steps >= 1

@@ -57,6 +57,7 @@ class Metrics:
         self.busy_seconds: Callable[[], float] = lambda: 0.0
         self.step_phases: Callable[[], dict[str, float]] = dict  # seconds of rank 0's steps by phase (Scheduler)
         self.prefill_tokens: Callable[[], int] = lambda: 0
+        self.folded_steps: Callable[[], int] = lambda: 0
         # Prefix caching: whether it is on, prompt tokens looked up, and of them those found cached.
         self.prefix_caching = False
         self.prefix_cache: Callable[[], tuple[int, int]] = lambda: (0, 0)
@@ -129,6 +130,10 @@ class Metrics:
                 "where prompts are padded rather than packed.",
                 "# TYPE tpinfer_prefill_tokens_total counter",
                 f"tpinfer_prefill_tokens_total {self.prefill_tokens()}",
+                "# HELP tpinfer_folded_prefill_steps_total Steps whose prompt tokens ran in the decode forward, a row "
+                "each, instead of a forward of their own.",
+                "# TYPE tpinfer_folded_prefill_steps_total counter",
+                f"tpinfer_folded_prefill_steps_total {self.folded_steps()}",
                 "# HELP tpinfer_prefix_caching Whether prompts start from cached prefixes (1) or not (0).",
                 "# TYPE tpinfer_prefix_caching gauge",
                 f"tpinfer_prefix_caching {int(self.prefix_caching)}",

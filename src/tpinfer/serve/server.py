@@ -218,6 +218,7 @@ def _build_state(config: ServeConfig, engine: RankEngine, tokenizer: Tokenizer, 
     metrics.busy_seconds = lambda: sum(s.busy_s for s in schedulers)
     metrics.step_phases = lambda: {k: sum(s.phase_s[k] for s in schedulers) for k in schedulers[0].phase_s}
     metrics.prefill_tokens = lambda: sum(s.prefill_tokens for s in schedulers)
+    metrics.folded_steps = lambda: sum(s.folded_steps for s in schedulers)
     metrics.prefix_caching = schedulers[0].prefix_caching
     metrics.prefix_cache = lambda: (sum(s.prompt_tokens for s in schedulers), sum(s.prefix_hit_tokens for s in schedulers))
     metrics.replicas = lambda: [{"running": s.num_running, "waiting": s.num_waiting, "steps": s.steps,
