@@ -184,9 +184,9 @@ def fold_prefill(engine: RankEngine, message: messages.Step) -> bool:
     The kernels write every row's keys and values into the cache before any row attends, and each row attends its
     slot's positions up to its own, so a prompt's consecutive positions in one step attend causally, as a prefill
     does. Two forwards a step (the packed prompts through the model's layers, then the decodes through the
-    kernels) become one, at the decodes' cost plus a row per prompt token: a short prompt arriving while others
-    stream cost its own forward, 23 ms for a few tokens of the 250M Llama at TP=2 in bfloat16, against 16 ms for a
-    whole one-row decode step.
+    kernels) become one, at the decodes' cost plus a row per prompt token. A short prompt had cost a forward of its
+    own, 28 ms for a few tokens of the 250M Llama at TP=2 in bfloat16 against 18 ms for a one-row decode step; folded,
+    17-20 ms (``benchmarks/prefill_cost.py``).
     """
     takes = getattr(engine.forward, "takes", None)
     if not message.prefill or message.echo or takes is None or engine.ctx.pp_size > 1 or not engine.model.packable:

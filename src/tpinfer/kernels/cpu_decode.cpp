@@ -88,13 +88,14 @@ constexpr int kPrefetchBytes = 8192;
 // for its R FMAs instead of once per FMA (folded into it), which bounded the tiles by their loads. At 8 rows or
 // fewer, one pass straight from memory, the folded form measured faster (TP=2 decode).
 // Rows of 4 KiB or more (float32 from K = 1024, bfloat16 from K = 2048) streamed from memory at 1-8 activation
-// rows: each weight line is prefetched twice, kPrefetchBytes and twice that ahead. One prefetch that far ahead
-// (16-32 KiB alone, single runs) did not help; the pair did. Two processes at once (a rank per core), weights in huge pages,
-// G multiply-adds/s for both, before -> after, two alternating rounds: bfloat16 at 8 rows, K = 2048 112-127 ->
-// 146-162, K = 4096 65-74 -> 85-87; at 4 rows, K = 2048 63-71 -> 86-89; float32 at 8 rows, K = 2048 60 -> 77,
-// K = 4096 43-50 -> 58-66; at 4 rows, K = 1024 46 -> 56-66; one row and rows under 4 KiB unchanged (K = 512-1024 in
-// bfloat16 lost 0-5% with it, so they keep one). TP=2 decode of the 1.1B Llama in bfloat16 (K = 2048): batch 8
-// 80-87 -> 102-107 tokens/s. Not for the prefetch of the next block (tiles past 8 rows), which is far already.
+// rows: each weight line is prefetched twice, kPrefetchBytes and twice that ahead. One prefetch 16-32 KiB ahead did
+// not help (single runs); the pair did. `benchmarks/float_gemv.py` (two processes timed together, weights in huge
+// pages; G multiply-adds/s of both), before -> after, three alternating rounds: bfloat16 at 8 rows, K = 2048
+// 103-122 -> 124-163, K = 4096 66-74 -> 93-96; at 4 rows, K = 2048 57-71 -> 61-108; float32 at 4 rows, K = 2048
+// 30-46 -> 31-55, at 8 rows 54-73 -> 66-78; one row, and float32 at K = 1024, the same within noise (bfloat16 rows
+// under 4 KiB lost up to 5% with it in an earlier comparison, so they keep one). TP=2 decode of the 1.1B Llama in
+// bfloat16 (K = 2048): batch 8 80-87 -> 102-107 tokens/s. Not for the prefetch of the next block (tiles past 8
+// rows), which is far ahead already.
 inline bool far_prefetch(int64_t pf, int64_t row_bytes) { return pf <= kPrefetchBytes * 8 && row_bytes >= 4096; }
 
 template <int B, int R, bool Hot = false>
