@@ -15,7 +15,14 @@ from tpinfer import kernels
 from tpinfer.engine import messages
 from tpinfer.engine.runtime import EngineSpec, load_engine
 from tpinfer.engine.sampling import SamplingParams
-from tpinfer.engine.scheduler import PREFIX_MIN_TOKENS, Scheduler, Sequence, fold_prefill
+from tpinfer.engine.scheduler import (
+    FOLD_MIN_TOKENS,
+    MAX_NUM_BATCHED_TOKENS,
+    PREFIX_MIN_TOKENS,
+    Scheduler,
+    Sequence,
+    fold_prefill,
+)
 from tpinfer.parallel.context import ParallelContext
 from tpinfer.parallel.layers import NATIVE_MAX_ROWS
 
@@ -138,6 +145,13 @@ def test_prompt_tokens_ride_in_the_decode_forward_only_where_that_is_exact(engin
     ring = load_engine(EngineSpec(str(checkpoints["gemma3_text"]), max_batch_size=2, max_model_len=256),
                        ParallelContext.single())
     assert not fold_prefill(ring, step([(0, [5, 6, 7])]))  # a sliding-window ring: later positions overwrite
+    assert Scheduler(ring, 2, 2).step_budget(0) == MAX_NUM_BATCHED_TOKENS  # never folds: the whole budget
+    # A step prefills what keeps it within the kernels' rows, unless that leaves too little room.
+    rows = NATIVE_MAX_ROWS[torch.float32]
+    folding = Scheduler(engine, 4, 4)
+    assert folding.step_budget(0) == rows and folding.step_budget(3) == rows - 3
+    assert folding.step_budget(rows - FOLD_MIN_TOKENS + 1) == MAX_NUM_BATCHED_TOKENS
+    assert Scheduler(engine, 4, 4, max_num_batched_tokens=16).step_budget(3) == 16
     # Folded or not, a prompt arriving while others decode gets HF's tokens; one step per new token.
     prompts = {"a": _prompt(40, 9), "b": _prompt(41, 30), "c": _prompt(42, 4)}
     scheduler = Scheduler(engine, 4, 4, max_num_batched_tokens=64, prefix_caching=False)

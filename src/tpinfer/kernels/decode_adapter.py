@@ -171,6 +171,13 @@ class NativeDecode:
     def takes(self, batch: Batch) -> bool:
         return takes_step(batch, self.layers[0].input_layernorm.weight, self.quantized)
 
+    def max_rows(self) -> int:
+        """The most rows of one new token each that ``takes`` accepts (0 where the kernels cannot run)."""
+        weight = self.layers[0].input_layernorm.weight
+        if not kernels.usable(weight):
+            return 0
+        return (QUANT_NATIVE_MAX_ROWS if self.quantized else NATIVE_MAX_ROWS).get(weight.dtype, 0)
+
     def decode(self, batch: Batch, cache: KVCache) -> torch.Tensor | None:
         """Final hidden states (B, hidden) of a decode step the kernels take (``takes``); on a pipeline stage before
         the last, None once its output is on its way to the next stage."""
