@@ -13,21 +13,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+import httpx
+from serve_load import _metrics, _start_server, stop_server
+
+PHASES = ("schedule", "prefill", "decode", "sample")
+FOLDED = "tpinfer_folded_prefill_steps_total"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _counters(url: str) -> dict[str, float]:
+    """Rank 0's step seconds by phase and the folded steps so far."""
+    metrics = _metrics(url, {})
+    out = {p: metrics.get(f'tpinfer_step_seconds_total{{phase="{p}"}}', 0.0) for p in PHASES}
+    out["folded_steps"] = metrics.get(FOLDED, 0.0)
+    return out
 
 
 def main() -> None:
@@ -37,67 +37,39 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--requests", type=int, default=15)
     args = parser.parse_args()
-    port = _free_port()
-    base = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "tpinfer.cli.main", "serve", "--model", args.model, "--tp",
-                               str(args.tp), "--dtype", args.dtype, "--port", str(port), "--max-model-len", "512"],
-                              cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # What serve_load.py's _start_server reads: one sequence at a time, a short context, no extra options.
+    args.concurrency, args.max_model_len, args.serve_args = [1], 512, ""
+    server, url = _start_server(args)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            if server.poll() is not None:
-                raise SystemExit(f"the server exited ({server.returncode}):\n{server.stderr.read()[-3000:]}")
-            try:
-                urllib.request.urlopen(base + "/health", timeout=1)
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise SystemExit("the server did not come up in 180 s") from None
-                time.sleep(0.5)
-        name = json.load(urllib.request.urlopen(base + "/v1/models"))["data"][0]["id"]
+        client = httpx.Client(base_url=url, timeout=120)  # one connection, kept: the wall time is the server's
+        name = client.get("/v1/models").json()["data"][0]["id"]
 
         def complete(prompt: str, max_tokens: int) -> None:
-            body = json.dumps({"model": name, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-                               "ignore_eos": True}).encode()
-            request = urllib.request.Request(base + "/v1/completions", data=body,
-                                             headers={"Content-Type": "application/json"})
-            json.load(urllib.request.urlopen(request, timeout=120))
-
-        def counters() -> dict[str, float]:
-            text = urllib.request.urlopen(base + "/metrics").read().decode()
-            out = {m.group(1): float(m.group(2))
-                   for m in re.finditer(r'tpinfer_step_seconds_total\{phase="(\w+)"\} ([0-9.e+-]+)', text)}
-            folded = re.search(r"^tpinfer_folded_prefill_steps_total ([0-9.]+)", text, re.M)
-            out["folded_steps"] = float(folded.group(1)) if folded else 0.0
-            return out
+            body = {"model": name, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+            client.post("/v1/completions", json=body).raise_for_status()
 
         complete("Warm up the server " * 4, 2)
         results = {}
         for label, extra in (("few new tokens", ""), ("8 more tokens", " word" * 8)):
-            before, start = counters(), time.perf_counter()
+            before, start = _counters(url), time.perf_counter()
             for i in range(args.requests):
                 complete(f"Request number {i}:{extra} {i * 7919}", 1)
             wall = (time.perf_counter() - start) / args.requests
-            after = counters()
-            per = {k: (after[k] - before.get(k, 0.0)) / args.requests for k in after}
-            results[label] = {"wall_ms": wall * 1e3, **{f"{k}_ms": v * 1e3 for k, v in per.items() if k != "folded_steps"},
+            per = {k: (v - before[k]) / args.requests for k, v in _counters(url).items()}
+            results[label] = {"wall_ms": wall * 1e3, **{f"{p}_ms": per[p] * 1e3 for p in PHASES},
                               "folded_share": per["folded_steps"]}
-            phases = "  ".join(f"{k} {v * 1e3:.2f} ms" for k, v in per.items() if k != "folded_steps")
+            phases = "  ".join(f"{p} {per[p] * 1e3:.2f} ms" for p in PHASES)
             print(f"{label:15} a request: {wall * 1e3:.1f} ms wall; {phases}; folded {per['folded_steps']:.2f}")
-        before = counters()
+        before = _counters(url)
         complete("A decode probe", 40)
-        after = counters()
-        per_step = {k: (after[k] - before.get(k, 0.0)) / 40 * 1e3 for k in after if k != "folded_steps"}
-        results["one-row decode step"] = {f"{k}_ms": v for k, v in per_step.items()}
-        print("one-row decode step: " + "  ".join(f"{k} {v:.2f} ms" for k, v in per_step.items()))
+        after = _counters(url)
+        per_step = {p: (after[p] - before[p]) / 40 * 1e3 for p in PHASES}
+        results["one-row decode step"] = {f"{p}_ms": v for p, v in per_step.items()}
+        print("one-row decode step: " + "  ".join(f"{p} {v:.2f} ms" for p, v in per_step.items()))
         print(json.dumps({"benchmark": "prefill_cost", "model": args.model, "tp": args.tp, "dtype": args.dtype,
                           "requests": args.requests, "results": results}))
     finally:
-        server.terminate()
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_server(server)
 
 
 if __name__ == "__main__":

@@ -210,7 +210,7 @@ def _metrics(url: str, headers: dict) -> dict[str, float]:
     out = {}
     for line in httpx.get(f"{url}/metrics", headers=headers, timeout=10).text.splitlines():
         if line.startswith(("tpinfer_pipeline_", "tpinfer_step_seconds_total", "tpinfer_prefill_tokens_total",
-                            "tpinfer_prefix_cache_")):
+                            "tpinfer_prefix_cache_", "tpinfer_folded_prefill_steps_total")):
             name, value = line.rsplit(" ", 1)
             out[name] = float(value)
     return out
@@ -244,12 +244,17 @@ def run_levels(server: subprocess.Popen, url: str, args: argparse.Namespace,
         levels = [asyncio.run(_level(url, {}, c, args.requests_per_client, body, prefix)) for c in args.concurrency]
         return levels, before, _metrics(url, {})
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait(10)
+        stop_server(server)
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    """SIGTERM to a server this script started (its whole process group), SIGKILL if it is not gone in 60 s."""
+    os.killpg(server.pid, signal.SIGTERM)
+    try:
+        server.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(10)
 
 
 def wait_healthy(server: subprocess.Popen, url: str, timeout_s: float, poll_s: float = 0.5, log: str = "") -> None:

@@ -170,12 +170,17 @@ def run_stage(engine: RankEngine, message: messages.Step, times: dict[str, float
     if message.decode:
         slots, tokens, positions = (list(column) for column in zip(*message.decode, strict=True))
         batch = Batch.build([[t] for t in tokens], positions, slots, device)
-        local = forward(batch, cache)
-        decode_logits = _send_logits(engine, _candidates(engine, local, message.candidates) if message.candidates
-                                     else model.gather_logits(local))
+        decode_logits = _decode_logits(engine, message, forward(batch, cache))
     if times is not None:
         times["decode"] += time.perf_counter() - start
     return prefill_logits, decode_logits, echo_logits
+
+
+def _decode_logits(engine: RankEngine, message: messages.Step, local: torch.Tensor | None) -> torch.Tensor | None:
+    """The decode rows' local logits as rank 0 samples them (candidates where the message asks for them, else
+    full logits), on their way to rank 0 from the sampler."""
+    full = _candidates(engine, local, message.candidates) if message.candidates else engine.model.gather_logits(local)
+    return _send_logits(engine, full)
 
 
 def fold_rows(engine: RankEngine) -> int:
@@ -212,10 +217,8 @@ def _run_folded(engine: RankEngine, message: messages.Step, times: dict[str, flo
     """``run_stage`` for a step ``fold_prefill`` accepts: the decodes' rows first, then every prompt token as a row
     of its own at its position; the head runs on the decodes' rows and each prompt's last row only. The step's time
     counts as decode."""
-    model, forward, cache, device = engine.model, engine.forward, engine.generator.cache, engine.ctx.device
-    slots = [slot for slot, _, _ in message.decode]
-    tokens = [token for _, token, _ in message.decode]
-    positions = [position for _, _, position in message.decode]
+    model, device = engine.model, engine.ctx.device
+    slots, tokens, positions = map(list, zip(*message.decode, strict=True)) if message.decode else ([], [], [])
     last = []
     for i, (slot, prompt) in enumerate(message.prefill):
         first = message.start(i)
@@ -224,14 +227,10 @@ def _run_folded(engine: RankEngine, message: messages.Step, times: dict[str, flo
         positions += range(first, first + len(prompt))
         last.append(len(tokens) - 1)
     batch = Batch.build([[t] for t in tokens], positions, slots, device)
-    hidden = forward.decode(batch, cache)
+    hidden = engine.forward.decode(batch, engine.generator.cache)
     prefill_logits = _send_logits(engine, model.gather_logits(model.logits(hidden[last])))  # as run_stage: first
     n = len(message.decode)
-    decode_logits = None
-    if n:
-        local = model.logits(hidden[:n])
-        decode_logits = _send_logits(engine, _candidates(engine, local, message.candidates) if message.candidates
-                                     else model.gather_logits(local))
+    decode_logits = _decode_logits(engine, message, model.logits(hidden[:n])) if n else None
     if times is not None:
         times["decode"] += time.perf_counter() - start
     return prefill_logits, decode_logits, {}

@@ -79,12 +79,18 @@ def model_reason(model: torch.nn.Module) -> str | None:
     return None
 
 
+def row_limit(weight: torch.Tensor, quantized: bool = False) -> int:
+    """The most rows a step the kernels run may have (fewer for quantized weights); 0 where they cannot run."""
+    if not kernels.usable(weight):
+        return 0
+    return (QUANT_NATIVE_MAX_ROWS if quantized else NATIVE_MAX_ROWS).get(weight.dtype, 0)
+
+
 def takes_step(batch: Batch, weight: torch.Tensor, quantized: bool = False) -> bool:
-    """A step the kernels run: one new token per row, few enough rows (fewer for quantized weights), activations of
-    ``weight``'s dtype."""
-    limit = (QUANT_NATIVE_MAX_ROWS if quantized else NATIVE_MAX_ROWS).get(weight.dtype, 0)
-    return (batch.input_ids.shape[1] == 1 and not batch.all_logits and batch.input_ids.shape[0] <= limit
-            and kernels.usable(weight))
+    """A step the kernels run: one new token per row, few enough rows (``row_limit``), activations of ``weight``'s
+    dtype."""
+    return (batch.input_ids.shape[1] == 1 and not batch.all_logits
+            and batch.input_ids.shape[0] <= row_limit(weight, quantized))
 
 
 def check_in_cache(batch: Batch, cache: KVCache) -> None:
@@ -173,10 +179,7 @@ class NativeDecode:
 
     def max_rows(self) -> int:
         """The most rows of one new token each that ``takes`` accepts (0 where the kernels cannot run)."""
-        weight = self.layers[0].input_layernorm.weight
-        if not kernels.usable(weight):
-            return 0
-        return (QUANT_NATIVE_MAX_ROWS if self.quantized else NATIVE_MAX_ROWS).get(weight.dtype, 0)
+        return row_limit(self.layers[0].input_layernorm.weight, self.quantized)
 
     def decode(self, batch: Batch, cache: KVCache) -> torch.Tensor | None:
         """Final hidden states (B, hidden) of a decode step the kernels take (``takes``); on a pipeline stage before
