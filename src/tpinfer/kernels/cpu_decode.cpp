@@ -34,6 +34,9 @@ constexpr int kBF16 = 1;
 // Not a tensor dtype: bfloat16 weights against bfloat16 activations kept as bfloat16 pairs, for the bfloat16 dot
 // product instruction (VDPBF16PS, AVX512-BF16). Chosen inside the GEMV entry points (weight_kind), never passed in.
 constexpr int kBF16Pairs = 2;
+// Nor this: float32 weights against more than kMaxRows activation rows, x transposed for the broadcast kernel
+// (gemv_bcast). Chosen per pass of rows (pass_kind).
+constexpr int kF32Bcast = 3;
 constexpr int kMaxRows = 8;  // activation rows per register tile (one accumulator register each)
 // Activation rows per pass over a float weight: tiles of kMaxRows rows take turns on each block of weight rows
 // while it is in L2 (gemv_f32_out), so a batch of up to this many rows still reads every weight from memory once.
@@ -226,6 +229,77 @@ void gemv_dispatch(int B, const float *x, const float *W, float *y, int64_t N, i
   }
 }
 
+// float32 weights past kMaxRows activation rows: the broadcast form. x is transposed into groups of 16 rows
+// (prepare_xt: vector k of group g holds x[16 g + i, k] for i < 16, zero past the last row), and each weight
+// element is broadcast once into a vector and multiplied into the V groups' vectors, for R weight rows at a time:
+// R x V accumulators, each the 16 rows' sums for one output, so no horizontal sums, and per k only V vector loads
+// and R scalar broadcasts for R x V FMAs. The dot-product form (gemv_rows) reduces 24 accumulators every row pass
+// and loads x from L2 once per 24 FMAs at 8 rows a tile, which kept it at 80-84% of the FMA peak.
+// Each weight row is read once for all the rows, in order: the next tile's rows (R K floats on) are prefetched
+// into L2 while this one computes.
+template <int V, int R>
+void gemv_bcast(const float *xt, const float *W, float *y, int64_t N, int64_t K, int B, int64_t n0, int64_t n1) {
+  const int64_t pf = R * K;
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) {
+    __m512 acc[R][V];
+#pragma GCC unroll 24
+    for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
+      for (int v = 0; v < V; v++) acc[r][v] = _mm512_setzero_ps();
+    const float *w = W + n * K;
+    auto step = [&](int64_t k) __attribute__((always_inline)) {
+      __m512 xv[V];
+#pragma GCC unroll 4
+      for (int v = 0; v < V; v++) xv[v] = _mm512_load_ps(xt + (v * K + k) * 16);
+#pragma GCC unroll 24
+      for (int r = 0; r < R; r++) {
+        const __m512 wb = _mm512_set1_ps(w[r * K + k]);
+#pragma GCC unroll 4
+        for (int v = 0; v < V; v++) acc[r][v] = _mm512_fmadd_ps(wb, xv[v], acc[r][v]);
+      }
+    };
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+#pragma GCC unroll 24
+      for (int r = 0; r < R; r++) _mm_prefetch(reinterpret_cast<const char *>(w + r * K + k + pf), _MM_HINT_T1);
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; i++) step(k + i);
+    }
+    for (; k < K; k++) step(k);
+    alignas(64) float sums[R * V * 16];
+    for (int r = 0; r < R; r++)
+      for (int v = 0; v < V; v++) _mm512_store_ps(sums + (r * V + v) * 16, acc[r][v]);
+    for (int b = 0; b < B; b++)
+      for (int r = 0; r < R; r++) y[b * N + n + r] = sums[(r * V + b / 16) * 16 + b % 16];
+  }
+  if constexpr (R > 4) {
+    if (n < n1) gemv_bcast<V, 4>(xt, W, y, N, K, B, n, n1);
+  } else if constexpr (R > 1) {
+    if (n < n1) gemv_bcast<V, 1>(xt, W, y, N, K, B, n, n1);
+  }
+}
+
+// Weight rows per broadcast tile, by 16-row groups (V): 8, 6, 8, 6. Measured (`benchmarks/float_gemv.py`, K = 1024
+// and 2048) against 24 accumulators (24, 12, 8, 6 rows): 16 rows 25 -> 103-106, 32 rows 94 -> 106-108; past 6-8
+// weight rows their pointers no longer fit the general registers and every broadcast reloads one.
+constexpr int bcast_tile(int V) { return V == 1 ? 8 : V == 2 ? 6 : V == 3 ? 8 : 6; }
+
+// The rows of a pass of B (> kMaxRows) the broadcast groups take: whole groups of 16, and a last part group when it
+// has 12 rows or more (a quarter of its FMAs wasted on zeros at most). The rest (under 12) go through the
+// dot-product tiles while each block of weights is in L2.
+int bcast_group_rows(int B) { return B % 16 >= 12 ? B : B / 16 * 16; }
+
+void gemv_bcast_dispatch(int B, const float *xt, const float *W, float *y, int64_t N, int64_t K, int64_t n0,
+                         int64_t n1) {
+  switch ((B + 15) / 16) {
+    case 1: gemv_bcast<1, bcast_tile(1)>(xt, W, y, N, K, B, n0, n1); break;
+    case 2: gemv_bcast<2, bcast_tile(2)>(xt, W, y, N, K, B, n0, n1); break;
+    case 3: gemv_bcast<3, bcast_tile(3)>(xt, W, y, N, K, B, n0, n1); break;
+    case 4: gemv_bcast<4, bcast_tile(4)>(xt, W, y, N, K, B, n0, n1); break;
+  }
+}
+
 // x in the form prepare_x gives for kBF16 (split) or kBF16Pairs (Pairs). The pairs kernel's accumulators are fed by
 // one instruction each per 32 weights, so it takes more weight rows per pass at 4 and 8 rows.
 template <bool Pairs>
@@ -256,6 +330,13 @@ int weight_kind(int x_dtype, int w_dtype) {
   return pairs && x_dtype == kBF16 && w_dtype == kBF16 ? kBF16Pairs : w_dtype;
 }
 
+// The kernel one pass of B rows runs: float32 weights past kMaxRows rows take the broadcast form
+// (TPINFER_NO_F32_BCAST set: the dot-product tiles, to compare the two).
+int pass_kind(int kind, int B) {
+  static const bool bcast = getenv("TPINFER_NO_F32_BCAST") == nullptr;
+  return bcast && kind == kF32 && B > kMaxRows ? kF32Bcast : kind;
+}
+
 // Blocks of weight rows handed to one thread at a time: large enough to amortise the scheduling, small
 // enough to balance two to a few dozen threads.
 constexpr int64_t kRowBlock = 64;
@@ -279,6 +360,23 @@ float *scratch(int64_t n, int which) {
 // row padded with zeros to whole 32-blocks, each block stored as its 16 even-indexed then its 16 odd-indexed
 // elements (gemv_rows_bf16). Vectorised: for bfloat16 x the split is the same shift and mask as the weights'.
 const float *prepare_x(const void *x, int x_dtype, int w_dtype, int B, int64_t K) {
+  if (w_dtype == kF32Bcast) {  // the group rows transposed, zeros past the last (gemv_bcast); the rest as they are
+    const int Bg = bcast_group_rows(B), G = (Bg + 15) / 16;
+    float *out = scratch(G * K * 16 + (B - Bg) * K, 3);
+    if (Bg % 16) memset(out + (G - 1) * K * 16, 0, K * 16 * sizeof(float));
+    for (int b = 0; b < B; b++) {
+      float *dst = b < Bg ? out + (b / 16) * K * 16 + b % 16 : out + G * K * 16 + (b - Bg) * K;
+      const int64_t step = b < Bg ? 16 : 1;
+      if (x_dtype == kF32) {
+        const float *src = static_cast<const float *>(x) + b * K;
+        for (int64_t k = 0; k < K; k++) dst[k * step] = src[k];
+      } else {
+        const uint16_t *src = static_cast<const uint16_t *>(x) + b * K;
+        for (int64_t k = 0; k < K; k++) dst[k * step] = bf16_to_f32(src[k]);
+      }
+    }
+    return out;
+  }
   if (w_dtype == kBF16Pairs) {  // bfloat16 rows as they are, padded with zeros to whole 32-blocks when K is not
     if (K % 32 == 0) return static_cast<const float *>(x);
     const int64_t KP = (K + 31) & ~int64_t(31);
@@ -330,6 +428,25 @@ const float *prepare_x(const void *x, int x_dtype, int w_dtype, int B, int64_t K
 // threads. Past kMaxRows rows, the rows go in tiles of kMaxRows over each block of weight rows in turn; the block
 // is sized to stay in L2 (256 KiB) between the tiles, so the weight is read from memory once per call.
 void gemv_f32_out(const float *x, const void *W, int w_dtype, float *out, int B, int64_t N, int64_t K, int threads) {
+  if (w_dtype == kF32Bcast) {
+    // Blocks of whole tiles that stay in L2 while the rows past the groups (if any) take their turn on them.
+    const int Bg = bcast_group_rows(B), G = (Bg + 15) / 16;
+    const int64_t R = G ? bcast_tile(G) : 1, fit = (int64_t(256) << 10) / (K * 4);
+    const int64_t limit = fit < kRowBlock ? fit : kRowBlock, rows = limit > R ? limit / R * R : R;
+    const int64_t blocks = (N + rows - 1) / rows;
+    const float *rest = x + G * K * 16, *Wf = static_cast<const float *>(W);
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && blocks > 1)
+    for (int64_t blk = 0; blk < blocks; blk++) {
+      const int64_t n0 = blk * rows, n1 = n0 + rows < N ? n0 + rows : N;
+      if (Bg) gemv_bcast_dispatch(Bg, x, Wf, out, N, K, n0, n1);
+      for (int b0 = Bg; b0 < B; b0 += kMaxRows) {
+        const int tile = B - b0 < kMaxRows ? B - b0 : kMaxRows;
+        gemv_dispatch(tile, rest + (b0 - Bg) * K, Wf, out + b0 * N, N, K, n0, n1, Bg ? (n1 - n0) * K * 4 : kPrefetchBytes,
+                      true);
+      }
+    }
+    return;
+  }
   const int64_t es = w_dtype == kF32 ? 4 : 2, stride = w_dtype == kF32 ? K : (K + 31) & ~int64_t(31);
   const uint16_t *xb = reinterpret_cast<const uint16_t *>(x);  // kBF16Pairs: x is bfloat16
   int64_t rows_per_block = kRowBlock;
@@ -539,8 +656,9 @@ void tpi_linear(const void *x, int x_dtype, const void *W, int w_dtype, const vo
   w_dtype = weight_kind(x_dtype, w_dtype);
   for (int64_t r0 = 0; r0 < rows; r0 += kMaxPassRows) {
     const int B = static_cast<int>(rows - r0 < kMaxPassRows ? rows - r0 : kMaxPassRows);
-    const float *xf = prepare_x(static_cast<const char *>(x) + r0 * K * (x_dtype == kF32 ? 4 : 2), x_dtype, w_dtype, B, K);
-    project(xf, W, w_dtype, bias, bias_dtype, y, y_dtype, r0, B, N, K, threads);
+    const int kind = pass_kind(w_dtype, B);
+    const float *xf = prepare_x(static_cast<const char *>(x) + r0 * K * (x_dtype == kF32 ? 4 : 2), x_dtype, kind, B, K);
+    project(xf, W, kind, bias, bias_dtype, y, y_dtype, r0, B, N, K, threads);
   }
 }
 
@@ -551,10 +669,11 @@ void tpi_linear3(const void *x, int x_dtype, const void *W0, const void *W1, con
   w_dtype = weight_kind(x_dtype, w_dtype);
   for (int64_t r0 = 0; r0 < rows; r0 += kMaxPassRows) {
     const int B = static_cast<int>(rows - r0 < kMaxPassRows ? rows - r0 : kMaxPassRows);
-    const float *xf = prepare_x(static_cast<const char *>(x) + r0 * K * (x_dtype == kF32 ? 4 : 2), x_dtype, w_dtype, B, K);
-    project(xf, W0, w_dtype, b0, bias_dtype, y0, y_dtype, r0, B, N0, K, threads);
-    project(xf, W1, w_dtype, b1, bias_dtype, y1, y_dtype, r0, B, N1, K, threads);
-    project(xf, W2, w_dtype, b2, bias_dtype, y2, y_dtype, r0, B, N2, K, threads);
+    const int kind = pass_kind(w_dtype, B);
+    const float *xf = prepare_x(static_cast<const char *>(x) + r0 * K * (x_dtype == kF32 ? 4 : 2), x_dtype, kind, B, K);
+    project(xf, W0, kind, b0, bias_dtype, y0, y_dtype, r0, B, N0, K, threads);
+    project(xf, W1, kind, b1, bias_dtype, y1, y_dtype, r0, B, N1, K, threads);
+    project(xf, W2, kind, b2, bias_dtype, y2, y_dtype, r0, B, N2, K, threads);
   }
 }
 
@@ -566,10 +685,11 @@ void tpi_gated_linear(const void *x, int x_dtype, const void *Wg, const void *Wu
   w_dtype = weight_kind(x_dtype, w_dtype);
   for (int64_t r0 = 0; r0 < rows; r0 += kMaxPassRows) {
     const int B = static_cast<int>(rows - r0 < kMaxPassRows ? rows - r0 : kMaxPassRows);
-    const float *xf = prepare_x(static_cast<const char *>(x) + r0 * K * (x_dtype == kF32 ? 4 : 2), x_dtype, w_dtype, B, K);
+    const int kind = pass_kind(w_dtype, B);
+    const float *xf = prepare_x(static_cast<const char *>(x) + r0 * K * (x_dtype == kF32 ? 4 : 2), x_dtype, kind, B, K);
     float *g = scratch(B * N, 0), *u = scratch(B * N, 1);
-    gemv_f32_out(xf, Wg, w_dtype, g, B, N, K, threads);
-    gemv_f32_out(xf, Wu, w_dtype, u, B, N, K, threads);
+    gemv_f32_out(xf, Wg, kind, g, B, N, K, threads);
+    gemv_f32_out(xf, Wu, kind, u, B, N, K, threads);
     gated_epilogue(g, u, bg, bu, bias_dtype, y, y_dtype, r0, B, N);
   }
 }
