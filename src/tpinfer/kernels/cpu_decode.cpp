@@ -37,6 +37,8 @@ constexpr int kBF16Pairs = 2;
 // Nor this: float32 weights against more than kMaxRows activation rows, x transposed for the broadcast kernel
 // (gemv_bcast). Chosen per pass of rows (pass_kind).
 constexpr int kF32Bcast = 3;
+// And kBF16Pairs past kMaxRows rows with K even: x transposed by pairs for gemv_bcast_pairs.
+constexpr int kBF16PairsBcast = 4;
 constexpr int kMaxRows = 8;  // activation rows per register tile (one accumulator register each)
 // Activation rows per pass over a float weight: tiles of kMaxRows rows take turns on each block of weight rows
 // while it is in L2 (gemv_f32_out), so a batch of up to this many rows still reads every weight from memory once.
@@ -280,15 +282,67 @@ void gemv_bcast(const float *xt, const float *W, float *y, int64_t N, int64_t K,
   }
 }
 
+#ifdef __AVX512BF16__
+typedef uint32_t pair_t __attribute__((may_alias, aligned(4)));  // two bfloat16 weights (k, k + 1) of one row
+
+// The same for bfloat16 weights against bfloat16 activations (kBF16Pairs), K even: x transposed into groups of 16
+// rows by pairs (32-bit lane i of vector p of group g holds x[16 g + i, 2p] and x[16 g + i, 2p + 1]), each weight
+// pair broadcast to all lanes, and one VDPBF16PS adds both products of the pair into each row's float32 sum.
+template <int V, int R>
+void gemv_bcast_pairs(const uint16_t *xt, const uint16_t *W, float *y, int64_t N, int64_t K, int B, int64_t n0,
+                      int64_t n1) {
+  const int64_t P = K / 2, pf = R * P;
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) {
+    __m512 acc[R][V];
+#pragma GCC unroll 24
+    for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
+      for (int v = 0; v < V; v++) acc[r][v] = _mm512_setzero_ps();
+    const pair_t *w = reinterpret_cast<const pair_t *>(W + n * K);
+    auto step = [&](int64_t p) __attribute__((always_inline)) {
+      __m512bh xv[V];
+#pragma GCC unroll 4
+      for (int v = 0; v < V; v++) xv[v] = (__m512bh)_mm512_load_si512(xt + (v * P + p) * 32);
+#pragma GCC unroll 24
+      for (int r = 0; r < R; r++) {
+        const __m512bh wb = (__m512bh)_mm512_set1_epi32(static_cast<int>(w[r * P + p]));
+#pragma GCC unroll 4
+        for (int v = 0; v < V; v++) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], wb, xv[v]);
+      }
+    };
+    int64_t p = 0;
+    for (; p + 16 <= P; p += 16) {
+#pragma GCC unroll 24
+      for (int r = 0; r < R; r++) _mm_prefetch(reinterpret_cast<const char *>(w + r * P + p + pf), _MM_HINT_T1);
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; i++) step(p + i);
+    }
+    for (; p < P; p++) step(p);
+    alignas(64) float sums[R * V * 16];
+    for (int r = 0; r < R; r++)
+      for (int v = 0; v < V; v++) _mm512_store_ps(sums + (r * V + v) * 16, acc[r][v]);
+    for (int b = 0; b < B; b++)
+      for (int r = 0; r < R; r++) y[b * N + n + r] = sums[(r * V + b / 16) * 16 + b % 16];
+  }
+  if constexpr (R > 4) {
+    if (n < n1) gemv_bcast_pairs<V, 4>(xt, W, y, N, K, B, n, n1);
+  } else if constexpr (R > 1) {
+    if (n < n1) gemv_bcast_pairs<V, 1>(xt, W, y, N, K, B, n, n1);
+  }
+}
+#endif
+
 // Weight rows per broadcast tile, by 16-row groups (V): 8, 6, 8, 6. Measured (`benchmarks/float_gemv.py`, K = 1024
 // and 2048) against 24 accumulators (24, 12, 8, 6 rows): 16 rows 25 -> 103-106, 32 rows 94 -> 106-108; past 6-8
 // weight rows their pointers no longer fit the general registers and every broadcast reloads one.
 constexpr int bcast_tile(int V) { return V == 1 ? 8 : V == 2 ? 6 : V == 3 ? 8 : 6; }
 
 // The rows of a pass of B (> kMaxRows) the broadcast groups take: whole groups of 16, and a last part group when it
-// has 12 rows or more (a quarter of its FMAs wasted on zeros at most). The rest (under 12) go through the
-// dot-product tiles while each block of weights is in L2.
-int bcast_group_rows(int B) { return B % 16 >= 12 ? B : B / 16 * 16; }
+// has 12 rows or more in float32 (a quarter of its FMAs wasted on zeros at most), 14 in bfloat16 pairs (whose
+// dot-product tiles are closer to their peak: 12 rows padded to 16 measured 138-146 G multiply-adds/s against their
+// 160-166). The rest go through the dot-product tiles while each block of weights is in L2.
+int bcast_group_rows(int B, bool pairs) { return B % 16 >= (pairs ? 14 : 12) ? B : B / 16 * 16; }
 
 void gemv_bcast_dispatch(int B, const float *xt, const float *W, float *y, int64_t N, int64_t K, int64_t n0,
                          int64_t n1) {
@@ -298,6 +352,18 @@ void gemv_bcast_dispatch(int B, const float *xt, const float *W, float *y, int64
     case 3: gemv_bcast<3, bcast_tile(3)>(xt, W, y, N, K, B, n0, n1); break;
     case 4: gemv_bcast<4, bcast_tile(4)>(xt, W, y, N, K, B, n0, n1); break;
   }
+}
+
+void gemv_bcast_pairs_dispatch(int B, const uint16_t *xt, const uint16_t *W, float *y, int64_t N, int64_t K,
+                               int64_t n0, int64_t n1) {
+#ifdef __AVX512BF16__
+  switch ((B + 15) / 16) {
+    case 1: gemv_bcast_pairs<1, bcast_tile(1)>(xt, W, y, N, K, B, n0, n1); break;
+    case 2: gemv_bcast_pairs<2, bcast_tile(2)>(xt, W, y, N, K, B, n0, n1); break;
+    case 3: gemv_bcast_pairs<3, bcast_tile(3)>(xt, W, y, N, K, B, n0, n1); break;
+    case 4: gemv_bcast_pairs<4, bcast_tile(4)>(xt, W, y, N, K, B, n0, n1); break;
+  }
+#endif
 }
 
 // x in the form prepare_x gives for kBF16 (split) or kBF16Pairs (Pairs). The pairs kernel's accumulators are fed by
@@ -330,11 +396,12 @@ int weight_kind(int x_dtype, int w_dtype) {
   return pairs && x_dtype == kBF16 && w_dtype == kBF16 ? kBF16Pairs : w_dtype;
 }
 
-// The kernel one pass of B rows runs: float32 weights past kMaxRows rows take the broadcast form
-// (TPINFER_NO_F32_BCAST set: the dot-product tiles, to compare the two).
-int pass_kind(int kind, int B) {
-  static const bool bcast = getenv("TPINFER_NO_F32_BCAST") == nullptr;
-  return bcast && kind == kF32 && B > kMaxRows ? kF32Bcast : kind;
+// The kernel one pass of B rows runs: float32 weights, and bfloat16 pairs of an even K, past kMaxRows rows take
+// the broadcast form (TPINFER_NO_BCAST set: the dot-product tiles, to compare the two).
+int pass_kind(int kind, int B, int64_t K) {
+  static const bool bcast = getenv("TPINFER_NO_BCAST") == nullptr;
+  if (!bcast || B <= kMaxRows) return kind;
+  return kind == kF32 ? kF32Bcast : kind == kBF16Pairs && K % 2 == 0 ? kBF16PairsBcast : kind;
 }
 
 // Blocks of weight rows handed to one thread at a time: large enough to amortise the scheduling, small
@@ -360,8 +427,27 @@ float *scratch(int64_t n, int which) {
 // row padded with zeros to whole 32-blocks, each block stored as its 16 even-indexed then its 16 odd-indexed
 // elements (gemv_rows_bf16). Vectorised: for bfloat16 x the split is the same shift and mask as the weights'.
 const float *prepare_x(const void *x, int x_dtype, int w_dtype, int B, int64_t K) {
+  if (w_dtype == kBF16PairsBcast) {  // the group rows transposed by pairs; the rest as kBF16Pairs lays them out
+    const int Bg = bcast_group_rows(B, true), G = (Bg + 15) / 16;
+    const int64_t P = K / 2, KP = (K + 31) & ~int64_t(31);
+    uint16_t *out = reinterpret_cast<uint16_t *>(scratch((G * K * 16 + (B - Bg) * KP + 1) / 2, 3));
+    uint32_t *pairs = reinterpret_cast<uint32_t *>(out);
+    if (Bg % 16) memset(out + (G - 1) * K * 16, 0, K * 16 * 2);
+    for (int b = 0; b < B; b++) {
+      const uint16_t *src = static_cast<const uint16_t *>(x) + b * K;
+      if (b < Bg) {
+        uint32_t *dst = pairs + (b / 16) * P * 16 + b % 16;
+        for (int64_t p = 0; p < P; p++) memcpy(dst + p * 16, src + 2 * p, 4);
+      } else {
+        uint16_t *dst = out + G * K * 16 + (b - Bg) * KP;
+        memcpy(dst, src, K * 2);
+        memset(dst + K, 0, (KP - K) * 2);
+      }
+    }
+    return reinterpret_cast<const float *>(out);
+  }
   if (w_dtype == kF32Bcast) {  // the group rows transposed, zeros past the last (gemv_bcast); the rest as they are
-    const int Bg = bcast_group_rows(B), G = (Bg + 15) / 16;
+    const int Bg = bcast_group_rows(B, false), G = (Bg + 15) / 16;
     float *out = scratch(G * K * 16 + (B - Bg) * K, 3);
     if (Bg % 16) memset(out + (G - 1) * K * 16, 0, K * 16 * sizeof(float));
     for (int b = 0; b < B; b++) {
@@ -428,21 +514,32 @@ const float *prepare_x(const void *x, int x_dtype, int w_dtype, int B, int64_t K
 // threads. Past kMaxRows rows, the rows go in tiles of kMaxRows over each block of weight rows in turn; the block
 // is sized to stay in L2 (256 KiB) between the tiles, so the weight is read from memory once per call.
 void gemv_f32_out(const float *x, const void *W, int w_dtype, float *out, int B, int64_t N, int64_t K, int threads) {
-  if (w_dtype == kF32Bcast) {
+  if (w_dtype == kF32Bcast || w_dtype == kBF16PairsBcast) {
     // Blocks of whole tiles that stay in L2 while the rows past the groups (if any) take their turn on them.
-    const int Bg = bcast_group_rows(B), G = (Bg + 15) / 16;
-    const int64_t R = G ? bcast_tile(G) : 1, fit = (int64_t(256) << 10) / (K * 4);
+    const bool pairs = w_dtype == kBF16PairsBcast;
+    const int Bg = bcast_group_rows(B, pairs), G = (Bg + 15) / 16;
+    const int64_t es = pairs ? 2 : 4, stride = pairs ? (K + 31) & ~int64_t(31) : K;  // the rest rows' stride
+    const int64_t R = G ? bcast_tile(G) : 1, fit = (int64_t(256) << 10) / (K * es);
     const int64_t limit = fit < kRowBlock ? fit : kRowBlock, rows = limit > R ? limit / R * R : R;
     const int64_t blocks = (N + rows - 1) / rows;
-    const float *rest = x + G * K * 16, *Wf = static_cast<const float *>(W);
+    const char *rest = reinterpret_cast<const char *>(x) + G * K * 16 * es;
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && blocks > 1)
     for (int64_t blk = 0; blk < blocks; blk++) {
       const int64_t n0 = blk * rows, n1 = n0 + rows < N ? n0 + rows : N;
-      if (Bg) gemv_bcast_dispatch(Bg, x, Wf, out, N, K, n0, n1);
+      if (Bg && pairs)
+        gemv_bcast_pairs_dispatch(Bg, reinterpret_cast<const uint16_t *>(x), static_cast<const uint16_t *>(W), out, N,
+                                  K, n0, n1);
+      else if (Bg)
+        gemv_bcast_dispatch(Bg, x, static_cast<const float *>(W), out, N, K, n0, n1);
       for (int b0 = Bg; b0 < B; b0 += kMaxRows) {
         const int tile = B - b0 < kMaxRows ? B - b0 : kMaxRows;
-        gemv_dispatch(tile, rest + (b0 - Bg) * K, Wf, out + b0 * N, N, K, n0, n1, Bg ? (n1 - n0) * K * 4 : kPrefetchBytes,
-                      true);
+        const int64_t pf = Bg ? (n1 - n0) * K * es : kPrefetchBytes;
+        const char *xr = rest + (b0 - Bg) * stride * es;
+        if (pairs)
+          gemv_dispatch_bf16<true>(tile, xr, static_cast<const uint16_t *>(W), out + b0 * N, N, K, n0, n1, pf);
+        else
+          gemv_dispatch(tile, reinterpret_cast<const float *>(xr), static_cast<const float *>(W), out + b0 * N, N, K,
+                        n0, n1, pf, true);
       }
     }
     return;
@@ -656,7 +753,7 @@ void tpi_linear(const void *x, int x_dtype, const void *W, int w_dtype, const vo
   w_dtype = weight_kind(x_dtype, w_dtype);
   for (int64_t r0 = 0; r0 < rows; r0 += kMaxPassRows) {
     const int B = static_cast<int>(rows - r0 < kMaxPassRows ? rows - r0 : kMaxPassRows);
-    const int kind = pass_kind(w_dtype, B);
+    const int kind = pass_kind(w_dtype, B, K);
     const float *xf = prepare_x(static_cast<const char *>(x) + r0 * K * (x_dtype == kF32 ? 4 : 2), x_dtype, kind, B, K);
     project(xf, W, kind, bias, bias_dtype, y, y_dtype, r0, B, N, K, threads);
   }
@@ -669,7 +766,7 @@ void tpi_linear3(const void *x, int x_dtype, const void *W0, const void *W1, con
   w_dtype = weight_kind(x_dtype, w_dtype);
   for (int64_t r0 = 0; r0 < rows; r0 += kMaxPassRows) {
     const int B = static_cast<int>(rows - r0 < kMaxPassRows ? rows - r0 : kMaxPassRows);
-    const int kind = pass_kind(w_dtype, B);
+    const int kind = pass_kind(w_dtype, B, K);
     const float *xf = prepare_x(static_cast<const char *>(x) + r0 * K * (x_dtype == kF32 ? 4 : 2), x_dtype, kind, B, K);
     project(xf, W0, kind, b0, bias_dtype, y0, y_dtype, r0, B, N0, K, threads);
     project(xf, W1, kind, b1, bias_dtype, y1, y_dtype, r0, B, N1, K, threads);
@@ -685,7 +782,7 @@ void tpi_gated_linear(const void *x, int x_dtype, const void *Wg, const void *Wu
   w_dtype = weight_kind(x_dtype, w_dtype);
   for (int64_t r0 = 0; r0 < rows; r0 += kMaxPassRows) {
     const int B = static_cast<int>(rows - r0 < kMaxPassRows ? rows - r0 : kMaxPassRows);
-    const int kind = pass_kind(w_dtype, B);
+    const int kind = pass_kind(w_dtype, B, K);
     const float *xf = prepare_x(static_cast<const char *>(x) + r0 * K * (x_dtype == kF32 ? 4 : 2), x_dtype, kind, B, K);
     float *g = scratch(B * N, 0), *u = scratch(B * N, 1);
     gemv_f32_out(xf, Wg, kind, g, B, N, K, threads);
