@@ -37,7 +37,7 @@ constexpr int kBF16Pairs = 2;
 // Nor this: float32 weights against more than kMaxRows activation rows, x transposed for the broadcast kernel
 // (gemv_bcast). Chosen per pass of rows (pass_kind).
 constexpr int kF32Bcast = 3;
-// And kBF16Pairs past kMaxRows rows with K even: x transposed by pairs for gemv_bcast_pairs.
+// And kBF16Pairs past kMaxRows rows with K even: x transposed by pairs for gemv_bcast<true>.
 constexpr int kBF16PairsBcast = 4;
 constexpr int kMaxRows = 8;  // activation rows per register tile (one accumulator register each)
 // Activation rows per pass over a float weight: tiles of kMaxRows rows take turns on each block of weight rows
@@ -231,17 +231,23 @@ void gemv_dispatch(int B, const float *x, const float *W, float *y, int64_t N, i
   }
 }
 
-// float32 weights past kMaxRows activation rows: the broadcast form. x is transposed into groups of 16 rows
-// (prepare_xt: vector k of group g holds x[16 g + i, k] for i < 16, zero past the last row), and each weight
-// element is broadcast once into a vector and multiplied into the V groups' vectors, for R weight rows at a time:
-// R x V accumulators, each the 16 rows' sums for one output, so no horizontal sums, and per k only V vector loads
-// and R scalar broadcasts for R x V FMAs. The dot-product form (gemv_rows) reduces 24 accumulators every row pass
-// and loads x from L2 once per 24 FMAs at 8 rows a tile, which kept it at 80-84% of the FMA peak.
-// Each weight row is read once for all the rows, in order: the next tile's rows (R K floats on) are prefetched
-// into L2 while this one computes.
-template <int V, int R>
-void gemv_bcast(const float *xt, const float *W, float *y, int64_t N, int64_t K, int B, int64_t n0, int64_t n1) {
-  const int64_t pf = R * K;
+// Past kMaxRows activation rows: the broadcast form. x is transposed into groups of 16 rows (prepare_x: vector k
+// of group g holds x[16 g + i, k] for i < 16, zero past the last row), and each weight element is broadcast once
+// into a vector and multiplied into the V groups' vectors, for R weight rows at a time: R x V accumulators, each the
+// 16 rows' sums for one output, so no horizontal sums, and per k only V vector loads and R scalar broadcasts for
+// R x V FMAs. The dot-product form (gemv_rows) reduces 24 accumulators every row pass and loads x from L2 once per
+// 24 FMAs at 8 rows a tile, which kept it at 80-84% of the FMA peak.
+// Pairs: bfloat16 weights against bfloat16 activations (kBF16Pairs), K even, the same by pairs: 32-bit lane i of
+// vector p of group g holds x[16 g + i, 2p] and x[16 g + i, 2p + 1], each weight pair is broadcast to all lanes, and
+// one VDPBF16PS adds both products of the pair into each row's float32 sum. Either way a step reads 32-bit words.
+// Each weight row is read once for all the rows, in order: the next tile's rows (R rows on) are prefetched into L2
+// while this one computes.
+typedef uint32_t word_t __attribute__((may_alias, aligned(4)));
+
+template <bool Pairs, int V, int R>
+void gemv_bcast(const void *x_t, const void *W, float *y, int64_t N, int64_t K, int B, int64_t n0, int64_t n1) {
+  const int64_t S = Pairs ? K / 2 : K, pf = R * S;  // words per weight row
+  const word_t *xt = static_cast<const word_t *>(x_t), *weights = static_cast<const word_t *>(W);
   int64_t n = n0;
   for (; n + R <= n1; n += R) {
     __m512 acc[R][V];
@@ -249,76 +255,41 @@ void gemv_bcast(const float *xt, const float *W, float *y, int64_t N, int64_t K,
     for (int r = 0; r < R; r++)
 #pragma GCC unroll 4
       for (int v = 0; v < V; v++) acc[r][v] = _mm512_setzero_ps();
-    const float *w = W + n * K;
-    auto step = [&](int64_t k) __attribute__((always_inline)) {
-      __m512 xv[V];
-#pragma GCC unroll 4
-      for (int v = 0; v < V; v++) xv[v] = _mm512_load_ps(xt + (v * K + k) * 16);
-#pragma GCC unroll 24
-      for (int r = 0; r < R; r++) {
-        const __m512 wb = _mm512_set1_ps(w[r * K + k]);
-#pragma GCC unroll 4
-        for (int v = 0; v < V; v++) acc[r][v] = _mm512_fmadd_ps(wb, xv[v], acc[r][v]);
-      }
-    };
-    int64_t k = 0;
-    for (; k + 16 <= K; k += 16) {
-#pragma GCC unroll 24
-      for (int r = 0; r < R; r++) _mm_prefetch(reinterpret_cast<const char *>(w + r * K + k + pf), _MM_HINT_T1);
-#pragma GCC unroll 16
-      for (int i = 0; i < 16; i++) step(k + i);
-    }
-    for (; k < K; k++) step(k);
-    alignas(64) float sums[R * V * 16];
-    for (int r = 0; r < R; r++)
-      for (int v = 0; v < V; v++) _mm512_store_ps(sums + (r * V + v) * 16, acc[r][v]);
-    for (int b = 0; b < B; b++)
-      for (int r = 0; r < R; r++) y[b * N + n + r] = sums[(r * V + b / 16) * 16 + b % 16];
-  }
-  if constexpr (R > 4) {
-    if (n < n1) gemv_bcast<V, 4>(xt, W, y, N, K, B, n, n1);
-  } else if constexpr (R > 1) {
-    if (n < n1) gemv_bcast<V, 1>(xt, W, y, N, K, B, n, n1);
-  }
-}
-
+    const word_t *w = weights + n * S;
+    auto step = [&](int64_t s) __attribute__((always_inline)) {
+      if constexpr (Pairs) {
 #ifdef __AVX512BF16__
-typedef uint32_t pair_t __attribute__((may_alias, aligned(4)));  // two bfloat16 weights (k, k + 1) of one row
-
-// The same for bfloat16 weights against bfloat16 activations (kBF16Pairs), K even: x transposed into groups of 16
-// rows by pairs (32-bit lane i of vector p of group g holds x[16 g + i, 2p] and x[16 g + i, 2p + 1]), each weight
-// pair broadcast to all lanes, and one VDPBF16PS adds both products of the pair into each row's float32 sum.
-template <int V, int R>
-void gemv_bcast_pairs(const uint16_t *xt, const uint16_t *W, float *y, int64_t N, int64_t K, int B, int64_t n0,
-                      int64_t n1) {
-  const int64_t P = K / 2, pf = R * P;
-  int64_t n = n0;
-  for (; n + R <= n1; n += R) {
-    __m512 acc[R][V];
+        __m512bh xv[V];
+#pragma GCC unroll 4
+        for (int v = 0; v < V; v++) xv[v] = (__m512bh)_mm512_load_si512(xt + (v * S + s) * 16);
 #pragma GCC unroll 24
-    for (int r = 0; r < R; r++)
+        for (int r = 0; r < R; r++) {
+          const __m512bh wb = (__m512bh)_mm512_set1_epi32(static_cast<int>(w[r * S + s]));
 #pragma GCC unroll 4
-      for (int v = 0; v < V; v++) acc[r][v] = _mm512_setzero_ps();
-    const pair_t *w = reinterpret_cast<const pair_t *>(W + n * K);
-    auto step = [&](int64_t p) __attribute__((always_inline)) {
-      __m512bh xv[V];
+          for (int v = 0; v < V; v++) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], wb, xv[v]);
+        }
+#endif
+      } else {  // float32 loads and broadcasts, which the compiler folds into the FMAs
+        const float *xf = reinterpret_cast<const float *>(xt), *wf = reinterpret_cast<const float *>(w);
+        __m512 xv[V];
 #pragma GCC unroll 4
-      for (int v = 0; v < V; v++) xv[v] = (__m512bh)_mm512_load_si512(xt + (v * P + p) * 32);
+        for (int v = 0; v < V; v++) xv[v] = _mm512_load_ps(xf + (v * S + s) * 16);
 #pragma GCC unroll 24
-      for (int r = 0; r < R; r++) {
-        const __m512bh wb = (__m512bh)_mm512_set1_epi32(static_cast<int>(w[r * P + p]));
+        for (int r = 0; r < R; r++) {
+          const __m512 wb = _mm512_set1_ps(wf[r * S + s]);
 #pragma GCC unroll 4
-        for (int v = 0; v < V; v++) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], wb, xv[v]);
+          for (int v = 0; v < V; v++) acc[r][v] = _mm512_fmadd_ps(wb, xv[v], acc[r][v]);
+        }
       }
     };
-    int64_t p = 0;
-    for (; p + 16 <= P; p += 16) {
+    int64_t s = 0;
+    for (; s + 16 <= S; s += 16) {
 #pragma GCC unroll 24
-      for (int r = 0; r < R; r++) _mm_prefetch(reinterpret_cast<const char *>(w + r * P + p + pf), _MM_HINT_T1);
+      for (int r = 0; r < R; r++) _mm_prefetch(reinterpret_cast<const char *>(w + r * S + s + pf), _MM_HINT_T1);
 #pragma GCC unroll 16
-      for (int i = 0; i < 16; i++) step(p + i);
+      for (int i = 0; i < 16; i++) step(s + i);
     }
-    for (; p < P; p++) step(p);
+    for (; s < S; s++) step(s);
     alignas(64) float sums[R * V * 16];
     for (int r = 0; r < R; r++)
       for (int v = 0; v < V; v++) _mm512_store_ps(sums + (r * V + v) * 16, acc[r][v]);
@@ -326,12 +297,11 @@ void gemv_bcast_pairs(const uint16_t *xt, const uint16_t *W, float *y, int64_t N
       for (int r = 0; r < R; r++) y[b * N + n + r] = sums[(r * V + b / 16) * 16 + b % 16];
   }
   if constexpr (R > 4) {
-    if (n < n1) gemv_bcast_pairs<V, 4>(xt, W, y, N, K, B, n, n1);
+    if (n < n1) gemv_bcast<Pairs, V, 4>(x_t, W, y, N, K, B, n, n1);
   } else if constexpr (R > 1) {
-    if (n < n1) gemv_bcast_pairs<V, 1>(xt, W, y, N, K, B, n, n1);
+    if (n < n1) gemv_bcast<Pairs, V, 1>(x_t, W, y, N, K, B, n, n1);
   }
 }
-#endif
 
 // Weight rows per broadcast tile, by 16-row groups (V): 8, 6, 8, 6. Measured (`benchmarks/float_gemv.py`, K = 1024
 // and 2048) against 24 accumulators (24, 12, 8, 6 rows): 16 rows 25 -> 103-106, 32 rows 94 -> 106-108; past 6-8
@@ -344,26 +314,14 @@ constexpr int bcast_tile(int V) { return V == 1 ? 8 : V == 2 ? 6 : V == 3 ? 8 : 
 // 160-166). The rest go through the dot-product tiles while each block of weights is in L2.
 int bcast_group_rows(int B, bool pairs) { return B % 16 >= (pairs ? 14 : 12) ? B : B / 16 * 16; }
 
-void gemv_bcast_dispatch(int B, const float *xt, const float *W, float *y, int64_t N, int64_t K, int64_t n0,
-                         int64_t n1) {
+template <bool Pairs>
+void gemv_bcast_dispatch(int B, const void *xt, const void *W, float *y, int64_t N, int64_t K, int64_t n0, int64_t n1) {
   switch ((B + 15) / 16) {
-    case 1: gemv_bcast<1, bcast_tile(1)>(xt, W, y, N, K, B, n0, n1); break;
-    case 2: gemv_bcast<2, bcast_tile(2)>(xt, W, y, N, K, B, n0, n1); break;
-    case 3: gemv_bcast<3, bcast_tile(3)>(xt, W, y, N, K, B, n0, n1); break;
-    case 4: gemv_bcast<4, bcast_tile(4)>(xt, W, y, N, K, B, n0, n1); break;
+    case 1: gemv_bcast<Pairs, 1, bcast_tile(1)>(xt, W, y, N, K, B, n0, n1); break;
+    case 2: gemv_bcast<Pairs, 2, bcast_tile(2)>(xt, W, y, N, K, B, n0, n1); break;
+    case 3: gemv_bcast<Pairs, 3, bcast_tile(3)>(xt, W, y, N, K, B, n0, n1); break;
+    case 4: gemv_bcast<Pairs, 4, bcast_tile(4)>(xt, W, y, N, K, B, n0, n1); break;
   }
-}
-
-void gemv_bcast_pairs_dispatch(int B, const uint16_t *xt, const uint16_t *W, float *y, int64_t N, int64_t K,
-                               int64_t n0, int64_t n1) {
-#ifdef __AVX512BF16__
-  switch ((B + 15) / 16) {
-    case 1: gemv_bcast_pairs<1, bcast_tile(1)>(xt, W, y, N, K, B, n0, n1); break;
-    case 2: gemv_bcast_pairs<2, bcast_tile(2)>(xt, W, y, N, K, B, n0, n1); break;
-    case 3: gemv_bcast_pairs<3, bcast_tile(3)>(xt, W, y, N, K, B, n0, n1); break;
-    case 4: gemv_bcast_pairs<4, bcast_tile(4)>(xt, W, y, N, K, B, n0, n1); break;
-  }
-#endif
 }
 
 // x in the form prepare_x gives for kBF16 (split) or kBF16Pairs (Pairs). The pairs kernel's accumulators are fed by
@@ -527,10 +485,9 @@ void gemv_f32_out(const float *x, const void *W, int w_dtype, float *out, int B,
     for (int64_t blk = 0; blk < blocks; blk++) {
       const int64_t n0 = blk * rows, n1 = n0 + rows < N ? n0 + rows : N;
       if (Bg && pairs)
-        gemv_bcast_pairs_dispatch(Bg, reinterpret_cast<const uint16_t *>(x), static_cast<const uint16_t *>(W), out, N,
-                                  K, n0, n1);
+        gemv_bcast_dispatch<true>(Bg, x, W, out, N, K, n0, n1);
       else if (Bg)
-        gemv_bcast_dispatch(Bg, x, static_cast<const float *>(W), out, N, K, n0, n1);
+        gemv_bcast_dispatch<false>(Bg, x, W, out, N, K, n0, n1);
       for (int b0 = Bg; b0 < B; b0 += kMaxRows) {
         const int tile = B - b0 < kMaxRows ? B - b0 : kMaxRows;
         const int64_t pf = Bg ? (n1 - n0) * K * es : kPrefetchBytes;
