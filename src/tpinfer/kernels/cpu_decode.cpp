@@ -304,8 +304,9 @@ void gemv_bcast(const void *x_t, const void *W, float *y, int64_t N, int64_t K, 
 }
 
 // Weight rows per broadcast tile, by 16-row groups (V): 8, 6, 8, 6. Measured (`benchmarks/float_gemv.py`, K = 1024
-// and 2048) against 24 accumulators (24, 12, 8, 6 rows): 16 rows 25 -> 103-106, 32 rows 94 -> 106-108; past 6-8
-// weight rows their pointers no longer fit the general registers and every broadcast reloads one.
+// and 2048, float32): 16 rows 77 with 12 weight rows, 103-106 with 8; 32 rows 94 with 12 (without the unroll
+// pragmas), 106-108 with 6. Past 6-8 weight rows their pointers no longer fit the general registers and every
+// broadcast reloads one.
 constexpr int bcast_tile(int V) { return V == 1 ? 8 : V == 2 ? 6 : V == 3 ? 8 : 6; }
 
 // The rows of a pass of B (> kMaxRows) the broadcast groups take: whole groups of 16, and a last part group when it
