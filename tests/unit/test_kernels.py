@@ -99,6 +99,37 @@ def test_bfloat16_dot_product_and_widened_paths_agree():
 
 
 @needs_kernels
+def test_broadcast_and_tile_paths_agree():
+    """Past 8 rows float32 (and bfloat16 pairs) run the broadcast kernel; TPINFER_NO_BCAST=1 takes the dot-product
+    tiles (read once per process, hence a subprocess). Both against float32 products, and different in bits (the
+    switch does change the path: the two sum in different orders)."""
+    import subprocess
+    import sys
+
+    script = ("import sys, torch; from tpinfer import kernels; torch.manual_seed(0); "
+              "x, w = torch.randn(40, 1412), torch.randn(67, 1412); "
+              "torch.save([kernels.linear(x.to(d), w.to(d), out_dtype=torch.float32) "
+              "for d in (torch.float32, torch.bfloat16)], sys.argv[1])")
+    outs = {}
+    for name, extra in (("broadcast", {}), ("tiles", {"TPINFER_NO_BCAST": "1"})):
+        path = Path(tempfile.mkdtemp()) / f"{name}.pt"
+        env = {k: v for k, v in os.environ.items() if k != "TPINFER_NO_BCAST"} | extra
+        subprocess.run([sys.executable, "-c", script, str(path)], check=True, env=env, timeout=120)
+        outs[name] = torch.load(path)
+    from tpinfer.parallel.layers import CPU_BF16_DOT
+
+    torch.manual_seed(0)
+    x, w = torch.randn(40, 1412), torch.randn(67, 1412)
+    for i, dtype in enumerate((torch.float32, torch.bfloat16)):
+        ref = F.linear(x.to(dtype).float(), w.to(dtype).float())
+        for out in outs.values():
+            assert (out[i] - ref).abs().max() <= 1e-5 * (1 + ref.abs().max())
+        # bfloat16 takes the broadcast form only with the dot-product instruction (else: the widening tiles, both ways)
+        broadcast = dtype == torch.float32 or CPU_BF16_DOT
+        assert torch.equal(outs["broadcast"][i], outs["tiles"][i]) != broadcast
+
+
+@needs_kernels
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [1, 4, 9, 40])
 def test_gated_linear_matches_torch(dtype, rows):
