@@ -71,22 +71,27 @@ def test_linear_tails_and_mixed_dtypes(x_dtype, w_dtype, k, rows):
     assert (out.float() - ref).abs().max() <= _tol(torch.bfloat16 if torch.bfloat16 in (x_dtype, w_dtype) else x_dtype, ref)
 
 
+def _saved_by(script: str, switch: str, on: bool):  # noqa: ANN202
+    """What ``script`` saves to the path it is given, run in a fresh Python with the environment variable ``switch``
+    set to 1 or unset (the kernels read their switches once per process)."""
+    import subprocess
+    import sys
+
+    path = Path(tempfile.mkdtemp()) / "out.pt"
+    env = {k: v for k, v in os.environ.items() if k != switch} | ({switch: "1"} if on else {})
+    subprocess.run([sys.executable, "-c", script, str(path)], check=True, env=env, timeout=120)
+    return torch.load(path)
+
+
 @needs_kernels
 def test_bfloat16_dot_product_and_widened_paths_agree():
     """bfloat16 x bfloat16 runs VDPBF16PS where the CPU has it; TPINFER_NO_BF16_DOT=1 takes the widening kernel (read
     once per process, hence a subprocess). Both are checked against float32 products, and against each other."""
-    import subprocess
-    import sys
-
     script = ("import sys, torch; from tpinfer import kernels; torch.manual_seed(0); "
               "x, w = torch.randn(13, 1411).bfloat16(), torch.randn(67, 1411).bfloat16(); "
               "torch.save(kernels.linear(x, w, out_dtype=torch.float32), sys.argv[1])")
-    outs = {}
-    for name, extra in (("dot", {}), ("widened", {"TPINFER_NO_BF16_DOT": "1"})):
-        path = Path(tempfile.mkdtemp()) / f"{name}.pt"
-        env = {k: v for k, v in os.environ.items() if k != "TPINFER_NO_BF16_DOT"} | extra
-        subprocess.run([sys.executable, "-c", script, str(path)], check=True, env=env, timeout=120)
-        outs[name] = torch.load(path)
+    outs = {"dot": _saved_by(script, "TPINFER_NO_BF16_DOT", False),
+            "widened": _saved_by(script, "TPINFER_NO_BF16_DOT", True)}
     torch.manual_seed(0)
     x, w = torch.randn(13, 1411).bfloat16(), torch.randn(67, 1411).bfloat16()
     ref = F.linear(x.float(), w.float())
@@ -103,19 +108,12 @@ def test_broadcast_and_tile_paths_agree():
     """Past 8 rows float32 (and bfloat16 pairs) run the broadcast kernel; TPINFER_NO_BCAST=1 takes the dot-product
     tiles (read once per process, hence a subprocess). Both against float32 products, and different in bits (the
     switch does change the path: the two sum in different orders)."""
-    import subprocess
-    import sys
-
     script = ("import sys, torch; from tpinfer import kernels; torch.manual_seed(0); "
               "x, w = torch.randn(40, 1412), torch.randn(67, 1412); "
               "torch.save([kernels.linear(x.to(d), w.to(d), out_dtype=torch.float32) "
               "for d in (torch.float32, torch.bfloat16)], sys.argv[1])")
-    outs = {}
-    for name, extra in (("broadcast", {}), ("tiles", {"TPINFER_NO_BCAST": "1"})):
-        path = Path(tempfile.mkdtemp()) / f"{name}.pt"
-        env = {k: v for k, v in os.environ.items() if k != "TPINFER_NO_BCAST"} | extra
-        subprocess.run([sys.executable, "-c", script, str(path)], check=True, env=env, timeout=120)
-        outs[name] = torch.load(path)
+    outs = {"broadcast": _saved_by(script, "TPINFER_NO_BCAST", False),
+            "tiles": _saved_by(script, "TPINFER_NO_BCAST", True)}
     from tpinfer.parallel.layers import CPU_BF16_DOT
 
     torch.manual_seed(0)
