@@ -7,6 +7,7 @@ every rank runs the same operation. Workers loop on messages until ``Stop``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import time
@@ -145,6 +146,18 @@ class RankEngine:
             raise ValueError(f"{what} needs an encoder model (bert); {name} is a causal LM: generate with it instead")
         raise ValueError(f"{what} needs a causal LM; {name} is an encoder, which has no LM head: embed with it "
                          "(tpinfer embed, LLM.embed)")
+
+    @functools.cached_property
+    def fold_rows(self) -> int:
+        """The most rows (decodes and prompt tokens) a step may have for its prompt tokens to ride in the decode
+        forward (``tpinfer.engine.scheduler.fold_prefill``); 0 where they never do (no native decode kernels,
+        pipeline stages, length-dependent rope tables, a sliding-window ring). Fixed once the model is loaded."""
+        max_rows = getattr(self.forward, "max_rows", None)
+        if max_rows is None or self.ctx.pp_size > 1 or not self.model.packable:
+            return 0
+        if any(ring is not None for ring in self.generator.cache.ring):
+            return 0
+        return max_rows()
 
     @property
     def native_decode(self) -> bool:

@@ -183,17 +183,6 @@ def _decode_logits(engine: RankEngine, message: messages.Step, local: torch.Tens
     return _send_logits(engine, full)
 
 
-def fold_rows(engine: RankEngine) -> int:
-    """The most rows (decodes and prompt tokens) a step may have for ``fold_prefill`` to take it; 0 where it never
-    does (no native decode kernels, pipeline stages, length-dependent rope tables, a sliding-window ring)."""
-    max_rows = getattr(engine.forward, "max_rows", None)
-    if max_rows is None or engine.ctx.pp_size > 1 or not engine.model.packable:
-        return 0
-    if any(ring is not None for ring in engine.generator.cache.ring):
-        return 0
-    return max_rows()
-
-
 def fold_prefill(engine: RankEngine, message: messages.Step) -> bool:
     """Whether this step's prompt tokens ride in its decode forward, one row each (``_run_folded``): where the
     native decode kernels take the step whole (every row one new token, few enough rows), on one pipeline stage,
@@ -210,7 +199,7 @@ def fold_prefill(engine: RankEngine, message: messages.Step) -> bool:
     if not message.prefill or message.echo:
         return False
     rows = len(message.decode) + sum(len(tokens) for _, tokens in message.prefill)
-    return rows <= fold_rows(engine)
+    return rows <= engine.fold_rows
 
 
 def _run_folded(engine: RankEngine, message: messages.Step, times: dict[str, float] | None, start: float) -> Logits:
@@ -303,7 +292,6 @@ class Scheduler:
         if max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be at least 1, not {max_num_batched_tokens}")
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.fold_rows = fold_rows(engine)
         # Packing and chunking need rope tables that do not depend on a sequence's length (not Phi-3's longrope,
         # whose model recomputes a sequence at its switch length; that model prefills whole prompts, right-padded).
         self.chunked = engine.model.packable
@@ -563,7 +551,7 @@ class Scheduler:
         A burst of 16 prompts then gets its first tokens a few at a time, each step one forward: `serve_load.py`,
         16 clients x 2 requests, bfloat16 at TP=2, TTFT p50 233-266 ms with the whole budget of 128 against 71-75
         ms with 48 (the same tokens/s)."""
-        room = self.fold_rows - decoding
+        room = self.engine.fold_rows - decoding
         return min(self.max_num_batched_tokens, room) if room >= FOLD_MIN_TOKENS else self.max_num_batched_tokens
 
     def _sooner(self, seq: Sequence, reuse: int, chunks: list[tuple[Sequence, int]]) -> bool:
