@@ -442,7 +442,9 @@ def test_incremental_text_adds_up_and_a_stop_string_is_never_streamed(model_dir)
     class Stream:
         arrival = time.monotonic()
         events: list[Delta] = []
-        push = events.append
+
+        def push(self, event: Delta, defer: bool = False) -> None:
+            self.events.append(event)
 
     output = ChoiceOutput(Stream(), 0, tokenizer, Metrics(1, 1, 0), stop=("each rank", "zzz"), streaming=True)
     used = next(i for i, t in enumerate(ids) if output.add(t, None, None))  # the token completing "each rank"

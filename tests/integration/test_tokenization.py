@@ -149,3 +149,31 @@ def test_streamed_text_never_breaks_a_character(padded, tmp_path, kind):
     deltas = [stream.add(i) for i in ids] + [stream.flush()]
     assert "".join(deltas) == tok.decode(ids) == text
     assert not any("\ufffd" in d for d in deltas)
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "byte-fallback", "clean-up"])
+def test_decode_is_hf_decode(padded, tmp_path, kind):
+    """The server's detokenizer calls the Rust tokenizer's decode directly where HF's decode is exactly that; the
+    text equals HF's for any ids (special tokens, broken characters), with and without skipping special tokens."""
+    import random
+
+    import transformers
+
+    path = _byte_fallback_tokenizer(tmp_path / "bf") if kind == "byte-fallback" else padded
+    if kind == "clean-up":  # HF cleans spaces before punctuation after decoding: the wrapper must stay in the path
+        path = tmp_path / "clean"
+        path.mkdir()
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            (path / name).write_bytes((padded / name).read_bytes())
+        config = json.loads((path / "tokenizer_config.json").read_text())
+        (path / "tokenizer_config.json").write_text(json.dumps({**config, "clean_up_tokenization_spaces": True}))
+    tok = Tokenizer.from_pretrained(path)
+    hf = transformers.AutoTokenizer.from_pretrained(path)
+    assert (tok._backend is None) == (kind == "clean-up")
+    rng = random.Random(0)
+    texts = ["hello wörld 😀 日本語 ok", "a , b . c ' d", "Tensor parallelism splits every weight matrix"]
+    samples = [hf(t).input_ids for t in texts] + [[rng.randrange(len(hf)) for _ in range(n)] for n in (1, 5, 40)]
+    samples += [[hf.eos_token_id, *samples[0], hf.bos_token_id or 0]]
+    for ids in samples:
+        for skip in (True, False):
+            assert tok.decode(ids, skip_special_tokens=skip) == hf.decode(ids, skip_special_tokens=skip)

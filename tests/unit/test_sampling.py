@@ -83,3 +83,36 @@ def test_a_shard_with_fewer_tokens_than_k_still_sends_full_width():
     assert small.shape == empty.shape == (1, 9)
     values, ids, _ = merge_candidates([full, small, empty], 4)
     assert ids.tolist() == [[1, 9, 8, 0]] and values.tolist() == [[3.0, 2.0, 1.0, 0.5]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_candidates_without_log_sum_exp_pick_the_same_tokens(world, dtype):
+    """A step nobody asked logprobs of skips the log-sum-exp (and, for k = 1, the float32 copy): the same
+    candidates as with it; for k = 1 the token is the full vocabulary's argmax, whose ties go to the lower id across
+    shards and within one (top-k's order among equal values within a shard is unspecified); padding ignored."""
+    from tpinfer.engine.sampling import local_candidates, merge_candidates
+    from tpinfer.parallel.shard import vocab_range
+
+    torch.manual_seed(world)
+    vocab = 101
+    logits = torch.randn(4, vocab).to(dtype)
+    logits[0, 7] = logits[0, 60] = logits[0].max() + 1  # across shards
+    logits[1, 20] = logits[1, 21] = logits[1].max() + 1  # within one
+    for k in (1, 3):
+        with_lse, without = [], []
+        for rank in range(world):
+            start, length = vocab_range(vocab, rank, world)
+            valid = max(0, min(vocab - start, length))
+            shard = torch.full((4, length), 1e4, dtype=dtype)  # padding past the vocabulary: never a candidate
+            shard[:, :valid] = logits[:, start : start + valid]
+            with_lse.append(local_candidates(shard, start, valid, k))
+            without.append(local_candidates(shard, start, valid, k, lse=False))
+        values, ids, _ = merge_candidates(without, k)
+        ref_values, ref_ids, lse = merge_candidates(with_lse, k)
+        assert torch.equal(values, ref_values) and (k > 1 or torch.equal(ids, ref_ids))
+        assert torch.allclose(lse, logits.float().logsumexp(-1), atol=1e-5)
+        assert torch.equal(logits.float().gather(-1, ids), values)
+        if k == 1:
+            assert torch.equal(ids[:, 0], logits.argmax(-1)) and ids[:2, 0].tolist() == [7, 20]
+        assert torch.equal(without[0][:, -1], torch.zeros(4))  # no log-sum-exp computed

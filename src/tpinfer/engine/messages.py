@@ -44,18 +44,21 @@ class Step:
     # k > 0: the decodes need only each row's k likeliest tokens (greedy rows, up to k logprobs): every rank sends its
     # top k and log-sum-exp instead of its vocabulary shard (``sampling.local_candidates``).
     candidates: int = 0
+    # With candidates: whether any decode row wants logprobs (else no rank computes its log-sum-exp).
+    logprobs: bool = True
     op: ClassVar[str] = "step"
 
     def fields(self) -> dict[str, Any]:
         return {"prefill": [list(p) for p in self.prefill], "decode": [list(d) for d in self.decode],
                 "echo": list(self.echo), "starts": list(self.starts), "copies": [list(c) for c in self.copies],
-                "candidates": self.candidates}
+                "candidates": self.candidates, "logprobs": self.logprobs}
 
     @classmethod
     def parse(cls, raw: dict[str, Any]) -> Step:
         return cls([(int(s), list(t)) for s, t in raw["prefill"]], [(int(s), int(t), int(p)) for s, t, p in raw["decode"]],
                    [int(s) for s in raw.get("echo", ())], [int(s) for s in raw.get("starts", ())],
-                   [(int(a), int(b), int(n)) for a, b, n in raw.get("copies", ())], int(raw.get("candidates", 0)))
+                   [(int(a), int(b), int(n)) for a, b, n in raw.get("copies", ())], int(raw.get("candidates", 0)),
+                   bool(raw.get("logprobs", True)))
 
     def start(self, entry: int) -> int:
         return self.starts[entry] if self.starts else 0

@@ -46,6 +46,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -179,7 +180,8 @@ def run_stage(engine: RankEngine, message: messages.Step, times: dict[str, float
 def _decode_logits(engine: RankEngine, message: messages.Step, local: torch.Tensor | None) -> torch.Tensor | None:
     """The decode rows' local logits as rank 0 samples them (candidates where the message asks for them, else
     full logits), on their way to rank 0 from the sampler."""
-    full = _candidates(engine, local, message.candidates) if message.candidates else engine.model.gather_logits(local)
+    full = (_candidates(engine, local, message.candidates, message.logprobs) if message.candidates
+            else engine.model.gather_logits(local))
     return _send_logits(engine, full)
 
 
@@ -225,13 +227,14 @@ def _run_folded(engine: RankEngine, message: messages.Step, times: dict[str, flo
     return prefill_logits, decode_logits, {}
 
 
-def _candidates(engine: RankEngine, local_logits: torch.Tensor | None, k: int) -> torch.Tensor | None:
-    """Every row's k likeliest tokens over the whole vocabulary and its log-sum-exp, from each rank's shard, as one
-    (B, 2k + 1) float32 tensor on the last stage: values (largest first, ties by lower id), ids, log-sum-exp."""
+def _candidates(engine: RankEngine, local_logits: torch.Tensor | None, k: int, lse: bool) -> torch.Tensor | None:
+    """Every row's k likeliest tokens over the whole vocabulary and its log-sum-exp (only with ``lse``: a row
+    wants logprobs), from each rank's shard, as one (B, 2k + 1) float32 tensor on the last stage: values (largest
+    first, ties by lower id), ids, log-sum-exp."""
     if local_logits is None:
         return None
     head, tp = engine.model.lm_head, engine.ctx.tp_size
-    packed = local_candidates(local_logits, head.start, min(head.length, head.vocab_size - head.start), k)
+    packed = local_candidates(local_logits, head.start, min(head.length, head.vocab_size - head.start), k, lse)
     sharded = tp > 1 and head.length < head.vocab_size
     parts = engine.ctx.comm.all_gather(packed, dim=0).chunk(tp, dim=0) if sharded else [packed]
     values, ids, lse = merge_candidates(list(parts), k)
@@ -322,6 +325,9 @@ class Scheduler:
         self._running: list[Sequence] = []
         self._cond = threading.Condition()
         self._interrupted = False
+        # Called on the engine thread right after each step message is sent, and after a step that leaves nothing
+        # running: the server hands its streams the tokens of the steps before (``serve.outputs.Mailbox``).
+        self.after_send: Callable[[], None] | None = None
 
     @property
     def _results(self):  # noqa: ANN202
@@ -381,6 +387,8 @@ class Scheduler:
         ran = self._pipelined_step() if self.micro_batches > 1 else self._step()
         if ran:
             self.busy_s += time.perf_counter() - start
+        if self.after_send is not None and (not self._running or self.micro_batches > 1):
+            self.after_send()  # no step message may follow soon
         return ran
 
     def _step(self) -> bool:
@@ -392,6 +400,8 @@ class Scheduler:
             return False
         message, complete, decoding = self._message(chunks, copies, decoding)
         messages.send(self.engine.ctx, message, self.replica)  # the workers' whole input for this step
+        if self.after_send is not None:
+            self.after_send()
         phases = self.phase_s
         self.folded_steps += fold_prefill(self.engine, message)
         phases["schedule"] += time.perf_counter() - start
@@ -421,7 +431,8 @@ class Scheduler:
         starts = [seq.computed for seq, _ in chunks] + [0] * len(again)
         message = messages.Step(prefill, [(seq.slot, seq.token_ids[-1], seq.last_position) for seq in decoding],
                                 [seq.slot for seq, _ in chunks if seq.prompt_logprobs],
-                                starts if any(starts) else [], copies, _candidates_for(decoding))
+                                starts if any(starts) else [], copies, _candidates_for(decoding),
+                                any(seq.top_logprobs is not None for seq in decoding))
         complete = []
         for row, (seq, n) in enumerate(chunks):
             seq.computed += n
@@ -463,6 +474,8 @@ class Scheduler:
         while self._in_flight:
             self._finish_micro_batch(idle=False)
         self._retire()
+        if self.after_send is not None:
+            self.after_send()
 
     def _start_micro_batch(self) -> bool:
         ready = [seq for seq in self._running if not seq.in_flight and not seq.prefilling]
@@ -475,6 +488,8 @@ class Scheduler:
         for seq in [seq for seq, _ in chunks] + [seq for _, seq in complete] + decoding:
             seq.in_flight = True
         messages.send(self.engine.ctx, message, self.replica)
+        if self.after_send is not None:
+            self.after_send()
         if self.local:
             run_stage(self.engine, message)  # rank 0's stage; its activations are on their way to the next
         self._in_flight.append((message, [seq for seq, _ in chunks], complete, decoding))

@@ -30,7 +30,7 @@ from tpinfer.generation import GenerationDefaults
 from tpinfer.serve import handlers
 from tpinfer.serve.handlers import APIError
 from tpinfer.serve.metrics import Metrics
-from tpinfer.serve.outputs import ChoiceOutput, RequestStream
+from tpinfer.serve.outputs import ChoiceOutput, Mailbox, RequestStream
 from tpinfer.serve.schemas import ModelCard, ModelList, SamplingRequest
 from tpinfer.tokenizer import Tokenizer
 
@@ -73,6 +73,7 @@ class ServerState:
         self.failure: str | None = None
         self.on_failure: Callable[[], None] | None = None  # the server's "exit now" (thread-safe)
         self.streams: set[RequestStream] = set()
+        self._mailbox: Mailbox | None = None  # the event loop's, for every stream's events from the engine thread
         self._lock = threading.Lock()
 
     @property
@@ -93,7 +94,13 @@ class ServerState:
         if count > self.settings.max_num_seqs:
             raise APIError(400, f"{len(prompts)} prompt(s) x n={req.n} = {count} sequences; this server runs at most "
                            f"{self.settings.max_num_seqs} at once (--max-num-seqs)", "n")
-        stream = RequestStream(asyncio.get_running_loop(), sum(len(p) for p in prompts))
+        loop = asyncio.get_running_loop()
+        if self._mailbox is None or self._mailbox.loop is not loop:
+            self._mailbox = mailbox = Mailbox(loop)
+            for scheduler in self.schedulers:  # each flushes the engine thread's events after its step messages
+                scheduler.after_send = mailbox.flush
+            mailbox.deferring = bool(self.schedulers)
+        stream = RequestStream(self._mailbox, sum(len(p) for p in prompts))
         d = self.settings.defaults
         temperature = _pick(req.temperature, d.temperature, 1.0)
         temperature = 0.0 if temperature < GREEDY_BELOW else temperature

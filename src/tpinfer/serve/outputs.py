@@ -9,6 +9,7 @@ start of one, so a stop string is never streamed), and pushes ``Delta`` events t
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -73,24 +74,70 @@ class Failure:
     message: str
 
 
+class Mailbox:
+    """Events from the engine thread to one event loop, handed over with one wakeup per batch.
+
+    The engine thread's own events (tokens) wait for ``flush``, which the scheduler calls right after it has sent
+    the next step's message (``Scheduler.after_send``): the loop then renders and writes them while the forward
+    runs, which holds no GIL, instead of between two steps, where the engine thread would wait for the GIL to
+    send the message the other ranks are waiting for (16 clients, bfloat16 at TP=2: that send took 1.15 ms a
+    step; see docs/performance.md). Other events (a failure) go at once, after whatever waits before them."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.deferring = False  # set once a scheduler flushes after each step message
+        self._events: list[tuple[asyncio.Queue, Delta | Failure]] = []
+        self._scheduled = False
+        self._lock = threading.Lock()
+
+    def put(self, queue: asyncio.Queue, event: Delta | Failure, defer: bool = False) -> None:
+        """Any thread; with ``defer`` (the engine thread's tokens), delivered at the next ``flush``."""
+        with self._lock:
+            self._events.append((queue, event))
+            if (defer and self.deferring) or self._scheduled:
+                return
+            self._scheduled = True
+        self._schedule()
+
+    def flush(self) -> None:
+        """Deliver whatever waits (any thread)."""
+        with self._lock:
+            if not self._events or self._scheduled:
+                return
+            self._scheduled = True
+        self._schedule()
+
+    def _schedule(self) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:  # the event loop is closed: the server is exiting and nobody listens
+            with self._lock:
+                self._events.clear()
+                self._scheduled = False
+
+    def _deliver(self) -> None:
+        with self._lock:
+            events, self._events = self._events, []
+            self._scheduled = False
+        for queue, event in events:
+            queue.put_nowait(event)
+
+
 class RequestStream:
     """One HTTP request's choices: the engine thread pushes events, the handler iterates them."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, prompt_tokens: int) -> None:
+    def __init__(self, mailbox: Mailbox, prompt_tokens: int) -> None:
         self.id = uuid.uuid4().hex
         self.created = int(time.time())
         self.arrival = time.monotonic()
         self.prompt_tokens = prompt_tokens
         self.sequences: list[Sequence] = []
         self.queue: asyncio.Queue[Delta | Failure] = asyncio.Queue()
-        self._loop = loop
+        self._mailbox = mailbox  # the event loop's, whose handler reads ``queue``
 
-    def push(self, event: Delta | Failure) -> None:
-        """Any thread."""
-        try:
-            self._loop.call_soon_threadsafe(self.queue.put_nowait, event)
-        except RuntimeError:  # the event loop is closed: the server is exiting and nobody listens
-            pass
+    def push(self, event: Delta | Failure, defer: bool = False) -> None:
+        """Any thread; ``defer``: the engine thread's, delivered after its next step message (``Mailbox``)."""
+        self._mailbox.put(self.queue, event, defer)
 
     def fail(self, message: str) -> None:
         self.push(Failure(message))
@@ -162,7 +209,7 @@ class ChoiceOutput:
             entries = [TokenLogprob(self._token_text(t), lp, None if alt is None else
                                     [(self._token_text(i), v) for i, v in alt])
                        for t, lp, alt in zip(token_ids, logprobs, top or [None] * len(token_ids), strict=True)]
-        self.stream.push(Delta(self.index, self.tokenizer.decode(token_ids), entries, None, 0))
+        self.stream.push(Delta(self.index, self.tokenizer.decode(token_ids), entries, None, 0), defer=True)
 
     def finish(self, reason: str) -> None:
         if not self._stopped:
@@ -186,7 +233,7 @@ class ChoiceOutput:
         text = self.text[self._sent : end]  # may be "" (a partial character, or held back): still one delta
         self._sent = end
         logprobs, self._pending = self._pending, []
-        self.stream.push(Delta(self.index, text, logprobs, finish_reason, self.num_tokens))
+        self.stream.push(Delta(self.index, text, logprobs, finish_reason, self.num_tokens), defer=True)
 
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
