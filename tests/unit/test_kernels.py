@@ -158,7 +158,8 @@ def _rotate_half(x):
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(("head_dim", "heads", "kv_heads"), [(64, 8, 4), (128, 4, 2), (16, 4, 4), (24, 6, 2), (40, 2, 1)])
+@pytest.mark.parametrize(("head_dim", "heads", "kv_heads"),
+                         [(64, 8, 4), (128, 4, 2), (64, 3, 1), (128, 2, 2), (16, 4, 4), (24, 6, 2), (40, 2, 1)])
 def test_decode_attention_matches_sdpa(dtype, head_dim, heads, kv_heads):
     torch.manual_seed(head_dim)
     slots_n, length = 4, 50
@@ -166,7 +167,8 @@ def test_decode_attention_matches_sdpa(dtype, head_dim, heads, kv_heads):
     ref_k, ref_v = k_cache.clone(), v_cache.clone()
     q = torch.randn(3, heads, head_dim).to(dtype)
     k, v = torch.randn(3, kv_heads, head_dim).to(dtype), torch.randn(3, kv_heads, head_dim).to(dtype)
-    # 1, 6 and 49 positions: every tail of the four-key and 16-score loops (head_dim 64 and 128 run in registers)
+    # 1, 6 and 49 positions: every tail of the four-key and 16-score loops (head_dim 64 and 128 run in registers, two
+    # query heads of a KV head at a time where the group is even, one where it is odd)
     slots, positions = torch.tensor([2, 0, 3]), torch.tensor([5, 0, 48])
     inv_freq = 1 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
     freqs = torch.outer(torch.arange(length).float(), inv_freq)
