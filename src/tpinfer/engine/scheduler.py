@@ -126,13 +126,11 @@ Logits = tuple[torch.Tensor | None, torch.Tensor | None, dict[int, torch.Tensor]
 
 
 @torch.inference_mode()
-def run_stage(engine: RankEngine, message: messages.Step, times: dict[str, float] | None = None,
-              started: Callable[[], None] | None = None) -> Logits:
+def run_stage(engine: RankEngine, message: messages.Step, times: dict[str, float] | None = None) -> Logits:
     """Every rank: this rank's part of the forwards of one step message. On the last pipeline stage, full logits
     (rows, V) of the prefills and of the decodes (already on their way to rank 0 from the sampler), and by slot the
     (T, V) logits of every position of the ``echo`` prompts; None (and nothing) elsewhere. ``times`` accumulates the
-    seconds of the prefill and decode forwards (logits gathered included). ``started`` is called once, just before
-    the first forward (rank 0's server hands its event loop the tokens there: ``Scheduler.after_send``).
+    seconds of the prefill and decode forwards (logits gathered included).
 
     Workers discard the logits; they compute them because the vocabulary-parallel head's all-gather is a
     collective every rank must join.
@@ -144,7 +142,7 @@ def run_stage(engine: RankEngine, message: messages.Step, times: dict[str, float
     for source, target, length in message.copies:
         cache.copy_prefix(source, target, length)
     if fold_prefill(engine, message):
-        return _run_folded(engine, message, times, start, started)
+        return _run_folded(engine, message, times, start)
     if message.prefill:
         echo = set(message.echo)
         plain = [(s, p, message.start(i)) for i, (s, p) in enumerate(message.prefill) if s not in echo]
@@ -152,14 +150,12 @@ def run_stage(engine: RankEngine, message: messages.Step, times: dict[str, float
             slots, prompts, starts = (list(column) for column in zip(*plain, strict=True))
             build = Batch.packed if len(plain) > 1 and model.packable else Batch.build
             batch = build(prompts, starts, slots, device)
-            started = _call(started)
             prefill_logits = model.gather_logits(forward(batch, cache))
         if echo:  # every position's logits of these prompts (one at a time: a (T, vocab) tensor each)
             rows = {}
             for slot, prompt in message.prefill:
                 if slot in echo:
                     batch = Batch.build([prompt], [0], [slot], device, all_logits=True)
-                    started = _call(started)
                     full = model.gather_logits(forward(batch, cache))
                     if full is not None:
                         echo_logits[slot] = full[0]
@@ -175,18 +171,10 @@ def run_stage(engine: RankEngine, message: messages.Step, times: dict[str, float
     if message.decode:
         slots, tokens, positions = (list(column) for column in zip(*message.decode, strict=True))
         batch = Batch.build([[t] for t in tokens], positions, slots, device)
-        started = _call(started)
         decode_logits = _decode_logits(engine, message, forward(batch, cache))
-    _call(started)
     if times is not None:
         times["decode"] += time.perf_counter() - start
     return prefill_logits, decode_logits, echo_logits
-
-
-def _call(started: Callable[[], None] | None) -> None:
-    """``run_stage``'s ``started`` hook, if not called yet; None, to take its place."""
-    if started is not None:
-        started()
 
 
 def _decode_logits(engine: RankEngine, message: messages.Step, local: torch.Tensor | None) -> torch.Tensor | None:
@@ -216,8 +204,7 @@ def fold_prefill(engine: RankEngine, message: messages.Step) -> bool:
     return rows <= engine.fold_rows
 
 
-def _run_folded(engine: RankEngine, message: messages.Step, times: dict[str, float] | None, start: float,
-                started: Callable[[], None] | None) -> Logits:
+def _run_folded(engine: RankEngine, message: messages.Step, times: dict[str, float] | None, start: float) -> Logits:
     """``run_stage`` for a step ``fold_prefill`` accepts: the decodes' rows first, then every prompt token as a row
     of its own at its position; the head runs on the decodes' rows and each prompt's last row only. The step's time
     counts as decode."""
@@ -231,7 +218,6 @@ def _run_folded(engine: RankEngine, message: messages.Step, times: dict[str, flo
         positions += range(first, first + len(prompt))
         last.append(len(tokens) - 1)
     batch = Batch.build([[t] for t in tokens], positions, slots, device)
-    _call(started)
     hidden = engine.forward.decode(batch, engine.generator.cache)
     prefill_logits = _send_logits(engine, model.gather_logits(model.logits(hidden[last])))  # as run_stage: first
     n = len(message.decode)
@@ -275,10 +261,9 @@ def take_logits(pipe, vocab: int, message: messages.Step) -> Logits:  # noqa: AN
     return prefill, decode, {}
 
 
-def run_step(engine: RankEngine, message: messages.Step, times: dict[str, float] | None = None,
-             started: Callable[[], None] | None = None) -> Logits:
+def run_step(engine: RankEngine, message: messages.Step, times: dict[str, float] | None = None) -> Logits:
     """Every rank: one step message whole. Full logits on rank 0 (and the last stage); None elsewhere."""
-    logits = run_stage(engine, message, times, started)
+    logits = run_stage(engine, message, times)
     pipe = engine.ctx.pipe
     if pipe is None or pipe.sampler == 0:
         return logits
@@ -340,9 +325,8 @@ class Scheduler:
         self._running: list[Sequence] = []
         self._cond = threading.Condition()
         self._interrupted = False
-        # Called on the engine thread once each step message is sent, just before rank 0's forward of it (``run_stage``:
-        # the GIL is free while the forward runs), and after a step that leaves nothing running: the server hands its
-        # streams the tokens of the steps before (``serve.outputs.Mailbox``).
+        # Called on the engine thread right after each step message is sent, and after a step that leaves nothing
+        # running: the server hands its streams the tokens of the steps before (``serve.outputs.Mailbox``).
         self.after_send: Callable[[], None] | None = None
 
     @property
@@ -416,13 +400,14 @@ class Scheduler:
             return False
         message, complete, decoding = self._message(chunks, copies, decoding)
         messages.send(self.engine.ctx, message, self.replica)  # the workers' whole input for this step
+        if self.after_send is not None:
+            self.after_send()
         phases = self.phase_s
         self.folded_steps += fold_prefill(self.engine, message)
         phases["schedule"] += time.perf_counter() - start
         if self.local:
-            prefill_logits, decode_logits, echo_logits = run_step(self.engine, message, phases, self.after_send)
+            prefill_logits, decode_logits, echo_logits = run_step(self.engine, message, phases)
         else:
-            _call(self.after_send)
             forward = time.perf_counter()
             prefill_logits, decode_logits, echo_logits = take_logits(self._results, self.vocab_size, message)
             phases["decode" if decoding else "prefill"] += time.perf_counter() - forward
@@ -503,10 +488,10 @@ class Scheduler:
         for seq in [seq for seq, _ in chunks] + [seq for _, seq in complete] + decoding:
             seq.in_flight = True
         messages.send(self.engine.ctx, message, self.replica)
+        if self.after_send is not None:
+            self.after_send()
         if self.local:
-            run_stage(self.engine, message, started=self.after_send)  # rank 0's stage; its activations go on
-        else:
-            _call(self.after_send)
+            run_stage(self.engine, message)  # rank 0's stage; its activations are on their way to the next
         self._in_flight.append((message, [seq for seq, _ in chunks], complete, decoding))
         return True
 

@@ -77,10 +77,10 @@ class Failure:
 class Mailbox:
     """Events from the engine thread to one event loop, handed over with one wakeup per batch.
 
-    The engine thread's own events (tokens) wait for ``flush``, which the scheduler calls once it has sent the next
-    step's message, just before rank 0's forward of it (``Scheduler.after_send``): the loop then renders and writes
-    them while the forward runs, which holds no GIL, instead of between two steps, where the engine thread would wait
-    for the GIL to send the message the other ranks are waiting for (16 clients, bfloat16 at TP=2: that send took 1.15 ms a
+    The engine thread's own events (tokens) wait for ``flush``, which the scheduler calls right after it has sent
+    the next step's message (``Scheduler.after_send``): the loop then renders and writes them while the forward
+    runs, which holds no GIL, instead of between two steps, where the engine thread would wait for the GIL to
+    send the message the other ranks are waiting for (16 clients, bfloat16 at TP=2: that send took 1.15 ms a
     step; see docs/performance.md). Other events (a failure) go at once, after whatever waits before them."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
