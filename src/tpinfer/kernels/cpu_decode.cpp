@@ -671,29 +671,25 @@ void attend_rows(const float *qf, const void *k_cache, const void *v_cache, int6
   __m512 qv[G][NV];
   for (int g = 0; g < G; g++)
     for (int v = 0; v < NV; v++) qv[g][v] = _mm512_loadu_ps(qf + g * D + 16 * v);
-  int64_t j = 0;
-  for (; j + 4 <= n; j += 4) {  // four keys at a time: independent chains, one reduction per head
-    __m512 a[G][4];
-    for (int t = 0; t < 4; t++) {
-      const int64_t row = head + (j + t) * D;
-      __m512 kv[NV];
-      for (int v = 0; v < NV; v++) kv[v] = load(k_cache, row + 16 * v);
-      for (int g = 0; g < G; g++) {
-        a[g][t] = _mm512_mul_ps(qv[g][0], kv[0]);
-        for (int v = 1; v < NV; v++) a[g][t] = _mm512_fmadd_ps(qv[g][v], kv[v], a[g][t]);
-      }
-    }
-    for (int g = 0; g < G; g++) _mm_storeu_ps(scores + g * n + j, reduce4(a[g][0], a[g][1], a[g][2], a[g][3]));
-  }
-  for (; j < n; j++) {
+  auto dots = [&](int64_t j, __m512 *a) __attribute__((always_inline)) {  // key j against the G heads' q
     const int64_t row = head + j * D;
     __m512 kv[NV];
     for (int v = 0; v < NV; v++) kv[v] = load(k_cache, row + 16 * v);
     for (int g = 0; g < G; g++) {
-      __m512 a = _mm512_mul_ps(qv[g][0], kv[0]);
-      for (int v = 1; v < NV; v++) a = _mm512_fmadd_ps(qv[g][v], kv[v], a);
-      scores[g * n + j] = _mm512_reduce_add_ps(a);
+      a[g] = _mm512_mul_ps(qv[g][0], kv[0]);
+      for (int v = 1; v < NV; v++) a[g] = _mm512_fmadd_ps(qv[g][v], kv[v], a[g]);
     }
+  };
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {  // four keys at a time: independent chains, one reduction per head
+    __m512 a[4][G];
+    for (int t = 0; t < 4; t++) dots(j + t, a[t]);
+    for (int g = 0; g < G; g++) _mm_storeu_ps(scores + g * n + j, reduce4(a[0][g], a[1][g], a[2][g], a[3][g]));
+  }
+  for (; j < n; j++) {
+    __m512 a[G];
+    dots(j, a);
+    for (int g = 0; g < G; g++) scores[g * n + j] = _mm512_reduce_add_ps(a[g]);
   }
   float total[G];
   for (int g = 0; g < G; g++) {
@@ -824,6 +820,11 @@ void tpi_decode_attention(void *q, void *k, const void *v, int act_dtype, const 
   // where the group is even (each key and value row widened once for both).
   if (D == 64 || D == 128) {
     const int G = group % 2 == 0 ? 2 : 1;
+    const bool bf = act_dtype == kBF16;
+    auto *const attend = D == 64 ? (G == 2 ? (bf ? attend_rows<4, true, 2> : attend_rows<4, false, 2>)
+                                           : (bf ? attend_rows<4, true, 1> : attend_rows<4, false, 1>))
+                                 : (G == 2 ? (bf ? attend_rows<8, true, 2> : attend_rows<8, false, 2>)
+                                           : (bf ? attend_rows<8, true, 1> : attend_rows<8, false, 1>));
     const int64_t units = B * (Hq / G);
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && units * G * longest * D > 65536)
     for (int64_t u = 0; u < units; u++) {
@@ -836,13 +837,7 @@ void tpi_decode_attention(void *q, void *k, const void *v, int act_dtype, const 
       const __m512 sv = _mm512_set1_ps(scale);
       for (int64_t i = 0; i < G * D; i += 16)
         _mm512_store_ps(qf + i, _mm512_mul_ps(load16_any(q, act_dtype, (b * Hq + h) * D + i), sv));
-      const bool bf = act_dtype == kBF16;
-      if (D == 64)
-        (G == 2 ? (bf ? attend_rows<4, true, 2> : attend_rows<4, false, 2>)
-                : (bf ? attend_rows<4, true, 1> : attend_rows<4, false, 1>))(qf, k_cache, v_cache, head, n, scores, acc);
-      else
-        (G == 2 ? (bf ? attend_rows<8, true, 2> : attend_rows<8, false, 2>)
-                : (bf ? attend_rows<8, true, 1> : attend_rows<8, false, 1>))(qf, k_cache, v_cache, head, n, scores, acc);
+      attend(qf, k_cache, v_cache, head, n, scores, acc);
       for (int64_t i = 0; i < G * D; i += 16) store16_any(out, act_dtype, (b * Hq + h) * D + i, _mm512_loadu_ps(acc + i));
     }
     return;
