@@ -111,7 +111,8 @@ def local_candidates(local_logits: torch.Tensor, vocab_start: int, vocab_valid: 
 
 def merge_candidates(packed: list[torch.Tensor], k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Every rank's candidates -> the global top k (B, k) values and ids, ordered by (value desc, id asc),
-    and the global log-sum-exp (B,; meaningless where the ranks computed none: ``local_candidates(lse=False)``). The order does not depend on how many ranks there were."""
+    and the global log-sum-exp (B,; meaningless where the ranks computed none: ``local_candidates(lse=False)``).
+    The order does not depend on how many ranks there were."""
     values = torch.cat([p[:, : (p.shape[1] - 1) // 2] for p in packed], dim=-1)
     ids = torch.cat([p[:, (p.shape[1] - 1) // 2 : -1] for p in packed], dim=-1).long()
     lse = torch.stack([p[:, -1] for p in packed], dim=-1).logsumexp(-1)

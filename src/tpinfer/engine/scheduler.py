@@ -327,7 +327,7 @@ class Scheduler:
         self._interrupted = False
         # Called on the engine thread right after each step message is sent, and after a step that leaves nothing
         # running: the server hands its streams the tokens of the steps before (``serve.outputs.Mailbox``).
-        self.after_send: Callable[[], None] | None = None
+        self.after_send: Callable[[], None] = _nothing
 
     @property
     def _results(self):  # noqa: ANN202
@@ -387,7 +387,7 @@ class Scheduler:
         ran = self._pipelined_step() if self.micro_batches > 1 else self._step()
         if ran:
             self.busy_s += time.perf_counter() - start
-        if self.after_send is not None and (not self._running or self.micro_batches > 1):
+        if not self._running or self.micro_batches > 1:
             self.after_send()  # no step message may follow soon
         return ran
 
@@ -400,8 +400,7 @@ class Scheduler:
             return False
         message, complete, decoding = self._message(chunks, copies, decoding)
         messages.send(self.engine.ctx, message, self.replica)  # the workers' whole input for this step
-        if self.after_send is not None:
-            self.after_send()
+        self.after_send()
         phases = self.phase_s
         self.folded_steps += fold_prefill(self.engine, message)
         phases["schedule"] += time.perf_counter() - start
@@ -474,8 +473,7 @@ class Scheduler:
         while self._in_flight:
             self._finish_micro_batch(idle=False)
         self._retire()
-        if self.after_send is not None:
-            self.after_send()
+        self.after_send()
 
     def _start_micro_batch(self) -> bool:
         ready = [seq for seq in self._running if not seq.in_flight and not seq.prefilling]
@@ -488,8 +486,7 @@ class Scheduler:
         for seq in [seq for seq, _ in chunks] + [seq for _, seq in complete] + decoding:
             seq.in_flight = True
         messages.send(self.engine.ctx, message, self.replica)
-        if self.after_send is not None:
-            self.after_send()
+        self.after_send()
         if self.local:
             run_stage(self.engine, message)  # rank 0's stage; its activations are on their way to the next
         self._in_flight.append((message, [seq for seq, _ in chunks], complete, decoding))
@@ -688,6 +685,10 @@ class Scheduler:
 
 
 MAX_CANDIDATES = 20  # OpenAI's largest top_logprobs
+
+
+def _nothing() -> None:
+    """``Scheduler.after_send`` where no server listens (nothing waits to be handed over)."""
 
 
 def _candidates_for(decoding: list[Sequence]) -> int:

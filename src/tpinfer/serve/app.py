@@ -96,10 +96,9 @@ class ServerState:
                            f"{self.settings.max_num_seqs} at once (--max-num-seqs)", "n")
         loop = asyncio.get_running_loop()
         if self._mailbox is None or self._mailbox.loop is not loop:
-            self._mailbox = mailbox = Mailbox(loop)
+            self._mailbox = Mailbox(loop, deferring=bool(self.schedulers))
             for scheduler in self.schedulers:  # each flushes the engine thread's events after its step messages
-                scheduler.after_send = mailbox.flush
-            mailbox.deferring = bool(self.schedulers)
+                scheduler.after_send = self._mailbox.flush
         stream = RequestStream(self._mailbox, sum(len(p) for p in prompts))
         d = self.settings.defaults
         temperature = _pick(req.temperature, d.temperature, 1.0)

@@ -83,9 +83,9 @@ class Mailbox:
     send the message the other ranks are waiting for (16 clients, bfloat16 at TP=2: that send took 1.15 ms a
     step; see docs/performance.md). Other events (a failure) go at once, after whatever waits before them."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, deferring: bool) -> None:
         self.loop = loop
-        self.deferring = False  # set once a scheduler flushes after each step message
+        self.deferring = deferring  # whether a scheduler flushes after each step message (else deferred go at once)
         self._events: list[tuple[asyncio.Queue, Delta | Failure]] = []
         self._scheduled = False
         self._lock = threading.Lock()
