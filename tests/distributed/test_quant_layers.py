@@ -23,9 +23,12 @@ def _rows(piece) -> torch.Tensor:
 
 def _on_rank(ctx, scheme_args):
     scheme = Scheme(*scheme_args[:4], act8=scheme_args[4])
-    # -a8 layers compute x_hat W^T, x_hat the activations rounded in blocks of 32 (quantize_activations): rounding
-    # the whole row or each rank's slice of it is the same, as slices hold whole blocks
-    act = quantize_activations if scheme.act8 else (lambda t: t)
+    # -a8 layers compute x_hat W^T, x_hat the activations rounded in blocks (quantize_activations) as wide as the
+    # scheme picks for the inputs a rank holds: rounding the whole row or each rank's slice of it is the same when
+    # the slices hold whole blocks of that width
+    def act(t: torch.Tensor, width: int = 256) -> torch.Tensor:
+        return quantize_activations(t, scheme.act_block(width)) if scheme.act8 else t
+
     torch.manual_seed(0)
     x = torch.randn(3, 4, 256)  # 12 rows: the decode kernels up to 8, then the dequantized GEMM
     w_col, b_col = torch.randn(192, 256), torch.randn(192)
@@ -46,8 +49,9 @@ def _on_rank(ctx, scheme_args):
     row.load({"weight": w_row[:, cols], "bias": b_row})
     reference = ctx.comm.all_gather(row.dequantized().clone(), dim=1)  # each rank's columns, scales with them
     h = torch.randn(3, 4, in_features)
-    out["row_decode"] = (row(h[:1, :3, cols].contiguous()) - F.linear(act(h[:1, :3]), reference, b_row)).abs().max().item()
-    out["row_prefill"] = (row(h[..., cols].contiguous()) - F.linear(act(h), reference, b_row)).abs().max().item()
+    local = len(cols)
+    out["row_decode"] = (row(h[:1, :3, cols].contiguous()) - F.linear(act(h[:1, :3], local), reference, b_row)).abs().max().item()
+    out["row_prefill"] = (row(h[..., cols].contiguous()) - F.linear(act(h, local), reference, b_row)).abs().max().item()
 
     heads, kv = units(4, 32, "attention heads"), units(2, 32, "KV heads", replicable=True)
     qkv = quant_linear_layer(Linear("qkv", units(256), packed(heads, kv, kv)), scheme, COLWISE, ctx, torch.float32)

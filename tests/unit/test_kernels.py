@@ -266,12 +266,15 @@ def test_failed_build_falls_back_to_torch(monkeypatch, tmp_path, caplog):
                                     ("int4-g128", 256), ("fp8", 256), ("fp8-tensor", 256), ("int4-a8", 256),
                                     ("int4-a8", 224), ("int4-g64-a8", 576), ("int4-g96-sym-a8", 576),
                                     ("int4-g128-a8", 256), ("int8-a8", 224), ("int8-g32-a8", 256),
-                                    ("int8-g64-asym-a8", 576)])
+                                    ("int8-g64-asym-a8", 576), ("int4-g128-a8", 3840), ("int8-a8", 2816),
+                                    ("int4-g64-sym-a8", 1920), ("int4-g128-a8", 2048)])
 def test_quantized_gemv_equals_linear_on_dequantized_weights(name, K, dtype):
     """Every quantized GEMV (1-8 rows, more in blocks of 8) against F.linear on the same weights dequantized; with
     bfloat16 activations int4 takes the bfloat16 dot-product kernel where the CPU has one. The -a8 kernels (VNNI
     integer dot products) against F.linear of the activations rounded as quantize_activations defines, for inputs
-    that end in a partial step (224 = 7 blocks of 32, 576 = 18) and groups that straddle steps (96)."""
+    that end in a partial step (224 = 7 blocks of 32, 576 = 18), groups that straddle steps (96), and the wider
+    activation blocks over whole and partial super-blocks (3840 = 30 x 128, 2816 = 44 x 64, 1920 = 30 x 64, 2048 =
+    16 x 128)."""
     from tpinfer.quant.formats import dequantize, parse, quantize, quantize_activations
 
     scheme = parse(name)
@@ -282,7 +285,8 @@ def test_quantized_gemv_equals_linear_on_dequantized_weights(name, K, dtype):
     bias = torch.randn(100).to(dtype)
     for rows in (1, 2, 3, 5, 8, 11):
         x = torch.randn(rows, K).to(dtype)
-        ref = F.linear(quantize_activations(x.float()) if scheme.act8 else x.float(), dense, bias.float())
+        ref = F.linear(quantize_activations(x.float(), scheme.act_block(K)) if scheme.act8 else x.float(), dense,
+                       bias.float())
         out = kernels.quant_linear(x, scheme, tensors, bias)
         assert out.dtype == dtype
         # float32: the same products summed in another order; bfloat16: besides, each result rounded to 8 bits of

@@ -7,10 +7,12 @@ from tpinfer.quant.formats import (
     ACT_BLOCK,
     Scheme,
     dequantize,
+    from_a8_layout,
     pack_int4,
     parse,
     quantize,
     quantize_activations,
+    to_a8_layout,
     unpack_int4,
 )
 
@@ -74,6 +76,31 @@ def test_round_to_nearest_error_bounds(name, bound):
     # fp8: 3 mantissa bits, relative to the value itself; integers: relative to the group's largest magnitude
     err = (back - w).abs() / (w.abs() if scheme.kind == "fp8" else span)
     assert err.max() <= bound * 1.01 + (1e-3 if scheme.kind == "int4" else 0)  # int4: float16 scales
+
+
+@pytest.mark.parametrize("name,cols,block", [
+    ("int4-g128-a8", 2048, 128),  # 16 blocks: one whole super-block
+    ("int4-g128-a8", 3840, 128),  # 30 of 32 lanes filled
+    ("int4-g128-a8", 1024, 64),  # 128 would fill half a super-block; 64 fills one
+    ("int8-a8", 2816, 64),  # per channel (the row is the group): 22 blocks of 128 in 32 lanes, 44 of 64 in 48
+    ("int8-a8", 224, 32),  # 224 = 7 x 32: no wider block divides it
+    ("int4-g96-sym-a8", 576, 32),  # 96 is a multiple of 32 only
+    ("int4-a8", 4096, 32),  # groups of 32 bound the block
+])
+def test_activation_block_widths(name, cols, block):
+    """-a8 picks the widest activation block (128, 64, 32) that divides the group and leaves at most an eighth of
+    the 16-block super-blocks' lanes empty, and the weight layout for that width round-trips."""
+    scheme = parse(name)
+    assert scheme.act_block(cols) == block
+    values = torch.randint(0, 16 if scheme.kind == "int4" else 256, (3, cols))
+    values = values.to(torch.uint8) if scheme.kind == "int4" else (values - 128).to(torch.int8)
+    stored = to_a8_layout(scheme.kind, values, block)
+    assert stored.shape == (3, cols // 2 if scheme.kind == "int4" else cols)
+    assert torch.equal(from_a8_layout(scheme.kind, stored, block), values)
+    if block > 32:  # lane l of slice 0 holds inputs block * l .. + 3 (int4: low nibbles)
+        first = stored[0, : 4 * 16].reshape(16, 4)
+        expected = values[0].reshape(-1, block)[:16, :4]
+        assert torch.equal(first & 0x0F if scheme.kind == "int4" else first, expected)
 
 
 def test_quantize_activations():

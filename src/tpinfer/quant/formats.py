@@ -2,7 +2,8 @@
 
 The formats are weight-only: activations stay float (W8A16, W4A16, FP8 weights), and every kernel dequantizes a
 weight in registers as it multiplies. Adding ``-a8`` to an int8 or int4 scheme (``int4-a8``, ``int8-a8``) keeps
-the same weights and rounds the activations too, to int8 in blocks of 32 (``quantize_activations``): the
+the same weights and rounds the activations too, to int8 in blocks of 32, 64 or 128 inputs (``act_block``,
+``quantize_activations``): the
 product is then ``x_hat W^T``, which the CPU kernels compute with integer dot products (AVX512-VNNI), faster
 than dequantizing, at the accuracy cost ``tpinfer verify -q`` measures. A weight W (out, in) is stored as
 
@@ -14,8 +15,8 @@ than dequantizing, at the accuracy cost ``tpinfer verify -q`` measures. A weight
 * ``fp8``: ``q`` uint8 holding float8 e4m3 bits (out, in); ``scale`` float32, one per output channel (out,) or
   one for the tensor (1,); w = scale * fp8(q).
 
-``-a8`` schemes store the same tensors with ``q``'s values reordered within super-blocks of 16 blocks of 32
-inputs (``to_a8_layout``), the order the integer dot products read.
+``-a8`` schemes store the same tensors with ``q``'s values reordered within super-blocks of 16 activation blocks
+(``to_a8_layout``), the order the integer dot products read.
 
 Groups run along the input features, so a column-parallel split (by output rows) never cuts one; a row-parallel
 split must start and end on group boundaries (``Scheme.failure`` says when it cannot).
@@ -30,7 +31,8 @@ import torch
 
 KINDS = ("int8", "int4", "fp8")
 INT4_BLOCK = 32  # the nibble layout's block; int4 groups are multiples of it
-ACT_BLOCK = 32  # -a8: activations are rounded to int8 in blocks of this many, one scale each
+ACT_BLOCK = 32  # -a8: activations are rounded to int8 in blocks of a multiple of this many, one scale each
+ACT_BLOCKS = (128, 64, 32)  # the block sizes act_block picks from, widest first
 FP8_MAX = 448.0  # the largest float8 e4m3 value
 
 
@@ -40,7 +42,7 @@ class Scheme:
     group: int | None = None  # input features per scale; None: one per output channel (int8, fp8)
     offsets: bool = False  # asymmetric: w = scale * q + offset
     per_tensor: bool = False  # fp8: one scale for the whole tensor
-    act8: bool = False  # activations rounded to int8 in blocks of ACT_BLOCK (int8, int4)
+    act8: bool = False  # activations rounded to int8 in blocks of act_block(...) inputs (int8, int4)
     # Input features a row-parallel shard must keep whole because the checkpoint stores them as one block (a GGUF
     # K-quant's 256); None: the group. Not part of the format: layers of equal schemes hold equal tensors.
     align: int | None = field(default=None, compare=False)
@@ -67,6 +69,22 @@ class Scheme:
         # int8 is symmetric unless it says asym, int4 asymmetric unless it says sym: both are spelled out for int4
         symmetry = "-asym" if self.offsets else ("-sym" if self.kind == "int4" else "")
         return f"{self.kind}{group}{symmetry}{'-a8' if self.act8 else ''}"
+
+    def act_block(self, cols: int) -> int:
+        """-a8: inputs per activation block for a weight of ``cols`` inputs (its row-parallel slice's, on a rank):
+        the widest of 128, 64 and 32 that divides the group (the row, for one scale per channel) and leaves at most
+        an eighth of the kernels' 16-block super-blocks empty (1024 inputs: 64, as 8 blocks of 128 would fill half
+        of one; 2816: 64, 44 blocks in 48), else 32. A block lies within one group, so that an integer dot product
+        over it needs one weight scale; wider blocks take fewer float operations per dot product in the kernels,
+        and round the activations a little more coarsely."""
+        group = self.group or cols
+        for block in ACT_BLOCKS:
+            if group % block == 0:
+                blocks = cols // block
+                lanes = -(-blocks // SUPER_BLOCKS) * SUPER_BLOCKS
+                if 8 * (lanes - blocks) <= lanes:
+                    return block
+        return ACT_BLOCK
 
     @property
     def unit(self) -> int:
@@ -144,44 +162,45 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.cat((blocks & 0x0F, blocks >> 4), dim=2).reshape(rows, half * 2)
 
 
-SUPER_BLOCKS = 16  # -a8 layout: blocks of 32 inputs per super-block
+SUPER_BLOCKS = 16  # -a8 layout: activation blocks per super-block
 
 
-def _super_blocks(cols: int) -> list[tuple[int, int]]:
-    """(first input, blocks) of each -a8 super-block: 16 blocks of 32, the last one possibly fewer."""
-    blocks = cols // ACT_BLOCK
-    return [(b * ACT_BLOCK, min(SUPER_BLOCKS, blocks - b)) for b in range(0, blocks, SUPER_BLOCKS)]
+def _super_blocks(cols: int, block: int) -> list[tuple[int, int]]:
+    """(first input, blocks) of each -a8 super-block: 16 blocks of ``block`` inputs, the last one possibly fewer."""
+    blocks = cols // block
+    return [(b * block, min(SUPER_BLOCKS, blocks - b)) for b in range(0, blocks, SUPER_BLOCKS)]
 
 
-def to_a8_layout(kind: str, values: torch.Tensor) -> torch.Tensor:
-    """Integer weights (rows, cols) (int8 values, or int4 values 0..15) in the -a8 kernels' order: per super-block
-    of m blocks, slice t (0..7) holds for each block the 4 inputs 4 t .. 4 t + 3, so that each 32-bit lane of a
-    slice belongs to one block. int8: the slices one after another (int8); int4: chunk L of 4 m bytes holds slice
-    2 L in its low nibbles and 2 L + 1 in its high ones (uint8, cols / 2 a row)."""
-    rows = values.shape[0]
+def to_a8_layout(kind: str, values: torch.Tensor, block: int) -> torch.Tensor:
+    """Integer weights (rows, cols) (int8 values, or int4 values 0..15) in the -a8 kernels' order for activation
+    blocks of ``block`` inputs: per super-block of m blocks, slice t (0 .. block / 4 - 1) holds for each block the
+    4 inputs 4 t .. 4 t + 3, so that each 32-bit lane of a slice belongs to one block. int8: the slices one after
+    another (int8); int4: chunk L of 4 m bytes holds slice 2 L in its low nibbles and 2 L + 1 in its high ones
+    (uint8, cols / 2 a row)."""
+    rows, slices = values.shape[0], block // 4
     out = []
-    for start, m in _super_blocks(values.shape[1]):
-        sb = values[:, start : start + m * ACT_BLOCK].reshape(rows, m, 8, 4).permute(0, 2, 1, 3)  # (rows, t, m, 4)
+    for start, m in _super_blocks(values.shape[1], block):
+        sb = values[:, start : start + m * block].reshape(rows, m, slices, 4).permute(0, 2, 1, 3)  # (rows, t, m, 4)
         if kind == "int4":
-            sb = sb.to(torch.uint8).reshape(rows, 4, 2, m * 4)
+            sb = sb.to(torch.uint8).reshape(rows, slices // 2, 2, m * 4)
             sb = sb[:, :, 0] | (sb[:, :, 1] << 4)
         out.append(sb.reshape(rows, -1))
     return torch.cat(out, dim=1).contiguous()
 
 
-def from_a8_layout(kind: str, stored: torch.Tensor) -> torch.Tensor:
+def from_a8_layout(kind: str, stored: torch.Tensor, block: int) -> torch.Tensor:
     """The inverse of to_a8_layout: (rows, cols) int8 values, or int4 values 0..15 as uint8."""
-    rows = stored.shape[0]
+    rows, slices = stored.shape[0], block // 4
     cols = stored.shape[1] * (2 if kind == "int4" else 1)
     out, at = [], 0
-    for _, m in _super_blocks(cols):
-        width = m * ACT_BLOCK // (2 if kind == "int4" else 1)
+    for _, m in _super_blocks(cols, block):
+        width = m * block // (2 if kind == "int4" else 1)
         sb = stored[:, at : at + width]
         at += width
         if kind == "int4":
-            chunks = sb.reshape(rows, 4, 1, m * 4)
+            chunks = sb.reshape(rows, slices // 2, 1, m * 4)
             sb = torch.cat((chunks & 0x0F, chunks >> 4), dim=2)  # (rows, L, low/high, m * 4) = slices 2L, 2L + 1
-        out.append(sb.reshape(rows, 8, m, 4).permute(0, 2, 1, 3).reshape(rows, m * ACT_BLOCK))
+        out.append(sb.reshape(rows, slices, m, 4).permute(0, 2, 1, 3).reshape(rows, m * block))
     return torch.cat(out, dim=1)
 
 
@@ -191,12 +210,12 @@ def fp8_to_float(bits: torch.Tensor) -> torch.Tensor:
 
 # Reference dequantization and quantization (torch; the kernels compute the same) -------------------------------
 
-def quantize_activations(x: torch.Tensor) -> torch.Tensor:
-    """x_hat: x rounded to int8 in blocks of ``ACT_BLOCK`` along the last dimension, each block scaled by its
+def quantize_activations(x: torch.Tensor, block: int = ACT_BLOCK) -> torch.Tensor:
+    """x_hat: x rounded to int8 in blocks of ``block`` inputs along the last dimension, each block scaled by its
     largest magnitude / 127 (round half to even, as the kernels' conversion), in x's dtype. -a8 schemes compute
-    x_hat W^T."""
+    x_hat W^T with ``block = scheme.act_block(in_features)``."""
     shape = x.shape
-    blocks = x.float().reshape(*shape[:-1], shape[-1] // ACT_BLOCK, ACT_BLOCK)
+    blocks = x.float().reshape(*shape[:-1], shape[-1] // block, block)
     amax = blocks.abs().amax(dim=-1, keepdim=True)
     levels = torch.full_like(amax, 127.0)  # tensor / tensor divides exactly (a scalar numerator may not)
     inv = torch.where(amax > 0, levels / amax, torch.zeros_like(amax))
@@ -211,7 +230,8 @@ def dequantize(scheme: Scheme, tensors: dict[str, torch.Tensor], dtype: torch.dt
         w = fp8_to_float(q) * (scale if scheme.per_tensor else scale[:, None])
         return w.to(dtype)
     if scheme.act8:
-        values = from_a8_layout(scheme.kind, q).float()
+        cols = q.shape[1] * (2 if scheme.kind == "int4" else 1)
+        values = from_a8_layout(scheme.kind, q, scheme.act_block(cols)).float()
     else:
         values = q.float() if scheme.kind == "int8" else unpack_int4(q).float()
     rows, cols = values.shape
@@ -265,7 +285,8 @@ def quantize(scheme: Scheme, weight: torch.Tensor) -> dict[str, torch.Tensor]:
     if scheme.act8:
         if cols % ACT_BLOCK:
             raise ValueError(f"-a8 needs inputs in whole blocks of {ACT_BLOCK}, got {cols}")
-        out = {"q": to_a8_layout(scheme.kind, q.to(torch.int8) if scheme.kind == "int8" else q.to(torch.uint8))}
+        values = q.to(torch.int8) if scheme.kind == "int8" else q.to(torch.uint8)
+        out = {"q": to_a8_layout(scheme.kind, values, scheme.act_block(cols))}
     else:
         out = {"q": q.to(torch.int8) if scheme.kind == "int8" else pack_int4(q)}
     dtype = torch.float32 if scheme.kind == "int8" else torch.float16

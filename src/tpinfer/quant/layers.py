@@ -114,7 +114,7 @@ class QuantLinear(ParallelModule):
         if 0 < rows <= QUANT_NATIVE_MAX_ROWS.get(x.dtype, 0) and kernels.quant_usable(x, self.scheme, tensors):
             return kernels.quant_linear(x, self.scheme, tensors)
         if self.scheme.act8:  # what the kernels compute from their int8 dot products
-            x = quantize_activations(x)
+            x = quantize_activations(x, self.scheme.act_block(x.shape[-1]))
         # prefill: the weight dequantized for this one product (bfloat16 as float32, as the float path computes)
         wide = self.dequantized(torch.float32 if self.dtype == torch.bfloat16 else self.dtype)
         return linear(x.to(wide.dtype), wide).to(x.dtype)
