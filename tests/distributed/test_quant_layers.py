@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import run_ranks
+from tpinfer import kernels
 from tpinfer.parallel.spec import COLWISE, REPLICATE, ROWWISE, Linear, packed, units
 from tpinfer.quant.formats import Scheme, quantize_activations
 from tpinfer.quant.layers import quant_linear_layer
@@ -42,6 +43,13 @@ def _on_rank(ctx, scheme_args):
     local = col(x[:2, :1])  # 2 rows: native kernels
     out["col_decode"] = (ctx.comm.all_gather(local, dim=-1) - F.linear(act(x[:2, :1]), reference, b_col)).abs().max().item()
     out["col_prefill"] = (ctx.comm.all_gather(col(x), dim=-1) - F.linear(act(x), reference, b_col)).abs().max().item()
+    # without the kernels (or where they cannot take the shapes) every row count goes through the dequantized weight
+    usable, kernels.quant_usable = kernels.quant_usable, lambda *args: False
+    try:
+        dequantized_path = ctx.comm.all_gather(col(x), dim=-1)
+    finally:
+        kernels.quant_usable = usable
+    out["col_without_kernels"] = (dequantized_path - F.linear(act(x), reference, b_col)).abs().max().item()
 
     in_features = w_row.shape[1]
     row = quant_linear_layer(Linear("row", units(in_features), units(256), True), scheme, ROWWISE, ctx, torch.float32)
@@ -75,7 +83,7 @@ def test_quantized_layers_equal_linear_on_their_dequantized_weights(world, schem
     for r in results:
         # The same products summed in another order (kernel vs GEMM, partial sums over ranks): float32 rounding of
         # |y| ~ 50, well under 1e-3; a wrong scale, group or nibble moves results by whole units.
-        for key in ("col_decode", "col_prefill", "row_decode", "row_prefill", "packed"):
+        for key in ("col_decode", "col_prefill", "col_without_kernels", "row_decode", "row_prefill", "packed"):
             assert r[key] < 1e-3, (key, r[key])
         assert r["packed_sizes"] == (128 // world, max(32, 64 // world), max(32, 64 // world))
         assert r["replicated_same_everywhere"] == 0.0

@@ -168,10 +168,11 @@ def _kl(p: list[torch.Tensor], q: list[torch.Tensor]) -> float:
 
 @pytest.mark.parametrize("scheme,lm_head", [("int4-a8", False), ("int8-g32-a8", True)])
 def test_int8_activation_schemes_agree_across_tp_and_with_prefill(source, scheme, lm_head):
-    """-a8 computes x_hat W^T at every TP size, in decode (VNNI kernels) and prefill (x_hat through the dequantized
-    GEMM) alike, the LM head too when it is quantized. Rounding activations is not continuous: a float32 difference elsewhere (a row-parallel sum in
-    another order) can move one element to the next int8 step, so TP 2 and decode differ from TP 1 and prefill by
-    such steps only, a KL far below what rounding the activations costs against the float model."""
+    """-a8 computes x_hat W^T at every TP size, in decode (the VNNI kernels, a row a step) and prefill (the same
+    kernels, 8 rows a pass) alike, the LM head too when it is quantized. Rounding activations is not continuous: a
+    float32 difference elsewhere (a row-parallel sum in another order) can move one element to the next int8 step,
+    so TP 2 and decode differ from TP 1 and prefill by such steps only, a KL far below what rounding the activations
+    costs against the float model."""
     sequences = [p + list(range(60, 90)) for p in PROMPTS]
     float_lp = _log_probs(source, 1, None, sequences)
     tp1, tp2 = (_log_probs(source, tp, scheme, sequences, lm_head) for tp in (1, 2))

@@ -8,9 +8,9 @@ collective: Y_i = X Wq_i^T (column), Y = sum_i X_i Wq_i^T + b (row, one all-redu
 Loading: the checkpoint gives ``weight`` either as float (quantized here, each rank only its slice: peak memory
 stays about one slice) or as a ``QTensor`` already in this scheme (GGUF blocks, compressed-tensors), copied as is.
 
-Forward: up to ``QUANT_NATIVE_MAX_ROWS`` rows (decode) through the native kernels, which dequantize in registers; more
-rows (prefill), or without the kernels, dequantize the layer's weight for that one product and run
-torch's GEMM.
+Forward: up to ``QUANT_PREFILL_MAX_ROWS`` rows (decode steps and most prompts; the -a8 schemes any number) through the
+native kernels, 8 rows a pass, which dequantize in registers; more rows, or without the kernels, dequantize the
+layer's weight for that one product and run torch's GEMM.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from torch import nn
 
 from tpinfer import kernels
 from tpinfer.parallel.context import ParallelContext
-from tpinfer.parallel.layers import QUANT_NATIVE_MAX_ROWS, ParallelModule, linear, padded_rows
+from tpinfer.parallel.layers import QUANT_PREFILL_MAX_ROWS, ParallelModule, linear, padded_rows
 from tpinfer.parallel.spec import COLWISE, REPLICATE, ROWWISE, Slice, vocab_slice
 from tpinfer.quant.formats import Scheme, dequantize, quantize, quantize_activations
 
@@ -111,7 +111,8 @@ class QuantLinear(ParallelModule):
         """x W^T for this rank's slice (no bias, no collective)."""
         rows = x.numel() // x.shape[-1]
         tensors = self.quantized()
-        if 0 < rows <= QUANT_NATIVE_MAX_ROWS.get(x.dtype, 0) and kernels.quant_usable(x, self.scheme, tensors):
+        limit = rows if self.scheme.act8 else QUANT_PREFILL_MAX_ROWS  # see parallel.layers
+        if 0 < rows <= limit and kernels.quant_usable(x, self.scheme, tensors):
             return kernels.quant_linear(x, self.scheme, tensors)
         if self.scheme.act8:  # what the kernels compute from their int8 dot products
             x = quantize_activations(x, self.scheme.act_block(x.shape[-1]))
