@@ -111,8 +111,8 @@ class QuantLinear(ParallelModule):
         """x W^T for this rank's slice (no bias, no collective)."""
         rows = x.numel() // x.shape[-1]
         tensors = self.quantized()
-        limit = rows if self.scheme.act8 else QUANT_PREFILL_MAX_ROWS  # see parallel.layers
-        if 0 < rows <= limit and kernels.quant_usable(x, self.scheme, tensors):
+        takes = self.scheme.act8 or rows <= QUANT_PREFILL_MAX_ROWS  # -a8: any number of rows; see parallel.layers
+        if rows > 0 and takes and kernels.quant_usable(x, self.scheme, tensors):
             return kernels.quant_linear(x, self.scheme, tensors)
         if self.scheme.act8:  # what the kernels compute from their int8 dot products
             x = quantize_activations(x, self.scheme.act_block(x.shape[-1]))
