@@ -36,6 +36,34 @@ class BatchEncoding(dict):
             raise AttributeError(name) from exc
 
 
+def _config_stand_in(path: Path) -> Any:
+    """What ``AutoTokenizer`` reads of the model config (the config class's name, ``model_type``, ``tokenizer_class``,
+    ``_name_or_path``), without importing the model's config class, or None to let it load the real one.
+
+    ``AutoTokenizer.from_pretrained`` loads the model config only to choose the tokenizer class, and transformers
+    maps config classes to tokenizer classes by the class's name. Importing a real config class (``LlamaConfig``...)
+    imports transformers' modeling stack with it (activations, hub kernels, torch.distributed.tensor, FSDP, sympy:
+    about 700 modules and 55 MB on rank 0, which is all that loads a tokenizer). A plain ``PreTrainedConfig``
+    subclass carrying the same name and the checkpoint's ``config.json`` leads ``AutoTokenizer`` to the same class:
+    tests check the class and the ids against ``AutoTokenizer.from_pretrained(dir)`` for every family. Remote code,
+    composite (encoder-decoder) configs and unknown model types get the real config."""
+    import json
+
+    from transformers import PreTrainedConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    name = CONFIG_MAPPING_NAMES.get(model_type) if isinstance(model_type, str) else None
+    if name is None or "auto_map" in raw or any(isinstance(v, dict) and "model_type" in v for v in raw.values()):
+        return None
+    stand_in = type(name, (PreTrainedConfig,), {"model_type": model_type})
+    return stand_in.from_pretrained(str(path), local_files_only=True)
+
+
 class Tokenizer:
     def __init__(self, hf: Any, path: Path) -> None:
         self.hf, self.path = hf, path
@@ -66,7 +94,7 @@ class Tokenizer:
             raise TokenizerError(f"reading tokenizers needs transformers ({exc})") from exc
         transformers.logging.set_verbosity_error()  # no "sequence longer than model_max_length" noise on prompts
         try:
-            hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+            hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True, config=_config_stand_in(path))
         except Exception as exc:  # transformers and tokenizers raise many kinds; all mean this directory's files
             files = ", ".join(n for n in TOKENIZER_FILES if (path / n).is_file())
             raise TokenizerError(f"{path}: cannot load the tokenizer from {files} ({type(exc).__name__}: {exc})") from exc
