@@ -264,9 +264,17 @@ void gemv_bcast(const void *x_t, const void *W, float *y, int64_t N, int64_t K, 
         for (int v = 0; v < V; v++) xv[v] = (__m512bh)_mm512_load_si512(xt + (v * S + s) * 16);
 #pragma GCC unroll 24
         for (int r = 0; r < R; r++) {
-          const __m512bh wb = (__m512bh)_mm512_set1_epi32(static_cast<int>(w[r * S + s]));
+          if constexpr (V == 1) {
+            // The pair broadcast by the instruction itself ({1to16}, which GCC 12 does not fold from set1 as it does
+            // for float32): one instruction a pair instead of two, 16 rows 174-192 -> 189-200 G multiply-adds/s of
+            // both cores (`float_gemv.py --dtypes bfloat16 --rows 16`); at 2-4 groups, where one broadcast feeds
+            // several instructions, the same or slower.
+            asm("vdpbf16ps %2%{1to16%}, %1, %0" : "+v"(acc[r][0]) : "v"(xv[0]), "m"(w[r * S + s]));
+          } else {
+            const __m512bh wb = (__m512bh)_mm512_set1_epi32(static_cast<int>(w[r * S + s]));
 #pragma GCC unroll 4
-          for (int v = 0; v < V; v++) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], wb, xv[v]);
+            for (int v = 0; v < V; v++) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], wb, xv[v]);
+          }
         }
 #endif
       } else {  // float32 loads and broadcasts, which the compiler folds into the FMAs
