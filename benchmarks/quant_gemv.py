@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import queue
 import statistics
 import time
 
@@ -101,13 +102,31 @@ def main() -> None:
                         help="one L2-resident weight called over and over: G multiply-adds/s instead of GB/s")
     args = parser.parse_args()
     schemes, rows = args.schemes.split(","), [int(r) for r in args.rows.split(",")]
+    from tpinfer.quant.formats import parse
+
+    for name in schemes:  # bfloat16 is always timed, as the reference
+        if name != "bfloat16":
+            try:
+                parse(name)
+            except ValueError as e:
+                parser.error(str(e))
+    schemes = [name for name in schemes if name != "bfloat16"]
     ctx = mp.get_context("spawn")
     barrier, out = ctx.Barrier(args.procs), ctx.Queue()
     procs = [ctx.Process(target=_worker, args=(schemes, rows, barrier, out, args.in_cache))
              for _ in range(args.procs)]
     for p in procs:
         p.start()
-    results = [out.get() for _ in procs]
+    results = []
+    while len(results) < len(procs):  # a worker that dies fails the run instead of leaving it waiting
+        try:
+            results.append(out.get(timeout=5))
+        except queue.Empty:
+            dead = [p for p in procs if p.exitcode not in (None, 0)]
+            if dead:
+                for p in procs:
+                    p.kill()
+                raise SystemExit(f"quant_gemv: a worker exited with code {dead[0].exitcode} (its traceback is above)") from None
     for p in procs:
         p.join()
     unit = "G mul-adds/s" if args.in_cache else "GB/s per process"

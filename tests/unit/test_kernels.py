@@ -279,10 +279,10 @@ def test_quantized_gemv_equals_linear_on_dequantized_weights(name, K, dtype):
 
     scheme = parse(name)
     torch.manual_seed(0)
-    weight = torch.randn(100, K)  # 100 rows: blocks of 4 and 2 rows plus a remainder
+    weight = torch.randn(101, K)  # 101 rows: passes of 4 and of 2 weight rows, each with a remainder
     tensors = quantize(scheme, weight)
     dense = dequantize(scheme, tensors)
-    bias = torch.randn(100).to(dtype)
+    bias = torch.randn(101).to(dtype)
     for rows in (1, 2, 3, 5, 8, 11):
         x = torch.randn(rows, K).to(dtype)
         ref = F.linear(quantize_activations(x.float(), scheme.act_block(K)) if scheme.act8 else x.float(), dense,
