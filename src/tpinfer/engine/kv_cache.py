@@ -123,13 +123,14 @@ class Batch:
     ) -> Batch:
         """Rows of new tokens, right-padded; row b's tokens sit at start_positions[b], +1, ..."""
         width = max(len(t) for t in token_ids)
-        ids = torch.full((len(token_ids), width), pad_id, dtype=torch.long)
-        for b, toks in enumerate(token_ids):
-            ids[b, : len(toks)] = torch.tensor(toks, dtype=torch.long)
+        # one tensor from padded lists: a decode step builds this for every row, on rank 0 between the step message
+        # and the forward, where each torch call also waits for the GIL the event loop holds
+        ids = torch.tensor([t if len(t) == width else list(t) + [pad_id] * (width - len(t)) for t in token_ids],
+                           dtype=torch.long)
         starts = torch.tensor(start_positions, dtype=torch.long)
         positions = starts[:, None] + torch.arange(width)[None, :]
         last = torch.tensor([len(t) - 1 for t in token_ids], dtype=torch.long)
-        kv_len = int(positions.max()) + 1
+        kv_len = max(start_positions) + width
         contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
         return cls(
             ids.to(device),
