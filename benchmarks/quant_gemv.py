@@ -101,16 +101,16 @@ def main() -> None:
     parser.add_argument("--in-cache", action="store_true",
                         help="one L2-resident weight called over and over: G multiply-adds/s instead of GB/s")
     args = parser.parse_args()
-    schemes, rows = args.schemes.split(","), [int(r) for r in args.rows.split(",")]
     from tpinfer.quant.formats import parse
 
-    for name in schemes:  # bfloat16 is always timed, as the reference
-        if name != "bfloat16":
-            try:
-                parse(name)
-            except ValueError as e:
-                parser.error(str(e))
-    schemes = [name for name in schemes if name != "bfloat16"]
+    # bfloat16 is always timed, as the reference
+    schemes = [name for name in args.schemes.split(",") if name != "bfloat16"]
+    rows = [int(r) for r in args.rows.split(",")]
+    for name in schemes:
+        try:
+            parse(name)
+        except ValueError as e:
+            parser.error(str(e))
     ctx = mp.get_context("spawn")
     barrier, out = ctx.Barrier(args.procs), ctx.Queue()
     procs = [ctx.Process(target=_worker, args=(schemes, rows, barrier, out, args.in_cache))
