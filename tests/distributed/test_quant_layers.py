@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from helpers import run_ranks
 from tpinfer import kernels
 from tpinfer.parallel.spec import COLWISE, REPLICATE, ROWWISE, Linear, packed, units
-from tpinfer.quant.formats import Scheme, quantize_activations
-from tpinfer.quant.layers import quant_linear_layer
+from tpinfer.quant.formats import Scheme, dequantize, quantize, quantize_activations
+from tpinfer.quant.layers import QuantLMHead, quant_linear_layer
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -69,6 +69,18 @@ def _on_rank(ctx, scheme_args):
     out["packed"] = (qkv(x[:1, :1]) - F.linear(act(x[:1, :1]), qkv.dequantized())).abs().max().item()
     out["packed_sizes"] = qkv.part_sizes
 
+    # the LM head split by vocabulary: 251 rows, so the last rank's slice ends in a padding row (int4 -a8 stores
+    # tiles of 16 rows: the padding belongs to the last one)
+    head = QuantLMHead(scheme, 251, 256, ctx, torch.float32, split=True)
+    w_head = torch.randn(251, 256)
+    mine = w_head[head.start : head.start + head.valid_rows]
+    head.load({"weight": mine})
+    assert torch.equal(head.dequantized()[: head.valid_rows], dequantize(scheme, quantize(scheme, mine)))
+    assert not head.dequantized()[head.valid_rows :].any()  # the padding rows: zero
+    reference = ctx.comm.all_gather(head.dequantized().clone(), dim=0)[:251]
+    out["head_padding"] = head.length - head.valid_rows
+    out["head"] = (head.gather(head(x[:2, :1])) - F.linear(act(x[:2, :1]), reference)).abs().max().item()
+
     rep = quant_linear_layer(Linear("rep", units(256), units(64)), scheme, REPLICATE, ctx, torch.float32)
     rep.load({"weight": w_col[:64]})
     out["replicated_same_everywhere"] = ctx.comm.all_gather(rep.dequantized()[None].clone(), dim=0).std(0).max().item()
@@ -83,9 +95,10 @@ def test_quantized_layers_equal_linear_on_their_dequantized_weights(world, schem
     for r in results:
         # The same products summed in another order (kernel vs GEMM, partial sums over ranks): float32 rounding of
         # |y| ~ 50, well under 1e-3; a wrong scale, group or nibble moves results by whole units.
-        for key in ("col_decode", "col_prefill", "col_without_kernels", "row_decode", "row_prefill", "packed"):
+        for key in ("col_decode", "col_prefill", "col_without_kernels", "row_decode", "row_prefill", "packed", "head"):
             assert r[key] < 1e-3, (key, r[key])
         assert r["packed_sizes"] == (128 // world, max(32, 64 // world), max(32, 64 // world))
         assert r["replicated_same_everywhere"] == 0.0
         # one all-reduce per row-parallel forward (2) and the test's own gathers
         assert r["calls"]["all_reduce"] == 2
+    assert [r["head_padding"] for r in results] == [0] * (world - 1) + [1]  # 251 = 2 x 126 - 1 = 4 x 63 - 1
