@@ -271,18 +271,17 @@ def test_failed_build_falls_back_to_torch(monkeypatch, tmp_path, caplog):
 def test_quantized_gemv_equals_linear_on_dequantized_weights(name, K, dtype):
     """Every quantized GEMV (1-8 rows, more in blocks of 8) against F.linear on the same weights dequantized; with
     bfloat16 activations int4 takes the bfloat16 dot-product kernel where the CPU has one. The -a8 kernels (VNNI
-    integer dot products) against F.linear of the activations rounded as quantize_activations defines, for inputs
-    that end in a partial step (224 = 7 blocks of 32, 576 = 18), groups that straddle steps (96), and the wider
-    activation blocks over whole and partial super-blocks (3840 = 30 x 128, 2816 = 44 x 64, 1920 = 30 x 64, 2048 =
-    16 x 128)."""
+    integer dot products) against F.linear of the activations rounded as quantize_activations defines, for blocks
+    of 32, 64 and 128 inputs (224 = 7 x 32, 576 = 9 x 64, 2816 = 22 x 128), groups of three blocks (96), and 133
+    weight rows: whole tiles of 16 rows in passes of 1, 2, 4 and 8 tiles, and a last tile of 5 (133 = 8 x 16 + 5)."""
     from tpinfer.quant.formats import dequantize, parse, quantize, quantize_activations
 
     scheme = parse(name)
     torch.manual_seed(0)
-    weight = torch.randn(101, K)  # 101 rows: passes of 4 and of 2 weight rows, each with a remainder
+    weight = torch.randn(133, K)  # 133 rows: passes of 4 and of 2 weight rows, each with a remainder; -a8 tiles
     tensors = quantize(scheme, weight)
     dense = dequantize(scheme, tensors)
-    bias = torch.randn(101).to(dtype)
+    bias = torch.randn(133).to(dtype)
     for rows in (1, 2, 3, 5, 8, 11):
         x = torch.randn(rows, K).to(dtype)
         ref = F.linear(quantize_activations(x.float(), scheme.act_block(K)) if scheme.act8 else x.float(), dense,

@@ -81,60 +81,53 @@ def test_round_to_nearest_error_bounds(name, bound):
 
 
 @pytest.mark.parametrize("name,cols,block", [
-    ("int8-a8", 2048, 128),  # per channel, 16 blocks: one whole super-block
-    ("int8-a8", 3840, 128),  # 30 of 32 lanes filled
-    ("int8-g128-a8", 1024, 64),  # 128 would fill half a super-block; 64 fills one
-    ("int8-a8", 2816, 64),  # 22 blocks of 128 in 32 lanes, 44 of 64 in 48
+    ("int8-a8", 2048, 128),  # per channel: the row is the group
+    ("int8-a8", 2816, 128),
+    ("int8-g64-a8", 1024, 64),
     ("int8-a8", 224, 32),  # 224 = 7 x 32: no wider block divides it
-    ("int4-g128-a8", 1024, 128),  # int4's tiles of rows: any block that divides the group
-    ("int4-g128-a8", 2816, 128),
+    ("int4-g128-a8", 1024, 128),
     ("int4-g96-sym-a8", 576, 32),  # 96 is a multiple of 32 only
     ("int4-a8", 4096, 32),  # groups of 32 bound the block
 ])
 def test_activation_block_widths(name, cols, block):
-    """-a8 picks the widest activation block (128, 64, 32) that divides the group and, for int8, leaves at most an
-    eighth of the 16-block super-blocks' lanes empty; int8's super-block layout for that width round-trips."""
-    scheme = parse(name)
-    assert scheme.act_block(cols) == block
-    if scheme.kind == "int4":
-        return
-    values = (torch.randint(0, 256, (3, cols)) - 128).to(torch.int8)
-    stored = to_a8_layout(scheme.kind, values, block)
-    assert stored.shape == (3, cols)
-    assert torch.equal(from_a8_layout(scheme.kind, stored, block), values)
-    if block > 32:  # lane l of slice 0 holds inputs block * l .. + 3
-        first = stored[0, : 4 * 16].reshape(16, 4)
-        assert torch.equal(first, values[0].reshape(-1, block)[:16, :4])
+    """-a8 rounds activations in the widest block (128, 64, 32) that divides the weight's group."""
+    assert parse(name).act_block(cols) == block
 
 
+@pytest.mark.parametrize("kind", ["int8", "int4"])
 @pytest.mark.parametrize("rows", [16, 48, 37, 5])
-def test_int4_a8_tiles(rows):
-    """int4 -a8 stores q, scales and offsets in tiles of 16 rows (the last may be shorter): in a tile's chunk c,
-    row i's 4 bytes hold inputs 8c + j (low nibbles) and 8c + 4 + j (high), j = 0..3; scales group by group. Each
-    round-trips, a tile's bytes are its own rows' bytes, and dequantize reads the tiles back."""
+def test_a8_tiles(kind, rows):
+    """-a8 stores q, scales and offsets in tiles of 16 rows (the last may be shorter): in a tile's chunk c, row i's
+    4 bytes hold inputs 4c .. 4c + 3 (int8), or 8c + j in the low nibbles and 8c + 4 + j in the high ones (int4,
+    j = 0..3); scales group by group. Each round-trips, a tile's bytes are its own rows' bytes, and dequantize
+    reads the tiles back."""
     torch.manual_seed(0)
-    cols = 256
-    values = torch.randint(0, 16, (rows, cols)).to(torch.uint8)
-    stored = to_a8_layout("int4", values, 128)
-    assert stored.shape == (rows, cols // 2)
-    assert torch.equal(from_a8_layout("int4", stored, 128), values)
+    cols, per_chunk = 256, 8 if kind == "int4" else 4
+    values = torch.randint(0, 16, (rows, cols)).to(torch.uint8) if kind == "int4" else \
+        (torch.randint(0, 256, (rows, cols)) - 128).to(torch.int8)
+    stored = to_a8_layout(kind, values)
+    assert stored.shape == (rows, cols // 2 if kind == "int4" else cols)
+    assert torch.equal(from_a8_layout(kind, stored), values)
     for start in range(0, rows, 16):
         m = min(16, rows - start)
-        flat = stored[start : start + m].reshape(cols // 8, m, 4)  # (chunk, row, byte)
-        for c in (0, 5, cols // 8 - 1):
+        flat = stored[start : start + m].reshape(cols // per_chunk, m, 4)  # (chunk, row, byte)
+        for c in (0, 5, cols // per_chunk - 1):
             for i in (0, m - 1):
-                row = values[start + i]
-                assert torch.equal(flat[c, i] & 0x0F, row[8 * c : 8 * c + 4])
-                assert torch.equal(flat[c, i] >> 4, row[8 * c + 4 : 8 * c + 8])
-        assert torch.equal(stored[start : start + m], to_a8_layout("int4", values[start : start + m], 128))
+                row = values[start + i, per_chunk * c : per_chunk * (c + 1)]
+                if kind == "int4":
+                    assert torch.equal(flat[c, i] & 0x0F, row[:4]) and torch.equal(flat[c, i] >> 4, row[4:])
+                else:
+                    assert torch.equal(flat[c, i], row)
+        assert torch.equal(stored[start : start + m], to_a8_layout(kind, values[start : start + m]))
     scales = torch.randn(rows, 2).half()
     tiled = to_tiles(scales)
     assert torch.equal(from_tiles(tiled), scales)
     assert torch.equal(tiled[:16].reshape(-1)[: min(16, rows)], scales[:16, 0])  # group 0 of the first tile's rows
-    scheme = parse("int4-g128-a8")
-    w = torch.randn(rows, cols)
-    plain = parse("int4-g128")
-    assert torch.equal(dequantize(scheme, quantize(scheme, w)), dequantize(plain, quantize(plain, w)))
+    for name in (f"{kind}-g128-a8", f"{kind}-g64-asym-a8"):
+        scheme = parse(name)
+        plain = parse(name.removesuffix("-a8"))
+        w = torch.randn(rows, cols)
+        assert torch.equal(dequantize(scheme, quantize(scheme, w)), dequantize(plain, quantize(plain, w)))
 
 
 def test_quantize_activations():

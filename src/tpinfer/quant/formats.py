@@ -15,9 +15,9 @@ than dequantizing, at the accuracy cost ``tpinfer verify -q`` measures. A weight
 * ``fp8``: ``q`` uint8 holding float8 e4m3 bits (out, in); ``scale`` float32, one per output channel (out,) or
   one for the tensor (1,); w = scale * fp8(q).
 
-``-a8`` schemes store the same tensors in the order the integer dot products read (``to_a8_layout``): int8's ``q``
-reordered within super-blocks of 16 activation blocks, int4's ``q``, ``scale`` and ``offset`` in tiles of 16 rows
-(``TILE_ROWS``; the tensors keep their shapes, but a row of them no longer holds one weight row).
+``-a8`` schemes store the same tensors in the order the integer dot products read: ``q``, ``scale`` and ``offset``
+in tiles of 16 rows (``TILE_ROWS``, ``to_a8_layout``, ``to_tiles``); the tensors keep their shapes, but a row of
+them no longer holds one weight row.
 
 Groups run along the input features, so a column-parallel split (by output rows) never cuts one; a row-parallel
 split must start and end on group boundaries (``Scheme.failure`` says when it cannot).
@@ -73,21 +73,11 @@ class Scheme:
 
     def act_block(self, cols: int) -> int:
         """-a8: inputs per activation block for a weight of ``cols`` inputs (its row-parallel slice's, on a rank):
-        the widest of 128, 64 and 32 that divides the group (the row, for one scale per channel); for int8 the
-        widest that besides leaves at most an eighth of the kernels' 16-block super-blocks empty (1024 inputs: 64,
-        as 8 blocks of 128 would fill half of one; 2816: 64, 44 blocks in 48), else 32. A block lies within one
-        group, so that an integer dot product over it needs one weight scale; wider blocks take fewer float
-        operations per dot product in the kernels, and round the activations a little more coarsely."""
+        the widest of 128, 64 and 32 that divides the group (the row, for one scale per channel). A block lies
+        within one group, so that an integer dot product over it needs one weight scale; wider blocks take fewer
+        float operations per dot product in the kernels, and round the activations a little more coarsely."""
         group = self.group or cols
-        for block in ACT_BLOCKS:
-            if group % block == 0 and self.kind == "int4":  # tiles of rows: any block that divides the group
-                return block
-            if group % block == 0:
-                blocks = cols // block
-                lanes = -(-blocks // SUPER_BLOCKS) * SUPER_BLOCKS
-                if 8 * (lanes - blocks) <= lanes:
-                    return block
-        return ACT_BLOCK
+        return next(block for block in ACT_BLOCKS if group % block == 0)
 
     @property
     def unit(self) -> int:
@@ -165,78 +155,47 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.cat((blocks & 0x0F, blocks >> 4), dim=2).reshape(rows, half * 2)
 
 
-SUPER_BLOCKS = 16  # -a8 layout: activation blocks per super-block
-
-
-def _super_blocks(cols: int, block: int) -> list[tuple[int, int]]:
-    """(first input, blocks) of each -a8 super-block: 16 blocks of ``block`` inputs, the last one possibly fewer."""
-    blocks = cols // block
-    return [(b * block, min(SUPER_BLOCKS, blocks - b)) for b in range(0, blocks, SUPER_BLOCKS)]
-
-
-TILE_ROWS = 16  # int4 -a8: weight rows a tile (one 32-bit lane each in the kernels' vectors)
+TILE_ROWS = 16  # -a8: weight rows a tile (one 32-bit lane each in the kernels' vectors)
 
 
 def _tiles(rows: int) -> list[tuple[int, int]]:
-    """(first row, rows) of each int4 -a8 tile: 16 rows, the last one possibly fewer."""
+    """(first row, rows) of each -a8 tile: 16 rows, the last one possibly fewer."""
     return [(r, min(TILE_ROWS, rows - r)) for r in range(0, rows, TILE_ROWS)]
 
 
-def to_a8_layout(kind: str, values: torch.Tensor, block: int) -> torch.Tensor:
-    """Integer weights (rows, cols) (int8 values, or int4 values 0..15) in the -a8 kernels' order.
-
-    int8, for activation blocks of ``block`` inputs: per super-block of m blocks, slice t (0 .. block / 4 - 1)
-    holds for each block the 4 inputs 4 t .. 4 t + 3, so that each 32-bit lane of a slice belongs to one block; the
-    slices one after another (int8, cols a row).
-
-    int4 (any block): per tile of m (16, or fewer in the last) rows, chunk c (0 .. cols / 8 - 1) holds for each
-    row 4 bytes, byte j with input 8 c + j in its low nibble and 8 c + 4 + j in its high one, so that each 32-bit
-    lane of a chunk belongs to one row (uint8, cols / 2 bytes a row; a tile's bytes are its rows' bytes)."""
-    if kind == "int4":
-        rows, cols = values.shape
-        out = []
-        for start, m in _tiles(rows):
-            tile = values[start : start + m].to(torch.uint8).reshape(m, cols // 8, 2, 4)
-            tile = (tile[:, :, 0] | (tile[:, :, 1] << 4)).permute(1, 0, 2)  # (chunk, row, 4 bytes)
-            out.append(tile.reshape(m, cols // 2))
-        return torch.cat(out).contiguous()
-    rows, slices = values.shape[0], block // 4
+def to_a8_layout(kind: str, values: torch.Tensor) -> torch.Tensor:
+    """Integer weights (rows, cols) (int8 values, or int4 values 0..15) in the -a8 kernels' order: per tile of m
+    (16, or fewer in the last) rows, chunk c holds 4 bytes for each row in turn: int8, inputs 4 c .. 4 c + 3 (int8,
+    cols a row); int4, byte j with input 8 c + j in its low nibble and 8 c + 4 + j in its high one (uint8, cols / 2
+    bytes a row). Each 32-bit lane of a chunk then belongs to one row, and a tile's bytes are its own rows' bytes."""
+    rows, cols = values.shape
     out = []
-    for start, m in _super_blocks(values.shape[1], block):
-        sb = values[:, start : start + m * block].reshape(rows, m, slices, 4).permute(0, 2, 1, 3)  # (rows, t, m, 4)
+    for start, m in _tiles(rows):
+        tile = values[start : start + m]
         if kind == "int4":
-            sb = sb.to(torch.uint8).reshape(rows, slices // 2, 2, m * 4)
-            sb = sb[:, :, 0] | (sb[:, :, 1] << 4)
-        out.append(sb.reshape(rows, -1))
-    return torch.cat(out, dim=1).contiguous()
+            tile = tile.to(torch.uint8).reshape(m, cols // 8, 2, 4)
+            tile = tile[:, :, 0] | (tile[:, :, 1] << 4)  # (row, chunk, 4 bytes)
+        else:
+            tile = tile.reshape(m, cols // 4, 4)
+        out.append(tile.permute(1, 0, 2).reshape(m, -1))
+    return torch.cat(out).contiguous()
 
 
-def from_a8_layout(kind: str, stored: torch.Tensor, block: int) -> torch.Tensor:
+def from_a8_layout(kind: str, stored: torch.Tensor) -> torch.Tensor:
     """The inverse of to_a8_layout: (rows, cols) int8 values, or int4 values 0..15 as uint8."""
-    if kind == "int4":
-        rows, cols = stored.shape[0], stored.shape[1] * 2
-        out = []
-        for start, m in _tiles(rows):
-            tile = stored[start : start + m].reshape(cols // 8, m, 1, 4).permute(1, 0, 2, 3)  # (row, chunk, 1, 4)
-            out.append(torch.cat((tile & 0x0F, tile >> 4), dim=2).reshape(m, cols))
-        return torch.cat(out)
-    rows, slices = stored.shape[0], block // 4
-    cols = stored.shape[1] * (2 if kind == "int4" else 1)
-    out, at = [], 0
-    for _, m in _super_blocks(cols, block):
-        width = m * block // (2 if kind == "int4" else 1)
-        sb = stored[:, at : at + width]
-        at += width
+    rows, width = stored.shape
+    out = []
+    for start, m in _tiles(rows):
+        tile = stored[start : start + m].reshape(width // 4, m, 4).permute(1, 0, 2)  # (row, chunk, 4 bytes)
         if kind == "int4":
-            chunks = sb.reshape(rows, slices // 2, 1, m * 4)
-            sb = torch.cat((chunks & 0x0F, chunks >> 4), dim=2)  # (rows, L, low/high, m * 4) = slices 2L, 2L + 1
-        out.append(sb.reshape(rows, slices, m, 4).permute(0, 2, 1, 3).reshape(rows, m * block))
-    return torch.cat(out, dim=1)
+            tile = torch.stack((tile & 0x0F, tile >> 4), dim=2)  # (row, chunk, low/high, 4)
+        out.append(tile.reshape(m, -1))
+    return torch.cat(out)
 
 
 def to_tiles(per_row: torch.Tensor) -> torch.Tensor:
-    """int4 -a8 scales or offsets (rows, groups) in tiles of 16 rows, group by group within a tile (the same shape;
-    a tile's values are its rows' values)."""
+    """-a8 scales or offsets (rows, groups) in tiles of 16 rows, group by group within a tile (the same shape; a
+    tile's values are its own rows' values)."""
     rows, groups = per_row.shape
     return torch.cat([per_row[s : s + m].t().reshape(m, groups) for s, m in _tiles(rows)]).contiguous()
 
@@ -269,22 +228,20 @@ def quantize_activations(x: torch.Tensor, block: int = ACT_BLOCK) -> torch.Tenso
 def dequantize(scheme: Scheme, tensors: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The float weight (rows, cols) the stored tensors stand for."""
     q, scale = tensors["q"], tensors["scale"].float()
-    tiled = scheme.act8 and scheme.kind == "int4"
-    if tiled:
+    if scheme.act8:
         scale = from_tiles(scale)
     if scheme.kind == "fp8":
         w = fp8_to_float(q) * (scale if scheme.per_tensor else scale[:, None])
         return w.to(dtype)
     if scheme.act8:
-        cols = q.shape[1] * (2 if scheme.kind == "int4" else 1)
-        values = from_a8_layout(scheme.kind, q, scheme.act_block(cols)).float()
+        values = from_a8_layout(scheme.kind, q).float()
     else:
         values = q.float() if scheme.kind == "int8" else unpack_int4(q).float()
     rows, cols = values.shape
     group = scheme.group or cols
     grouped = values.reshape(rows, cols // group, group)
     if scheme.offsets:
-        offset = from_tiles(tensors["offset"].float()) if tiled else tensors["offset"].float()
+        offset = from_tiles(tensors["offset"].float()) if scheme.act8 else tensors["offset"].float()
     elif scheme.kind == "int4":
         offset = -8.0 * scale
     else:
@@ -332,10 +289,9 @@ def quantize(scheme: Scheme, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         if cols % ACT_BLOCK:
             raise ValueError(f"-a8 needs inputs in whole blocks of {ACT_BLOCK}, got {cols}")
         values = q.to(torch.int8) if scheme.kind == "int8" else q.to(torch.uint8)
-        out = {"q": to_a8_layout(scheme.kind, values, scheme.act_block(cols))}
+        out = {"q": to_a8_layout(scheme.kind, values)}
     else:
         out = {"q": q.to(torch.int8) if scheme.kind == "int8" else pack_int4(q)}
     dtype = torch.float32 if scheme.kind == "int8" else torch.float16
-    tiled = scheme.act8 and scheme.kind == "int4"
-    out.update({k: (to_tiles(v.to(dtype)) if tiled else v.to(dtype)).contiguous() for k, v in stored.items()})
+    out.update({k: (to_tiles(v.to(dtype)) if scheme.act8 else v.to(dtype)).contiguous() for k, v in stored.items()})
     return out

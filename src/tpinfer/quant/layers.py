@@ -88,13 +88,12 @@ class QuantLinear(ParallelModule):
             self._fill(targets, quantize(self.scheme, weight), 0)  # per tensor: one scale from all of it
         else:
             # Rows are quantized independently: a block of rows at a time keeps the float temporaries small (rows
-            # past the checkpoint's, the padding of a vocabulary, stay zero). int4 -a8 stores tiles of 16 rows, so
-            # its last block takes the padding rows with it (as zeros: scale 0), ending its last tile where the
-            # layer's rows end.
-            tiled = self.scheme.act8 and self.scheme.kind == "int4"
+            # past the checkpoint's, the padding of a vocabulary, stay zero). -a8 stores tiles of 16 rows, so its
+            # last block takes the padding rows with it (as zeros: scale 0), ending its last tile where the layer's
+            # rows end.
             for start in range(0, self.valid_rows, QUANTIZE_ROWS):
                 block = weight[start : start + QUANTIZE_ROWS]
-                if tiled and start + QUANTIZE_ROWS >= self.valid_rows:
+                if self.scheme.act8 and start + QUANTIZE_ROWS >= self.valid_rows:
                     block = torch.cat((block, block.new_zeros(self.out_features - self.valid_rows, block.shape[1])))
                 self._fill(targets, quantize(self.scheme, block), start)
         if self.bias is not None:
