@@ -91,10 +91,11 @@ class QuantLinear(ParallelModule):
             # past the checkpoint's, the padding of a vocabulary, stay zero). -a8 stores tiles of 16 rows, so its
             # last block takes the padding rows with it (as zeros: scale 0), ending its last tile where the layer's
             # rows end.
+            padding = self.out_features - self.valid_rows if self.scheme.act8 else 0
             for start in range(0, self.valid_rows, QUANTIZE_ROWS):
                 block = weight[start : start + QUANTIZE_ROWS]
-                if self.scheme.act8 and start + QUANTIZE_ROWS >= self.valid_rows:
-                    block = torch.cat((block, block.new_zeros(self.out_features - self.valid_rows, block.shape[1])))
+                if padding and start + QUANTIZE_ROWS >= self.valid_rows:
+                    block = torch.cat((block, block.new_zeros(padding, block.shape[1])))
                 self._fill(targets, quantize(self.scheme, block), start)
         if self.bias is not None:
             self.bias.data.copy_(parts["bias"])
