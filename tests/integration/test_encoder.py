@@ -77,6 +77,7 @@ def test_minilm_at_tp1_equals_sentence_transformers(llm1, reference, hf_ids):
     assert [o.text for o in outputs] == SENTENCES
     assert _cosines(outputs, reference, "tp=1").min() >= MIN_COSINE
     assert llm1.engine.encoder.stats.padding > 0  # batches of mixed lengths: padded rows were part of it
+    assert llm1.engine.native_decode  # through the native encoder path (kernels.encoder_adapter), as served
     assert len(outputs[0].embedding) == 384 and abs(torch.tensor(outputs[0].embedding).norm() - 1) < 1e-5
     # tpinfer info counts what the engine holds, and no KV cache.
     from tpinfer.cli.info import model_info

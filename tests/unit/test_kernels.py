@@ -292,3 +292,42 @@ def test_quantized_gemv_equals_linear_on_dequantized_weights(name, K, dtype):
         # mantissa (relative 2^-9, so 2^-8 with margin). One wrong nibble or scale moves a result by ~|scale x|.
         bound = 1e-5 * (1 + ref.abs().max()) + (ref.abs() * 2**-8 if dtype == torch.bfloat16 else 0)
         assert ((out.float() - ref).abs() <= bound).all(), (rows, (out.float() - ref).abs().max())
+
+
+@needs_kernels
+# (B, T, heads, head_dim): the shape, T off the 16-key vector width, head_dims of 1-4 vectors, a long row
+@pytest.mark.parametrize("shape", [(32, 64, 6, 32), (3, 37, 2, 64), (2, 5, 1, 16), (1, 200, 3, 48)])
+@pytest.mark.parametrize("padded", [False, True])
+def test_encoder_attention_equals_sdpa(shape, padded):
+    B, T, H, D = shape
+    torch.manual_seed(B * T + H * D)
+    qkv = torch.randn(B, T, 3 * H * D) * 2
+    lengths = torch.randint(1, T + 1, (B,)) if padded else torch.full((B,), T)
+    lengths[0] = 1 if padded else T  # one row of a single real token
+    mask = torch.arange(T)[None] < lengths[:, None]
+    key_bias = torch.zeros(B, T).masked_fill_(~mask, float("-inf")) if padded else None
+    q, k, v = qkv.double().view(B, T, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :] if padded else None)
+    ref = ref.transpose(1, 2).reshape(B, T, H * D)
+    got = kernels.encoder_attention(qkv, key_bias, H, D, D**-0.5)
+    # float32 against float64: outputs are convex combinations of v (|v| < ~10), 1e-5 is ~100 float32 ulps
+    assert (got.double() - ref).abs().max().item() < 1e-5
+    with pytest.raises(ValueError, match="head_dim a multiple of 16"):
+        kernels.encoder_attention(torch.randn(1, 4, 3 * 2 * 8), None, 2, 8, 8**-0.5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("hidden", [384, 100, 17])
+@pytest.mark.parametrize("parts", [1, 2, 3])
+def test_sum_layer_norm_equals_torch(hidden, parts):
+    torch.manual_seed(hidden + parts)
+    xs = [torch.randn(50, hidden) * 3 + 1 for _ in range(parts)]
+    weight, bias = torch.randn(hidden), torch.randn(hidden)
+    ref = F.layer_norm(sum(x.double() for x in xs), (hidden,), weight.double(), bias.double(), 1e-12)
+    got = kernels.sum_layer_norm(xs, weight, bias, 1e-12)
+    assert (got.double() - ref).abs().max().item() < 1e-5
+    # the parts are added in their order, as the shared-memory all-reduce adds them: the same bits as that sum
+    total = xs[0].clone()
+    for x in xs[1:]:
+        total += x
+    assert torch.equal(got, kernels.sum_layer_norm([total], weight, bias, 1e-12))

@@ -8,6 +8,7 @@ pools them (``tpinfer.pooling.pool``) and rank 0 returns the embeddings in the o
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -27,10 +28,13 @@ class EncodeStats:
 class Encoder:
     """Runs batches of token sequences through one rank's encoder and pools them."""
 
-    def __init__(self, model: torch.nn.Module, pooling: PoolingConfig, max_batch_size: int = 32) -> None:
+    def __init__(self, model: torch.nn.Module, pooling: PoolingConfig, max_batch_size: int = 32,
+                 forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         self.model, self.pooling, self.max_batch_size = model, pooling, max_batch_size
+        # The model's forward, or the family's native adapter around it (same contract, kernels.encoder_adapter)
+        self.forward = forward or model
         self.device = model.ctx.device
         self.stats = EncodeStats()
 
@@ -48,7 +52,7 @@ class Encoder:
                 ids[row, : len(sequences[i])] = torch.tensor(sequences[i], dtype=torch.long)
                 mask[row, : len(sequences[i])] = 1
             ids, mask = ids.to(self.device), mask.to(self.device)
-            vectors = pool(self.model(ids, mask), mask, self.pooling).cpu()
+            vectors = pool(self.forward(ids, mask), mask, self.pooling).cpu()
             for row, i in enumerate(rows):
                 out[i] = vectors[row]
             real = int(mask.sum())

@@ -64,7 +64,8 @@ class EngineSpec:
     timeout_s: float = 120.0
     # Threads per rank; None = this host's cores divided by the ranks on it.
     threads: int | None = None
-    # Run the family's fast decode adapter where it applies (False: the model's plain torch forward for every step).
+    # Run the family's fast adapter where it applies, decode steps or an encoder's forward (False: the model's plain
+    # torch forward for everything).
     native_decode: bool = True
     # Internal, for tests of failure handling: {"rank": r, "step": s} makes rank r raise at decode step s.
     fault: dict[str, int] | None = None
@@ -161,7 +162,7 @@ class RankEngine:
 
     @property
     def native_decode(self) -> bool:
-        """Whether decode steps run a fast adapter rather than the model's plain forward."""
+        """Whether decode steps (or an encoder's forwards) run a fast adapter rather than the model's plain forward."""
         return self.forward is not self.model
 
     @property
@@ -358,8 +359,10 @@ def load_engine(spec: EngineSpec, ctx: ParallelContext, progress: bool = False) 
     if pooling is not None:
         load_s = time.perf_counter() - start
         _log_loaded(spec, ctx, dtype, stats, load_s, progress)
-        return RankEngine(spec, ctx, config, model, model, None, load_s, stats,
-                          encoder=Encoder(model, pooling, spec.max_batch_size))
+        adapter = family.encode_adapter
+        forward = (adapter(model) if adapter is not None and spec.native_decode else None) or model
+        return RankEngine(spec, ctx, config, model, forward, None, load_s, stats,
+                          encoder=Encoder(model, pooling, spec.max_batch_size, forward))
     adapter = config.family.decode_adapter
     forward = (adapter(model) if adapter is not None and spec.native_decode else None) or model
     defaults = GenerationDefaults.from_pretrained(spec.model, config.eos_token_id)

@@ -36,7 +36,7 @@ ENV_SWITCH = "TPINFER_NATIVE_KERNELS"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl")
 MAX_HEAD_DIM = 512  # the attention kernel keeps one query head in a stack buffer of this size
-ABI_VERSION = 6
+ABI_VERSION = 7
 
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _lock = threading.Lock()
@@ -126,6 +126,9 @@ def _build() -> ctypes.CDLL:
     for fn in (lib.tpi_linear, lib.tpi_gated_linear, lib.tpi_decode_attention, lib.tpi_add_rms_norm,
                lib.tpi_layer_attention, lib.tpi_layer_mlp):
         fn.restype = None
+    lib.tpi_encoder_attention.argtypes = [p, p, p, i64, i64, i64, i64, f, i]
+    lib.tpi_sum_layer_norm.argtypes = [ctypes.POINTER(p), i, p, p, p, i64, i64, f, i]
+    lib.tpi_encoder_attention.restype = lib.tpi_sum_layer_norm.restype = None
     lib.tpi_qlinear.argtypes = [p, i, p, p, p, i, i64, i, p, i, p, i, i64, i64, i64, i]
     lib.tpi_qlinear.restype = None
     lib.tpi_decode_layer_size.restype = ctypes.c_int64
@@ -297,6 +300,36 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tens
                                total.data_ptr(), out.data_ptr(), _DTYPES[x.dtype], x.numel() // x.shape[-1],
                                x.shape[-1], eps)
     return total, out
+
+
+def encoder_attention(qkv: torch.Tensor, key_bias: torch.Tensor | None, heads: int, head_dim: int,
+                      scale: float) -> torch.Tensor:
+    """Bidirectional attention of whole sequences: qkv (B, T, 3 * heads * head_dim) float32, each token's q heads
+    then k then v (a fused projection's output); key_bias (B, T) float32 added to every score of a key (0 real, -inf
+    padding) or None. Returns (B, T, heads * head_dim). head_dim a multiple of 16."""
+    batch, length, width = qkv.shape
+    if width != 3 * heads * head_dim or head_dim % 16 or qkv.dtype != torch.float32 or not qkv.is_contiguous():
+        raise ValueError(f"encoder_attention takes contiguous float32 (B, T, 3 x {heads} x {head_dim}) with head_dim "
+                         f"a multiple of 16, got {qkv.dtype} {list(qkv.shape)}")
+    out = torch.empty(batch, length, heads * head_dim, dtype=torch.float32)
+    library().tpi_encoder_attention(qkv.data_ptr(), _ptr(key_bias), out.data_ptr(), batch, length, heads, head_dim,
+                                    scale, torch.get_num_threads())
+    return out
+
+
+def sum_layer_norm(parts: list[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm(parts[0] + parts[1] + ...) * weight + bias over the last dimension, the parts summed in their order:
+    float32, contiguous, all of one shape."""
+    first = parts[0]
+    for part in parts:
+        if part.dtype != torch.float32 or not part.is_contiguous() or part.shape != first.shape:
+            raise ValueError("sum_layer_norm takes contiguous float32 parts of one shape")
+    out = torch.empty_like(first)
+    pointers = (ctypes.c_void_p * len(parts))(*(part.data_ptr() for part in parts))
+    hidden = first.shape[-1]
+    library().tpi_sum_layer_norm(pointers, len(parts), weight.data_ptr(), bias.data_ptr(), out.data_ptr(),
+                                 first.numel() // hidden, hidden, eps, torch.get_num_threads())
+    return out
 
 
 def decode_layer(norm1: torch.Tensor, norm2: torch.Tensor, eps1: float, eps2: float,

@@ -379,8 +379,8 @@ constexpr int64_t kRowBlock = 64;
 // outputs; 2: a quantized kernel's per-thread scales; 3: prepare_x; 4: group sums of x; 5: int8-rounded
 // activations; 6: bfloat16 activations permuted for the wide int4 kernel).
 float *scratch(int64_t n, int which) {
-  static thread_local float *buffers[7] = {nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
-  static thread_local int64_t capacity[7] = {0, 0, 0, 0, 0, 0, 0};
+  static thread_local float *buffers[9] = {};
+  static thread_local int64_t capacity[9] = {};
   if (capacity[which] < n) {
     free(buffers[which]);
     buffers[which] = static_cast<float *>(aligned_alloc(64, ((n * 4 + 63) / 64) * 64));
@@ -743,7 +743,7 @@ void attend_rows(const float *qf, const void *k_cache, const void *v_cache, int6
 
 extern "C" {
 
-int tpi_abi_version() { return 6; }
+int tpi_abi_version() { return 7; }
 
 // y[rows, N] = x[rows, K] W[N, K]^T (+ bias[N]); any rows (passes of up to kMaxPassRows); dtypes 0/1 per operand.
 void tpi_linear(const void *x, int x_dtype, const void *W, int w_dtype, const void *bias, int bias_dtype, void *y,
@@ -1311,3 +1311,183 @@ int64_t tpi_decode_stack(const DecodeLayer *layers, int64_t n_layers, int64_t fi
 
 }  // extern "C"
 
+
+// Encoder kernels (tpinfer.kernels.encoder_adapter): a bidirectional encoder's forward over whole sequences, where
+// the GEMMs are large (oneDNN runs them) and what remains is attention over short sequences and the sum of the
+// ranks' partial outputs followed by LayerNorm, which torch runs as several passes over memory.
+
+namespace {
+
+// e^x for x <= 0 (softmax arguments after subtracting the row's maximum): 2^n e^r with n = round(x / ln 2) and
+// r = x - n ln 2 in [-ln2/2, ln2/2], e^r by its degree-6 Taylor polynomial (relative error under 3e-7). Arguments
+// below -87 (e^x under 1.6e-38, against the row maximum's e^0 = 1) give exactly 0, as -inf does.
+inline __m512 exp_nonpositive(__m512 x) {
+  const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_GE_OQ);
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  // ln 2 in two parts: exact n * hi
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_maskz_mov_ps(live, _mm512_scalef_ps(p, n));
+}
+
+constexpr int kAttnRows = 4;  // query rows per register tile
+
+// Scores of kAttnRows query rows against NV * 16 keys from `key` on: s[r][j] = scale * q_r . k_j + bias[j].
+// kt holds K transposed (D rows of Tp keys), q points at the rows' query vectors (stride q_stride).
+template <int NV>
+inline void attn_scores(const float *const *q, const float *kt, int64_t Tp, int64_t D, int64_t key, float scale,
+                        const float *bias, float *s, int64_t s_stride) {
+  __m512 acc[kAttnRows][NV];
+  for (int r = 0; r < kAttnRows; r++)
+    for (int v = 0; v < NV; v++) acc[r][v] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; d++) {
+    __m512 k[NV];
+    for (int v = 0; v < NV; v++) k[v] = _mm512_loadu_ps(kt + d * Tp + key + 16 * v);
+    for (int r = 0; r < kAttnRows; r++) {
+      const __m512 qb = _mm512_set1_ps(q[r][d]);
+      for (int v = 0; v < NV; v++) acc[r][v] = _mm512_fmadd_ps(qb, k[v], acc[r][v]);
+    }
+  }
+  const __m512 vs = _mm512_set1_ps(scale);
+  for (int v = 0; v < NV; v++) {
+    const __m512 b = _mm512_loadu_ps(bias + key + 16 * v);
+    for (int r = 0; r < kAttnRows; r++)
+      _mm512_storeu_ps(s + r * s_stride + key + 16 * v, _mm512_fmadd_ps(acc[r][v], vs, b));
+  }
+}
+
+// out_r[dim .. dim + NV * 16) = sum_j p[r][j] v_j over T keys, divided by the row's sum of p.
+template <int NV>
+inline void attn_values(const float *p, int64_t p_stride, const float *v, int64_t v_stride, int64_t T, int64_t dim,
+                        const float *inv_sum, float *const *out) {
+  __m512 acc[kAttnRows][NV];
+  for (int r = 0; r < kAttnRows; r++)
+    for (int i = 0; i < NV; i++) acc[r][i] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < T; j++) {
+    __m512 vv[NV];
+    for (int i = 0; i < NV; i++) vv[i] = _mm512_loadu_ps(v + j * v_stride + dim + 16 * i);
+    for (int r = 0; r < kAttnRows; r++) {
+      const __m512 pb = _mm512_set1_ps(p[r * p_stride + j]);
+      for (int i = 0; i < NV; i++) acc[r][i] = _mm512_fmadd_ps(pb, vv[i], acc[r][i]);
+    }
+  }
+  for (int r = 0; r < kAttnRows; r++) {
+    const __m512 inv = _mm512_set1_ps(inv_sum[r]);
+    for (int i = 0; i < NV; i++) _mm512_storeu_ps(out[r] + dim + 16 * i, _mm512_mul_ps(acc[r][i], inv));
+  }
+}
+
+// One (sequence, head): softmax(scale Q K^T + bias) V for its T queries.
+void encoder_head(const float *qkv, const float *key_bias, float *out, int64_t b, int64_t h, int64_t T, int64_t H,
+                  int64_t D, float scale) {
+  const int64_t row = 3 * H * D, Tp = (T + 15) / 16 * 16;
+  const float *q0 = qkv + b * T * row + h * D, *k0 = q0 + H * D, *v0 = k0 + H * D;
+  float *kt = scratch(D * Tp + Tp + kAttnRows * Tp, 7), *bias = kt + D * Tp, *s = bias + Tp;
+  for (int64_t j = 0; j < T; j++) {
+    const float *k = k0 + j * row;
+    for (int64_t d = 0; d < D; d++) kt[d * Tp + j] = k[d];
+    bias[j] = key_bias ? key_bias[b * T + j] : 0.0f;
+  }
+  for (int64_t j = T; j < Tp; j++) {  // padding keys to the vector width: no weight
+    for (int64_t d = 0; d < D; d++) kt[d * Tp + j] = 0.0f;
+    bias[j] = -INFINITY;
+  }
+  for (int64_t i0 = 0; i0 < T; i0 += kAttnRows) {
+    const float *q[kAttnRows];
+    float *o[kAttnRows];
+    for (int r = 0; r < kAttnRows; r++) {  // a last tile past T repeats row T - 1, computed and not stored twice
+      const int64_t i = i0 + r < T ? i0 + r : T - 1;
+      q[r] = q0 + i * row;
+      o[r] = out + (b * T + i) * H * D + h * D;
+    }
+    int64_t key = 0;
+    for (; key + 64 <= Tp; key += 64) attn_scores<4>(q, kt, Tp, D, key, scale, bias, s, Tp);
+    switch ((Tp - key) / 16) {
+      case 3: attn_scores<3>(q, kt, Tp, D, key, scale, bias, s, Tp); break;
+      case 2: attn_scores<2>(q, kt, Tp, D, key, scale, bias, s, Tp); break;
+      case 1: attn_scores<1>(q, kt, Tp, D, key, scale, bias, s, Tp); break;
+      default: break;
+    }
+    float inv_sum[kAttnRows];
+    for (int r = 0; r < kAttnRows; r++) {
+      float *sr = s + r * Tp;
+      __m512 m = _mm512_set1_ps(-INFINITY);
+      for (int64_t j = 0; j < Tp; j += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(sr + j));
+      const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(m));
+      __m512 sum = _mm512_setzero_ps();
+      for (int64_t j = 0; j < Tp; j += 16) {
+        const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(sr + j), mx));
+        _mm512_storeu_ps(sr + j, e);
+        sum = _mm512_add_ps(sum, e);
+      }
+      inv_sum[r] = 1.0f / _mm512_reduce_add_ps(sum);
+    }
+    int64_t dim = 0;
+    for (; dim + 64 <= D; dim += 64) attn_values<4>(s, Tp, v0, row, T, dim, inv_sum, o);
+    switch ((D - dim) / 16) {
+      case 3: attn_values<3>(s, Tp, v0, row, T, dim, inv_sum, o); break;
+      case 2: attn_values<2>(s, Tp, v0, row, T, dim, inv_sum, o); break;
+      case 1: attn_values<1>(s, Tp, v0, row, T, dim, inv_sum, o); break;
+      default: break;
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// Bidirectional attention of whole sequences, float32. qkv (B, T, 3, H, D): the fused q/k/v projection's output
+// as it comes (each token's q heads, then k, then v); key_bias (B, T) added to every score of a key (0 for a real
+// token, -inf for padding), or null; out (B, T, H, D). D a multiple of 16. Every query row is computed, a padded
+// one too (its output is not used). Threads split the (sequence, head) pairs.
+void tpi_encoder_attention(const float *qkv, const float *key_bias, float *out, int64_t B, int64_t T, int64_t H,
+                           int64_t D, float scale, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && B * H > 1)
+  for (int64_t task = 0; task < B * H; task++) encoder_head(qkv, key_bias, out, task / H, task % H, T, H, D, scale);
+}
+
+// out = LayerNorm(parts[0] + parts[1] + ... + parts[n - 1]) * weight + bias, float32 rows of `hidden`: the ranks'
+// partial outputs summed in rank order (the order and rounding of the shared-memory all-reduce, so every rank gets
+// the same bits), then normalized with the biased variance, as torch's layer_norm.
+void tpi_sum_layer_norm(const float *const *parts, int n_parts, const float *weight, const float *bias, float *out,
+                        int64_t rows, int64_t hidden, float eps, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && rows > 1)
+  for (int64_t r = 0; r < rows; r++) {
+    float *x = scratch(hidden, 8);
+    __m512 total = _mm512_setzero_ps();
+    for (int64_t i = 0; i < hidden; i += 16) {
+      const __mmask16 m = hidden - i >= 16 ? 0xffff : static_cast<__mmask16>((1u << (hidden - i)) - 1);
+      __m512 v = _mm512_maskz_loadu_ps(m, parts[0] + r * hidden + i);
+      for (int p = 1; p < n_parts; p++) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, parts[p] + r * hidden + i));
+      _mm512_storeu_ps(x + i, v);
+      total = _mm512_add_ps(total, v);
+    }
+    const float mean = _mm512_reduce_add_ps(total) / static_cast<float>(hidden);
+    const __m512 vmean = _mm512_set1_ps(mean);
+    __m512 squares = _mm512_setzero_ps();
+    for (int64_t i = 0; i < hidden; i += 16) {
+      const __mmask16 m = hidden - i >= 16 ? 0xffff : static_cast<__mmask16>((1u << (hidden - i)) - 1);
+      const __m512 c = _mm512_maskz_sub_ps(m, _mm512_loadu_ps(x + i), vmean);
+      squares = _mm512_fmadd_ps(c, c, squares);
+    }
+    const float inv = 1.0f / sqrtf(_mm512_reduce_add_ps(squares) / static_cast<float>(hidden) + eps);
+    const __m512 vinv = _mm512_set1_ps(inv);
+    for (int64_t i = 0; i < hidden; i += 16) {
+      const __mmask16 m = hidden - i >= 16 ? 0xffff : static_cast<__mmask16>((1u << (hidden - i)) - 1);
+      const __m512 c = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), vmean), vinv);
+      const __m512 y = _mm512_fmadd_ps(c, _mm512_maskz_loadu_ps(m, weight + i), _mm512_maskz_loadu_ps(m, bias + i));
+      _mm512_mask_storeu_ps(out + r * hidden + i, m, y);
+    }
+  }
+}
+
+}  // extern "C"

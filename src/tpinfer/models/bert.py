@@ -251,7 +251,14 @@ def _family(name: str, model_types: tuple[str, ...]) -> Family:
         layer_prefix=LAYER_PREFIX,
         outer=outer_modules,
         unused_tensors=("embeddings.position_ids", "embeddings.token_type_ids", "pooler."),
+        encode_adapter=_native_encoder,
     )
+
+
+def _native_encoder(model):  # noqa: ANN001, ANN202
+    from tpinfer.kernels.encoder_adapter import native_encoder
+
+    return native_encoder(model)
 
 
 ROBERTA = _family("roberta", ("roberta", "xlm-roberta"))

@@ -40,6 +40,8 @@ class Family:
     model: Callable[..., Any]  # (config, ctx, plan, dtype, max_seq_len) -> the rank's nn.Module
     # Optional fast decode: takes the built model, returns a step callable or None when it does not apply.
     decode_adapter: Callable[[Any], Any] | None = None
+    # Optional fast encoder forward: takes the built encoder, returns a callable with its forward's contract or None.
+    encode_adapter: Callable[[Any], Any] | None = None
     # Mixture of experts: the auto plan's entries for whole experts per rank (--moe-parallel expert); None: dense
     expert_plan: dict[str, str] | None = None
     kind: str = CAUSAL_LM

@@ -96,6 +96,19 @@ class Communicator:
         self._timed("all_reduce", nbytes, dist.all_reduce, tensor, dist.ReduceOp.SUM, self.group)
         return tensor
 
+    def all_reduce_parts(self, tensor: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+        """Every rank's ``tensor`` in rank order, for a caller that sums them itself (fusing the sum with what follows
+        it; in rank order, so every rank gets the same bits): ``(tensor,)`` for one rank, views of the shared-memory
+        segment valid until this rank's next collective, or None where the sum must go through ``all_reduce`` (gloo
+        or NCCL, or a tensor larger than the segment's slots)."""
+        if self.world_size == 1:
+            return (tensor,)
+        impl = self.all_reduce_impl
+        if (impl is None or not hasattr(impl, "exchange") or tensor.device.type != "cpu"
+                or tensor.nbytes > impl.max_bytes):
+            return None
+        return self._timed("all_reduce", tensor.numel() * tensor.element_size(), impl.exchange, tensor)
+
     # Sequence parallelism (Megatron's SP): in a forward where ``sequence_len`` is set, the residual stream between
     # layers holds this rank's 1/tp of the (padded) sequence, (B, T_local, H). A row-parallel output's partial sums
     # are reduce-scattered along the sequence instead of all-reduced, and a column-parallel input is all-gathered

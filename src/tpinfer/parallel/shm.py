@@ -221,6 +221,28 @@ class ShmAllReduce:
             return tensor
         return self._all_reduce_uncached(tensor)
 
+    def exchange(self, tensor: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+        """Publish ``tensor`` and wait for every rank's contribution; return them in rank order, as views of the
+        segment, for a caller that sums them itself along with more work (the encoder's fused sum and LayerNorm).
+        The views stay valid until this rank's next collective on the group (the double buffering of
+        ``_exchange``). None where one slot cannot hold the tensor (the caller all-reduces instead)."""
+        if self._unusable:
+            raise RuntimeError(f"rank {self.rank}: shared-memory all-reduce used after {self._unusable}")
+        if not tensor.is_cpu or tensor.dtype not in _ACCUMULATE or tensor.nbytes > self.max_bytes:
+            return None
+        plan = self._plan(tensor.dtype, tensor.shape)
+        self._round = round_ = self._round + 1
+        own, first, second, rest, _ = plan[round_ & 1]
+        own.copy_(tensor)
+        self._seq[self._own_index] = round_
+        for index in self._peer_indices:
+            if self._seq[index] < round_:
+                self._wait(round_)
+                break
+        self.calls += 1
+        self.bytes += plan[2]
+        return (first, second, *rest)
+
     def close(self) -> None:
         """Detach (rank 0 also unlinks if that has not happened yet). Safe to call twice."""
         self._plans.clear()

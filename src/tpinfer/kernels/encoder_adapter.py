@@ -1,0 +1,147 @@
+"""The native encoder forward as an adapter: it takes a built BERT-structured model and returns a callable with the
+model's contract, ``(input_ids, attention_mask) -> last hidden states``, or None when it does not apply.
+
+Where the time of an encoder forward goes on a CPU rank (all-MiniLM-L6-v2, 32 sequences of 64 tokens, TP=2; see
+docs/performance.md "Encoders"): almost all of it in the GEMMs, whose float32 speed torch's default path (MKL)
+leaves about 15% below what oneDNN reaches with weights packed once into its blocked layout; then attention over
+short sequences, and the passes over memory between GEMMs (bias, GELU, residual add, the all-reduce's sum,
+LayerNorm). ``NativeEncoder`` runs a layer as:
+
+    qkv  = x [Wq; Wk; Wv]^T + b            one oneDNN GEMM for the three projections (weights packed once)
+    ctx  = attention(qkv, padding)         tpi_encoder_attention, reading q/k/v where the GEMM left them
+    y    = ctx Wo^T (+ bo + x on rank 0)   oneDNN, the bias and the residual added in the GEMM's epilogue by one rank
+    h    = LayerNorm(sum of ranks' y)      tpi_sum_layer_norm straight from the shared-memory all-reduce's slots
+    f    = gelu(h Wi^T + bi)               oneDNN, GELU (erf) in the epilogue
+    out  = LayerNorm(sum of (f Wd^T (+ bd + h on rank 0)))
+
+which is the model's arithmetic in another order: the bias and residual join one rank's partial sum before the
+all-reduce rather than the total after it (a different rounding of the same sum), and the ranks' partials are
+summed in rank order as the all-reduce sums them, so every rank still holds the same bits.
+
+``native_encoder(model)`` checks once what this path implements (this module owns those checks): a CPU rank with
+the native kernels built, float32 weights, no quantized projection, q/k/v and the intermediate dense
+column-parallel, the two output denses row-parallel (the auto plan), head_dim a multiple of 16. The GEMMs go
+through oneDNN where torch has it (``torch.ops.mkldnn._linear_pointwise``), else through ``F.linear``. Anything
+else runs the model's own forward, the plain-torch reference this path is tested against
+(tests/test_encoder_native.py).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from tpinfer import kernels
+from tpinfer.parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+log = logging.getLogger(__name__)
+
+
+
+def _onednn() -> bool:
+    """Whether torch has oneDNN's packed-weight linear (CPU builds with mkldnn)."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+class PackedLinear:
+    """x W^T (+ b), optionally + other or followed by GELU, with W packed once for oneDNN (or F.linear without it)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, onednn: bool) -> None:
+        self.weight, self.bias = weight, bias
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None) if onednn else None
+
+    def __call__(self, x: torch.Tensor, gelu: bool = False, add: torch.Tensor | None = None) -> torch.Tensor:
+        if self.packed is None:
+            y = F.linear(x, self.weight, self.bias)
+            return F.gelu(y) if gelu else y if add is None else y.add_(add)
+        if add is not None:
+            return torch.ops.mkldnn._linear_pointwise.binary(x, add, self.packed, self.bias, "add")
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "gelu" if gelu else "none", [],
+                                                  "none" if gelu else "")
+
+
+def unsupported_reason(model: torch.nn.Module) -> str | None:
+    """Why ``NativeEncoder`` cannot run ``model`` (None: it can)."""
+    layers = getattr(getattr(model, "encoder", None), "layer", None)
+    if layers is None or not hasattr(model, "embeddings"):
+        return "not a BERT-structured encoder"
+    if model.ctx.device.type != "cpu":
+        return f"the model is on {model.ctx.device}"
+    if model.dtype != torch.float32:
+        return f"{model.dtype} weights (the native encoder path is float32)"
+    if not kernels.available():
+        return f"native kernels unavailable: {kernels.unavailable_reason()}"
+    if model.ctx.comm.sequence_len is not None:
+        return "sequence parallelism"
+    for layer in layers:
+        attn = layer.attention.self
+        local = (attn.query, attn.key, attn.value, layer.intermediate.dense)
+        reduced = (layer.attention.output.dense, layer.output.dense)
+        if not all(type(m) is ColumnParallelLinear for m in local):
+            return "q/k/v and the intermediate dense must be plain column-parallel linears"
+        if not all(type(m) is RowParallelLinear for m in reduced):
+            return "the output denses must be plain row-parallel linears"
+        if attn.head_dim % 16:
+            return f"head_dim {attn.head_dim} is not a multiple of 16"
+    return None
+
+
+def native_encoder(model: torch.nn.Module) -> NativeEncoder | None:
+    """The native forward for ``model``, or None when it cannot run it (logged at debug level)."""
+    reason = unsupported_reason(model)
+    if reason is not None:
+        log.debug("native encoder path not used: %s", reason)
+        return None
+    return NativeEncoder(model)
+
+
+class NativeEncoder:
+    """``model(input_ids, attention_mask)`` through packed oneDNN GEMMs and the native encoder kernels."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.ctx = model.ctx
+        self.comm = model.ctx.comm
+        onednn = _onednn()
+        first = self.comm.rank == 0  # adds the row-parallel biases and the residuals, once
+        self.layers = []
+        for layer in model.encoder.layer:
+            attn = layer.attention.self
+            qkv = (attn.query, attn.key, attn.value)
+            ln1, ln2 = layer.attention.output.LayerNorm, layer.output.LayerNorm
+            self.layers.append({
+                "qkv": PackedLinear(torch.cat([m.weight for m in qkv]), torch.cat([m.bias for m in qkv]), onednn),
+                "o": PackedLinear(layer.attention.output.dense.weight,
+                                  layer.attention.output.dense.bias if first else None, onednn),
+                "i": PackedLinear(layer.intermediate.dense.weight, layer.intermediate.dense.bias, onednn),
+                "d": PackedLinear(layer.output.dense.weight, layer.output.dense.bias if first else None, onednn),
+                "ln1": (ln1.weight, ln1.bias, ln1.eps), "ln2": (ln2.weight, ln2.bias, ln2.eps),
+                "heads": attn.num_local_heads, "head_dim": attn.head_dim,
+            })
+        self.first = first
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        x = self.model.embeddings(input_ids, torch.zeros_like(input_ids))
+        key_bias = None
+        if not bool(attention_mask.all()):
+            key_bias = torch.zeros(attention_mask.shape, dtype=torch.float32).masked_fill_(attention_mask == 0,
+                                                                                           float("-inf"))
+        return self.layers_forward(x, key_bias)
+
+    def layers_forward(self, x: torch.Tensor, key_bias: torch.Tensor | None) -> torch.Tensor:
+        for layer in self.layers:
+            heads, dim = layer["heads"], layer["head_dim"]
+            ctx = kernels.encoder_attention(layer["qkv"](x), key_bias, heads, dim, dim**-0.5)
+            h = self._sum_norm(layer["o"](ctx, add=x if self.first else None), layer["ln1"])
+            x = self._sum_norm(layer["d"](layer["i"](h, gelu=True), add=h if self.first else None), layer["ln2"])
+        return x
+
+    def _sum_norm(self, partial: torch.Tensor, norm: tuple[torch.Tensor, torch.Tensor, float]) -> torch.Tensor:
+        """LayerNorm of every rank's ``partial`` summed."""
+        weight, bias, eps = norm
+        parts = self.comm.all_reduce_parts(partial)
+        if parts is None:  # gloo or NCCL: the all-reduce, then the norm
+            return F.layer_norm(self.comm.all_reduce(partial), weight.shape, weight, bias, eps)
+        return kernels.sum_layer_norm(list(parts), weight, bias, eps)
