@@ -1338,7 +1338,7 @@ inline __m512 exp_nonpositive(__m512 x) {
   return _mm512_maskz_mov_ps(live, _mm512_scalef_ps(p, n));
 }
 
-constexpr int kAttnRows = 4;  // query rows per register tile
+constexpr int kAttnRows = 8;  // query rows per register tile (8 x 4 accumulators: faster than 4 x 4 here)
 
 // Scores of kAttnRows query rows against NV * 16 keys from `key` on: s[r][j] = scale * q_r . k_j + bias[j].
 // kt holds K transposed (D rows of Tp keys), q points at the rows' query vectors (stride q_stride).
