@@ -75,8 +75,8 @@ def _on_rank(ctx, gloo: bool) -> dict:
 def test_native_encoder_equals_the_model_forward(world, gloo):
     results = run_ranks(world, _on_rank, gloo)
     for r in results:
-        # The same arithmetic in another order (bias and residual joined to rank 0's partial sum, fused
-        # q/k/v, the native softmax): float32 rounding of LayerNorm outputs ~1, far below 1e-5.
+        # The same sums in the same order except inside the GEMMs (oneDNN's blocking, q/k/v fused) and the
+        # native softmax: float32 rounding of LayerNorm outputs ~1, far below 1e-5.
         assert r["diff"] < 1e-5 and r["unpadded"] < 1e-5
         assert r["calls"] == {"all_reduce": 2 * CONFIG["num_hidden_layers"] + 1}  # 2 a layer + the embedding's
     assert len({r["digest"] for r in results}) == 1  # every rank holds the same bits
@@ -90,3 +90,16 @@ def test_native_encoder_at_one_rank_and_what_it_refuses():
     narrow = ModelConfig.from_dict({**CONFIG, "num_attention_heads": 8})  # head_dim 8
     assert native_encoder(_model(ParallelContext.single(), narrow, 1)) is None
     assert "head_dim 8" in unsupported_reason(_model(ParallelContext.single(), narrow, 1))
+
+
+@pytest.mark.parametrize("onednn", [True, False] if torch.backends.mkldnn.is_available() else [False])
+def test_packed_linear_with_its_epilogues(onednn):
+    from tpinfer.kernels.encoder_adapter import PackedLinear
+
+    torch.manual_seed(3)
+    x, weight, bias = torch.randn(2, 5, 48), torch.randn(40, 48) * 0.2, torch.randn(40)
+    linear = PackedLinear(weight, bias, onednn)
+    exact = torch.nn.functional.linear(x.double(), weight.double(), bias.double())
+    assert (linear(x).double() - exact).abs().max() < 1e-5
+    assert (linear(x, gelu=True).double() - torch.nn.functional.gelu(exact)).abs().max() < 1e-5
+    assert (PackedLinear(weight, None, onednn)(x).double() - (exact - bias.double())).abs().max() < 1e-5

@@ -331,3 +331,7 @@ def test_sum_layer_norm_equals_torch(hidden, parts):
     for x in xs[1:]:
         total += x
     assert torch.equal(got, kernels.sum_layer_norm([total], weight, bias, 1e-12))
+    # a row-parallel dense's bias, then the residual, added as the model adds them: the same bits as torch's order
+    dense_bias, residual = torch.randn(hidden), torch.randn(50, hidden)
+    fused = kernels.sum_layer_norm(xs, weight, bias, 1e-12, dense_bias, residual)
+    assert torch.equal(fused, kernels.sum_layer_norm([residual + (total + dense_bias)], weight, bias, 1e-12))

@@ -127,7 +127,7 @@ def _build() -> ctypes.CDLL:
                lib.tpi_layer_attention, lib.tpi_layer_mlp):
         fn.restype = None
     lib.tpi_encoder_attention.argtypes = [p, p, p, i64, i64, i64, i64, f, i]
-    lib.tpi_sum_layer_norm.argtypes = [ctypes.POINTER(p), i, p, p, p, i64, i64, f, i]
+    lib.tpi_sum_layer_norm.argtypes = [ctypes.POINTER(p), i, p, p, p, p, p, i64, i64, f, i]
     lib.tpi_encoder_attention.restype = lib.tpi_sum_layer_norm.restype = None
     lib.tpi_qlinear.argtypes = [p, i, p, p, p, i, i64, i, p, i, p, i, i64, i64, i64, i]
     lib.tpi_qlinear.restype = None
@@ -317,18 +317,21 @@ def encoder_attention(qkv: torch.Tensor, key_bias: torch.Tensor | None, heads: i
     return out
 
 
-def sum_layer_norm(parts: list[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    """LayerNorm(parts[0] + parts[1] + ...) * weight + bias over the last dimension, the parts summed in their order:
-    float32, contiguous, all of one shape."""
+def sum_layer_norm(parts: list[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                   dense_bias: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """LayerNorm(residual + ((parts[0] + parts[1] + ...) + dense_bias)) * weight + bias over the last dimension: a
+    row-parallel dense's partial outputs summed in their order, its bias, the residual (both optional). Float32,
+    contiguous, the parts and the residual of one shape."""
     first = parts[0]
-    for part in parts:
-        if part.dtype != torch.float32 or not part.is_contiguous() or part.shape != first.shape:
-            raise ValueError("sum_layer_norm takes contiguous float32 parts of one shape")
+    for t in (*parts, residual):
+        if t is not None and (t.dtype != torch.float32 or not t.is_contiguous() or t.shape != first.shape):
+            raise ValueError("sum_layer_norm takes contiguous float32 parts (and residual) of one shape")
     out = torch.empty_like(first)
     pointers = (ctypes.c_void_p * len(parts))(*(part.data_ptr() for part in parts))
     hidden = first.shape[-1]
-    library().tpi_sum_layer_norm(pointers, len(parts), weight.data_ptr(), bias.data_ptr(), out.data_ptr(),
-                                 first.numel() // hidden, hidden, eps, torch.get_num_threads())
+    library().tpi_sum_layer_norm(pointers, len(parts), _ptr(dense_bias), _ptr(residual), weight.data_ptr(),
+                                 bias.data_ptr(), out.data_ptr(), first.numel() // hidden, hidden, eps,
+                                 torch.get_num_threads())
     return out
 
 

@@ -1464,11 +1464,13 @@ void tpi_encoder_attention(const float *qkv, const float *key_bias, float *out, 
     encoder_head(qkv, key_bias, out, task / H, task % H, T, H, D, scale, task + 1 < B * H);
 }
 
-// out = LayerNorm(parts[0] + parts[1] + ... + parts[n - 1]) * weight + bias, float32 rows of `hidden`: the ranks'
-// partial outputs summed in rank order (the order and rounding of the shared-memory all-reduce, so every rank gets
-// the same bits), then normalized with the biased variance, as torch's layer_norm.
-void tpi_sum_layer_norm(const float *const *parts, int n_parts, const float *weight, const float *bias, float *out,
-                        int64_t rows, int64_t hidden, float eps, int threads) {
+// out = LayerNorm(residual + ((parts[0] + parts[1] + ... + parts[n - 1]) + dense_bias)) * weight + bias, float32 rows
+// of `hidden`: the ranks' partial outputs of a row-parallel dense summed in rank order (the order and rounding of the
+// shared-memory all-reduce, so every rank gets the same bits), its bias and the residual added as the model adds
+// them (each optional: null), then normalized with the biased variance, as torch's layer_norm.
+void tpi_sum_layer_norm(const float *const *parts, int n_parts, const float *dense_bias, const float *residual,
+                        const float *weight, const float *bias, float *out, int64_t rows, int64_t hidden, float eps,
+                        int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && rows > 1)
   for (int64_t r = 0; r < rows; r++) {
     float *x = scratch(hidden, 8);
@@ -1477,6 +1479,8 @@ void tpi_sum_layer_norm(const float *const *parts, int n_parts, const float *wei
       const __mmask16 m = hidden - i >= 16 ? 0xffff : static_cast<__mmask16>((1u << (hidden - i)) - 1);
       __m512 v = _mm512_maskz_loadu_ps(m, parts[0] + r * hidden + i);
       for (int p = 1; p < n_parts; p++) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, parts[p] + r * hidden + i));
+      if (dense_bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, dense_bias + i));
+      if (residual) v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, residual + r * hidden + i), v);
       _mm512_storeu_ps(x + i, v);
       total = _mm512_add_ps(total, v);
     }

@@ -3,27 +3,28 @@ model's contract, ``(input_ids, attention_mask) -> last hidden states``, or None
 
 Where the time of an encoder forward goes on a CPU rank (all-MiniLM-L6-v2, 32 sequences of 64 tokens, TP=2; see
 docs/performance.md "Encoders"): almost all of it in the GEMMs, whose float32 speed torch's default path (MKL)
-leaves about 15% below what oneDNN reaches with weights packed once into its blocked layout; then attention over
+leaves 10-15% below what oneDNN reaches with weights packed once into its blocked layout; then attention over
 short sequences, and the passes over memory between GEMMs (bias, GELU, residual add, the all-reduce's sum,
 LayerNorm). ``NativeEncoder`` runs a layer as:
 
-    qkv  = x [Wq; Wk; Wv]^T + b            one oneDNN GEMM for the three projections (weights packed once)
-    ctx  = attention(qkv, padding)         tpi_encoder_attention, reading q/k/v where the GEMM left them
-    y    = ctx Wo^T (+ bo + x on rank 0)   oneDNN, the bias and the residual added in the GEMM's epilogue by one rank
-    h    = LayerNorm(sum of ranks' y)      tpi_sum_layer_norm straight from the shared-memory all-reduce's slots
-    f    = gelu(h Wi^T + bi)               oneDNN, GELU (erf) in the epilogue
-    out  = LayerNorm(sum of (f Wd^T (+ bd + h on rank 0)))
+    qkv  = x [Wq; Wk; Wv]^T + b          one oneDNN GEMM for the three projections (weights packed once)
+    ctx  = attention(qkv, padding)       tpi_encoder_attention, reading q/k/v where the GEMM left them
+    h    = LayerNorm(x + (sum of ranks' ctx Wo^T + bo))
+                                         oneDNN, then tpi_sum_layer_norm straight from the shared-memory
+                                         all-reduce's slots: the sum, the bias, the residual and the norm in one pass
+    f    = gelu(h Wi^T + bi)             oneDNN, GELU (erf) in the GEMM's epilogue
+    out  = LayerNorm(h + (sum of ranks' f Wd^T + bd))
 
-which is the model's arithmetic in another order: the bias and residual join one rank's partial sum before the
-all-reduce rather than the total after it (a different rounding of the same sum), and the ranks' partials are
-summed in rank order as the all-reduce sums them, so every rank still holds the same bits.
+which is the model's arithmetic with its sums in the same order (the ranks' partials in rank order as the
+all-reduce adds them, then the bias, then the residual), so every rank holds the same bits; only the GEMMs' and
+the softmax's own orders of summation differ from torch's.
 
 ``native_encoder(model)`` checks once what this path implements (this module owns those checks): a CPU rank with
 the native kernels built, float32 weights, no quantized projection, q/k/v and the intermediate dense
 column-parallel, the two output denses row-parallel (the auto plan), head_dim a multiple of 16. The GEMMs go
 through oneDNN where torch has it (``torch.ops.mkldnn._linear_pointwise``), else through ``F.linear``. Anything
 else runs the model's own forward, the plain-torch reference this path is tested against
-(tests/test_encoder_native.py).
+(tests/distributed/test_encoder_native.py).
 """
 
 from __future__ import annotations
@@ -46,18 +47,16 @@ def _onednn() -> bool:
 
 
 class PackedLinear:
-    """x W^T (+ b), optionally + other or followed by GELU, with W packed once for oneDNN (or F.linear without it)."""
+    """x W^T (+ b), optionally followed by GELU, with W packed once for oneDNN (or F.linear without it)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, onednn: bool) -> None:
         self.weight, self.bias = weight, bias
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None) if onednn else None
 
-    def __call__(self, x: torch.Tensor, gelu: bool = False, add: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
         if self.packed is None:
             y = F.linear(x, self.weight, self.bias)
-            return F.gelu(y) if gelu else y if add is None else y.add_(add)
-        if add is not None:
-            return torch.ops.mkldnn._linear_pointwise.binary(x, add, self.packed, self.bias, "add")
+            return F.gelu(y) if gelu else y
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "gelu" if gelu else "none", [],
                                                   "none" if gelu else "")
 
@@ -105,22 +104,20 @@ class NativeEncoder:
         self.ctx = model.ctx
         self.comm = model.ctx.comm
         onednn = _onednn()
-        first = self.comm.rank == 0  # adds the row-parallel biases and the residuals, once
         self.layers = []
         for layer in model.encoder.layer:
             attn = layer.attention.self
             qkv = (attn.query, attn.key, attn.value)
             ln1, ln2 = layer.attention.output.LayerNorm, layer.output.LayerNorm
+            o, d = layer.attention.output.dense, layer.output.dense
             self.layers.append({
                 "qkv": PackedLinear(torch.cat([m.weight for m in qkv]), torch.cat([m.bias for m in qkv]), onednn),
-                "o": PackedLinear(layer.attention.output.dense.weight,
-                                  layer.attention.output.dense.bias if first else None, onednn),
+                "o": PackedLinear(o.weight, None, onednn),
                 "i": PackedLinear(layer.intermediate.dense.weight, layer.intermediate.dense.bias, onednn),
-                "d": PackedLinear(layer.output.dense.weight, layer.output.dense.bias if first else None, onednn),
-                "ln1": (ln1.weight, ln1.bias, ln1.eps), "ln2": (ln2.weight, ln2.bias, ln2.eps),
+                "d": PackedLinear(d.weight, None, onednn),
+                "ln1": (o.bias, ln1.weight, ln1.bias, ln1.eps), "ln2": (d.bias, ln2.weight, ln2.bias, ln2.eps),
                 "heads": attn.num_local_heads, "head_dim": attn.head_dim,
             })
-        self.first = first
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         x = self.model.embeddings(input_ids, torch.zeros_like(input_ids))
@@ -134,14 +131,14 @@ class NativeEncoder:
         for layer in self.layers:
             heads, dim = layer["heads"], layer["head_dim"]
             ctx = kernels.encoder_attention(layer["qkv"](x), key_bias, heads, dim, dim**-0.5)
-            h = self._sum_norm(layer["o"](ctx, add=x if self.first else None), layer["ln1"])
-            x = self._sum_norm(layer["d"](layer["i"](h, gelu=True), add=h if self.first else None), layer["ln2"])
+            h = self._sum_norm(layer["o"](ctx), x, layer["ln1"])
+            x = self._sum_norm(layer["d"](layer["i"](h, gelu=True)), h, layer["ln2"])
         return x
 
-    def _sum_norm(self, partial: torch.Tensor, norm: tuple[torch.Tensor, torch.Tensor, float]) -> torch.Tensor:
-        """LayerNorm of every rank's ``partial`` summed."""
-        weight, bias, eps = norm
+    def _sum_norm(self, partial: torch.Tensor, residual: torch.Tensor, norm: tuple) -> torch.Tensor:
+        """LayerNorm(residual + every rank's ``partial`` summed + the dense's bias)."""
+        dense_bias, weight, bias, eps = norm
         parts = self.comm.all_reduce_parts(partial)
-        if parts is None:  # gloo or NCCL: the all-reduce, then the norm
-            return F.layer_norm(self.comm.all_reduce(partial), weight.shape, weight, bias, eps)
-        return kernels.sum_layer_norm(list(parts), weight, bias, eps)
+        if parts is None:  # gloo or NCCL: the all-reduce, then one pass for the rest
+            parts = (self.comm.all_reduce(partial),)
+        return kernels.sum_layer_norm(list(parts), weight, bias, eps, dense_bias, residual)
