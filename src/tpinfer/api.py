@@ -319,13 +319,18 @@ class LLM:
         if not inputs:
             raise ValueError("no inputs to embed")
         limit = self.max_model_len
-        texts, token_ids, truncated = [], [], []
         for i, item in enumerate(inputs):
             if not item:
                 raise ValueError(f"input {i} is empty")
+        strings = [item.lower() if self.pooling.lower_case else item for item in inputs if isinstance(item, str)]
+        if strings and self.tokenizer is None:
+            raise TokenizerError(f"{self.spec.model} has no tokenizer: pass inputs as lists of token ids")
+        encoded = iter(self.tokenizer.encode_many(strings) if strings else [])  # one batch call for every text
+        texts, token_ids, truncated = [], [], []
+        for item in inputs:
             if isinstance(item, str):
                 text = item.lower() if self.pooling.lower_case else item
-                ids = self.encode(text)
+                ids = next(encoded)
                 cut = truncate and len(ids) > limit
                 if cut:
                     ids = self.tokenizer.encode(text, max_length=limit)

@@ -143,6 +143,12 @@ class Tokenizer:
         cut = {"truncation": True, "max_length": max_length} if max_length is not None else {"truncation": False}
         return list(self.hf(text, add_special_tokens=add_special_tokens, padding=False, **cut)["input_ids"])
 
+    def encode_many(self, texts: list[str]) -> list[list[int]]:
+        """``encode`` of each text (no padding, no truncation), in one call to HF's batch tokenizer."""
+        if not texts:
+            return []
+        return [list(ids) for ids in self.hf(texts, padding=False, truncation=False)["input_ids"]]
+
     def decode(self, token_ids: list[int] | torch.Tensor, skip_special_tokens: bool = True) -> str:
         if isinstance(token_ids, torch.Tensor):
             token_ids = token_ids.tolist()

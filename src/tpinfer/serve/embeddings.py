@@ -153,13 +153,16 @@ def _token_ids(state: ServerState, queue: EmbedQueue, items: list[str | list[int
     """Each input's token ids, as ``LLM.embed`` makes them, with OpenAI-style errors naming the input."""
     pooling = queue.engine.encoder.pooling
     limit, vocab = queue.max_seq_len, state.settings.vocab_size
-    out = []
     for i, item in enumerate(items):
         if not item:
             raise APIError(400, f"input[{i}] is empty", "input")
+    strings = [item.lower() if pooling.lower_case else item for item in items if isinstance(item, str)]
+    encoded = iter(state.tokenizer.encode_many(strings))  # one batch call for every text
+    out = []
+    for i, item in enumerate(items):
         if isinstance(item, str):
             text = item.lower() if pooling.lower_case else item
-            ids = state.tokenizer.encode(text)
+            ids = next(encoded)
             if truncate and len(ids) > limit:
                 ids = state.tokenizer.encode(text, max_length=limit)
         else:
