@@ -231,14 +231,7 @@ class ShmAllReduce:
         if not tensor.is_cpu or tensor.dtype not in _ACCUMULATE or tensor.nbytes > self.max_bytes:
             return None
         plan = self._plan(tensor.dtype, tensor.shape)
-        self._round = round_ = self._round + 1
-        own, first, second, rest, _ = plan[round_ & 1]
-        own.copy_(tensor)
-        self._seq[self._own_index] = round_
-        for index in self._peer_indices:
-            if self._seq[index] < round_:
-                self._wait(round_)
-                break
+        _, first, second, rest, _ = self._publish(plan, tensor)
         self.calls += 1
         self.bytes += plan[2]
         return (first, second, *rest)
@@ -302,20 +295,28 @@ class ShmAllReduce:
         so has finished reading round k. A fast rank one round ahead writes the other slot, so it
         never overwrites data a slow rank still reads, and no rank can be two rounds ahead.
         """
+        self._sum(self._publish(plan, tensor), tensor)
+
+    def _publish(self, plan: tuple, tensor: torch.Tensor) -> tuple:
+        """Start the next round with ``tensor`` as this rank's data and wait for every rank's; its slot views."""
         self._round = round_ = self._round + 1
         views = plan[round_ & 1]
         views[0].copy_(tensor)
         self._seq[self._own_index] = round_  # publish after the data (stores are ordered on x86 TSO)
-        self._collect(views, tensor, round_)
+        self._await(round_)
+        return views
 
-    def _collect(self, views: tuple, tensor: torch.Tensor, round_: int) -> None:
-        """Wait until every rank has published ``round_``, then sum its slots in rank order into ``tensor``."""
-        _, first, second, rest, scratch = views
+    def _await(self, round_: int) -> None:
+        """Until every rank has published ``round_``."""
         seq = self._seq
         for index in self._peer_indices:
             if seq[index] < round_:
                 self._wait(round_)
                 break
+
+    def _sum(self, views: tuple, tensor: torch.Tensor) -> None:
+        """The round's slots summed in rank order into ``tensor``."""
+        _, first, second, rest, scratch = views
         if scratch is None:
             torch.add(first, second, out=tensor)
             for view in rest:
@@ -364,7 +365,8 @@ class ShmAllReduce:
         (with the usual backoff and timeout) and sum into ``tensor``."""
         round_ = self._native.round
         self._round = round_
-        self._collect(self._plan(tensor.dtype, tensor.shape)[round_ & 1], tensor, round_)
+        self._await(round_)
+        self._sum(self._plan(tensor.dtype, tensor.shape)[round_ & 1], tensor)
 
     def _wait(self, round_: int) -> None:
         """Until every counter reaches ``round_``: spin, then yield, then sleep with backoff."""
