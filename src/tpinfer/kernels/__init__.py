@@ -1,4 +1,5 @@
-"""Native CPU decode kernels (``cpu_decode.cpp``), compiled on first use for the host that runs them.
+"""Native CPU kernels (``cpu_decode.cpp``), compiled on first use for the host that runs them: the decode step's,
+and an encoder forward's attention and fused sum + LayerNorm (``encoder_adapter``).
 
 The decode step of a CPU rank is a handful of small GEMVs per layer plus a little attention. Torch's eager ops
 leave speed on the table there (see ``cpu_decode.cpp`` and docs/performance.md), so on x86-64 hosts with
