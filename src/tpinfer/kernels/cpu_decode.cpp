@@ -1341,7 +1341,7 @@ inline __m512 exp_nonpositive(__m512 x) {
 constexpr int kAttnRows = 8;  // query rows per register tile (8 x 4 accumulators: faster than 4 x 4 here)
 
 // Scores of kAttnRows query rows against NV * 16 keys from `key` on: s[r][j] = scale * q_r . k_j + bias[j].
-// kt holds K transposed (D rows of Tp keys), q points at the rows' query vectors (stride q_stride).
+// kt holds K transposed (D rows of Tp keys); q[r] is row r's query vector.
 template <int NV>
 inline void attn_scores(const float *const *q, const float *kt, int64_t Tp, int64_t D, int64_t key, float scale,
                         const float *bias, float *s, int64_t s_stride) {
@@ -1411,7 +1411,7 @@ void encoder_head(const float *qkv, const float *key_bias, float *out, int64_t b
   for (int64_t i0 = 0; i0 < T; i0 += kAttnRows) {
     const float *q[kAttnRows];
     float *o[kAttnRows];
-    for (int r = 0; r < kAttnRows; r++) {  // a last tile past T repeats row T - 1, computed and not stored twice
+    for (int r = 0; r < kAttnRows; r++) {  // a last tile past T repeats row T - 1 (the same values stored again)
       const int64_t i = i0 + r < T ? i0 + r : T - 1;
       q[r] = q0 + i * row;
       o[r] = out + (b * T + i) * H * D + h * D;
