@@ -192,6 +192,26 @@ def run_cli(*args: str, timeout: float = 240, check: bool = True) -> subprocess.
     return proc
 
 
+def fill_slices(model: torch.nn.Module, full) -> None:  # noqa: ANN001
+    """Each parallel module's slice of whole weights, as the loader would read it: ``full(module_name, param_name)``
+    is the whole tensor."""
+    from tpinfer.parallel.layers import ParallelModule
+
+    for name, module in model.named_modules():
+        if not isinstance(module, ParallelModule):
+            continue
+        for param_name, piece in module.shards.items():
+            param = getattr(module, param_name)
+            if param is None:
+                continue
+            tensor = full(name, param_name)
+            if piece is not None:
+                rows = torch.cat([torch.arange(s, s + n) for s, n in piece.ranges])[: piece.valid]
+                param.data.narrow(piece.dim, 0, piece.valid).copy_(tensor.index_select(piece.dim, rows))
+            else:
+                param.data.copy_(tensor)
+
+
 def run_ranks(world: int, fn, *args, timeout: float = 120.0) -> list:
     """Run ``fn(ctx, *args)`` on ``world`` real processes joined by a gloo group; return each rank's result.
 

@@ -322,14 +322,16 @@ class LLM:
         for i, item in enumerate(inputs):
             if not item:
                 raise ValueError(f"input {i} is empty")
-        strings = [item.lower() if self.pooling.lower_case else item for item in inputs if isinstance(item, str)]
+        # what the tokenizer sees of each text input (lower-cased where the model's config says), None for token ids
+        cased = [(item.lower() if self.pooling.lower_case else item) if isinstance(item, str) else None
+                 for item in inputs]
+        strings = [text for text in cased if text is not None]
         if strings and self.tokenizer is None:
             raise TokenizerError(f"{self.spec.model} has no tokenizer: pass inputs as lists of token ids")
         encoded = iter(self.tokenizer.encode_many(strings) if strings else [])  # one batch call for every text
         texts, token_ids, truncated = [], [], []
-        for item in inputs:
-            if isinstance(item, str):
-                text = item.lower() if self.pooling.lower_case else item
+        for item, text in zip(inputs, cased, strict=True):
+            if text is not None:
                 ids = next(encoded)
                 cut = truncate and len(ids) > limit
                 if cut:

@@ -8,10 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import run_ranks
+from helpers import fill_slices, run_ranks
 from tpinfer.config import ModelConfig
 from tpinfer.models.bert import BertEmbeddings, BertLayer, layer_modules, outer_modules
-from tpinfer.parallel.layers import ParallelModule
 from tpinfer.parallel.plan import resolve_plan
 from tpinfer.parallel.spec import Embedding, Linear, Norm
 
@@ -36,23 +35,6 @@ def _full_weights(config: ModelConfig, seed: int) -> dict[str, dict[str, torch.T
         elif isinstance(module, Embedding):
             out[module.name] = {"weight": torch.randn(module.vocab_size, module.hidden_size)}
     return {name.removeprefix("encoder.layer.0."): params for name, params in out.items()}
-
-
-def _fill(layer: nn.Module, weights: dict[str, dict[str, torch.Tensor]], prefix: str = "") -> None:
-    """Each parallel module's slice of the full weights, as the loader would read it."""
-    for name, module in layer.named_modules():
-        if not isinstance(module, ParallelModule):
-            continue
-        for param_name, piece in module.shards.items():
-            param = getattr(module, param_name)
-            if param is None:
-                continue
-            tensor = weights[prefix + name][param_name]
-            if piece is not None:
-                rows = torch.cat([torch.arange(s, s + n) for s, n in piece.ranges])[: piece.valid]
-                param.data.narrow(piece.dim, 0, piece.valid).copy_(tensor.index_select(piece.dim, rows))
-            else:
-                param.data.copy_(tensor)
 
 
 def _dense(params: dict[str, torch.Tensor]) -> nn.Linear:
@@ -90,9 +72,9 @@ def _on_rank(ctx, seed: int) -> dict:
     plan = resolve_plan(config, ctx.tp_size)
     weights = _full_weights(config, seed)
     layer = BertLayer(config, 0, ctx, plan, torch.float32)
-    _fill(layer, weights)
+    fill_slices(layer, lambda name, param: weights[name][param])
     embeddings = BertEmbeddings(config, ctx, plan, torch.float32)
-    _fill(embeddings, weights, "embeddings.")
+    fill_slices(embeddings, lambda name, param: weights["embeddings." + name][param])
     torch.manual_seed(seed + 1)
     x = torch.randn(3, 6, config.hidden_size)
     lengths = [6, 4, 1]  # right-padded rows

@@ -7,13 +7,12 @@ import hashlib
 import pytest
 import torch
 
-from helpers import run_ranks
+from helpers import fill_slices, run_ranks
 from tpinfer import kernels
 from tpinfer.config import ModelConfig
 from tpinfer.kernels.encoder_adapter import native_encoder, unsupported_reason
 from tpinfer.models.bert import BertModel
 from tpinfer.parallel.context import ParallelContext
-from tpinfer.parallel.layers import ParallelModule
 from tpinfer.parallel.plan import resolve_plan
 from tpinfer.parallel.shard import parameter_shapes
 
@@ -32,21 +31,8 @@ def _model(ctx, config: ModelConfig, seed: int, dtype: torch.dtype = torch.float
     generator = torch.Generator().manual_seed(seed)
     full = {name: torch.randn(shape, generator=generator) * (0.2 if len(shape) == 2 else 0.1)
             for name, shape in sorted(parameter_shapes(config, 1, 0, padded=False).items())}
-    for prefix, module in model.named_modules():
-        if not isinstance(module, ParallelModule):
-            continue
-        for name, piece in module.shards.items():
-            param = getattr(module, name)
-            if param is None:
-                continue
-            tensor = full[f"{prefix}.{name}"]
-            if name == "weight" and "LayerNorm" in prefix:
-                tensor = tensor + 1
-            if piece is not None:
-                rows = torch.cat([torch.arange(s, s + n) for s, n in piece.ranges])[: piece.valid]
-                param.data.narrow(piece.dim, 0, piece.valid).copy_(tensor.index_select(piece.dim, rows))
-            else:
-                param.data.copy_(tensor)
+    around_one = lambda name, param: 1.0 if param == "weight" and "LayerNorm" in name else 0.0  # noqa: E731
+    fill_slices(model, lambda name, param: full[f"{name}.{param}"] + around_one(name, param))
     return model.eval()
 
 

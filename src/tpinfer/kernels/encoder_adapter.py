@@ -104,7 +104,6 @@ class NativeEncoder:
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
-        self.ctx = model.ctx
         self.comm = model.ctx.comm
         onednn = _onednn()
         self.layers = []
@@ -128,9 +127,6 @@ class NativeEncoder:
         if not bool(attention_mask.all()):
             key_bias = torch.zeros(attention_mask.shape, dtype=torch.float32).masked_fill_(attention_mask == 0,
                                                                                            float("-inf"))
-        return self.layers_forward(x, key_bias)
-
-    def layers_forward(self, x: torch.Tensor, key_bias: torch.Tensor | None) -> torch.Tensor:
         for layer in self.layers:
             heads, dim = layer["heads"], layer["head_dim"]
             ctx = kernels.encoder_attention(layer["qkv"](x), key_bias, heads, dim, dim**-0.5)

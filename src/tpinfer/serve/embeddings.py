@@ -156,12 +156,11 @@ def _token_ids(state: ServerState, queue: EmbedQueue, items: list[str | list[int
     for i, item in enumerate(items):
         if not item:
             raise APIError(400, f"input[{i}] is empty", "input")
-    strings = [item.lower() if pooling.lower_case else item for item in items if isinstance(item, str)]
-    encoded = iter(state.tokenizer.encode_many(strings))  # one batch call for every text
+    cased = [(item.lower() if pooling.lower_case else item) if isinstance(item, str) else None for item in items]
+    encoded = iter(state.tokenizer.encode_many([text for text in cased if text is not None]))  # one batch call
     out = []
-    for i, item in enumerate(items):
-        if isinstance(item, str):
-            text = item.lower() if pooling.lower_case else item
+    for i, (item, text) in enumerate(zip(items, cased, strict=True)):
+        if text is not None:
             ids = next(encoded)
             if truncate and len(ids) > limit:
                 ids = state.tokenizer.encode(text, max_length=limit)
