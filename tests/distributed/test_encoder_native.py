@@ -11,10 +11,11 @@ from helpers import fill_slices, run_ranks
 from tpinfer import kernels
 from tpinfer.config import ModelConfig
 from tpinfer.kernels.encoder_adapter import native_encoder, unsupported_reason
-from tpinfer.models.bert import BertModel
+from tpinfer.models.bert import AUTO_PLAN, POSITION, WORD, BertModel
 from tpinfer.parallel.context import ParallelContext
 from tpinfer.parallel.plan import resolve_plan
 from tpinfer.parallel.shard import parameter_shapes
+from tpinfer.parallel.spec import REPLICATE, VOCAB
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180),
               pytest.mark.skipif(not kernels.available(), reason="native kernels unavailable here")]
@@ -25,9 +26,9 @@ CONFIG = {"model_type": "bert", "vocab_size": 97, "hidden_size": 64, "intermedia
 LENGTHS = [20, 13, 1]  # right-padded rows, one of a single token
 
 
-def _model(ctx, config: ModelConfig, seed: int, dtype: torch.dtype = torch.float32) -> BertModel:
+def _model(ctx, config: ModelConfig, seed: int, dtype: torch.dtype = torch.float32, plan="auto") -> BertModel:  # noqa: ANN001
     """The model with this rank's slices of full weights drawn from ``seed`` (the same on every rank)."""
-    model = BertModel(config, ctx, resolve_plan(config, ctx.tp_size), dtype, max_seq_len=24)
+    model = BertModel(config, ctx, resolve_plan(config, ctx.tp_size, plan), dtype, max_seq_len=24)
     generator = torch.Generator().manual_seed(seed)
     full = {name: torch.randn(shape, generator=generator) * (0.2 if len(shape) == 2 else 0.1)
             for name, shape in sorted(parameter_shapes(config, 1, 0, padded=False).items())}
@@ -37,9 +38,9 @@ def _model(ctx, config: ModelConfig, seed: int, dtype: torch.dtype = torch.float
 
 
 @torch.no_grad()
-def _on_rank(ctx, gloo: bool) -> dict:
+def _on_rank(ctx, gloo: bool, plan="auto") -> dict:  # noqa: ANN001
     config = ModelConfig.from_dict(CONFIG)
-    model = _model(ctx, config, 7)
+    model = _model(ctx, config, 7, plan=plan)
     native = native_encoder(model)
     assert native is not None, unsupported_reason(model)
     if gloo:  # the sums through the process group: the all-reduce, then torch's LayerNorm
@@ -66,6 +67,27 @@ def test_native_encoder_equals_the_model_forward(world, gloo):
         assert r["diff"] < 1e-5 and r["unpadded"] < 1e-5
         assert r["calls"] == {"all_reduce": 2 * CONFIG["num_hidden_layers"] + 1}  # 2 a layer + the embedding's
     assert len({r["digest"] for r in results}) == 1  # every rank holds the same bits
+
+
+# the word table replicated (its lookup needs no sum across ranks); the position table split by the vocabulary
+# (the native forward then runs the model's own embeddings); both with the auto plan's layers
+WHOLE_WORDS = {**AUTO_PLAN, WORD: REPLICATE}
+SPLIT_POSITIONS = {**AUTO_PLAN, POSITION: VOCAB}
+
+
+def _on_rank_planned(ctx, plan: dict) -> dict:  # noqa: ANN001
+    native = native_encoder(_model(ctx, ModelConfig.from_dict(CONFIG), 7, plan=plan))
+    return {**_on_rank(ctx, False, plan), "native_lookup": native.native_embeddings}
+
+
+@pytest.mark.parametrize(("plan", "native_lookup", "reduces"), [(WHOLE_WORDS, True, 0), (SPLIT_POSITIONS, False, 2)])
+def test_native_encoder_with_embeddings_planned_otherwise(plan, native_lookup, reduces):
+    results = run_ranks(2, _on_rank_planned, plan)
+    for r in results:
+        assert r["native_lookup"] is native_lookup
+        assert r["diff"] < 1e-5 and r["unpadded"] < 1e-5
+        assert r["calls"] == {"all_reduce": 2 * CONFIG["num_hidden_layers"] + reduces}
+    assert len({r["digest"] for r in results}) == 1
 
 
 def test_native_encoder_at_one_rank_and_what_it_refuses():

@@ -335,3 +335,24 @@ def test_sum_layer_norm_equals_torch(hidden, parts):
     dense_bias, residual = torch.randn(hidden), torch.randn(50, hidden)
     fused = kernels.sum_layer_norm(xs, weight, bias, 1e-12, dense_bias, residual)
     assert torch.equal(fused, kernels.sum_layer_norm([residual + (total + dense_bias)], weight, bias, 1e-12))
+    # a residual of 10 rows repeated over the 50 (position embeddings, the same for every sequence)
+    positions = torch.randn(10, hidden)
+    repeated = kernels.sum_layer_norm(xs, weight, bias, 1e-12, dense_bias, positions)
+    assert torch.equal(repeated, kernels.sum_layer_norm(xs, weight, bias, 1e-12, dense_bias, positions.repeat(5, 1)))
+    with pytest.raises(ValueError, match="repeating over their 50 rows"):
+        kernels.sum_layer_norm(xs, weight, bias, 1e-12, dense_bias, torch.randn(7, hidden))
+
+
+@needs_kernels
+def test_embedding_rows_is_a_rank_share_of_the_lookup():
+    torch.manual_seed(5)
+    table, ids = torch.randn(23, 40), torch.randint(0, 23, (3, 9))
+    assert torch.equal(kernels.embedding_rows(table, 0, ids), F.embedding(ids, table))
+    # two ranks holding rows [0, 12) and [12, 23) (the second padded to 12 rows): each looks up its own, zeros else
+    shares = [kernels.embedding_rows(table[:12].contiguous(), 0, ids),
+              kernels.embedding_rows(torch.cat([table[12:], torch.zeros(1, 40)]), 12, ids)]
+    for share, mine in zip(shares, [ids < 12, ids >= 12], strict=True):
+        assert torch.equal(share[~mine], torch.zeros(int((~mine).sum()), 40))
+    assert torch.equal(shares[0] + shares[1], F.embedding(ids, table))
+    with pytest.raises(ValueError, match="int64 ids"):
+        kernels.embedding_rows(table, 0, ids.int())

@@ -37,7 +37,7 @@ ENV_SWITCH = "TPINFER_NATIVE_KERNELS"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl")
 MAX_HEAD_DIM = 512  # the attention kernel keeps one query head in a stack buffer of this size
-ABI_VERSION = 7
+ABI_VERSION = 8
 
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _lock = threading.Lock()
@@ -128,8 +128,9 @@ def _build() -> ctypes.CDLL:
                lib.tpi_layer_attention, lib.tpi_layer_mlp):
         fn.restype = None
     lib.tpi_encoder_attention.argtypes = [p, p, p, i64, i64, i64, i64, f, i]
-    lib.tpi_sum_layer_norm.argtypes = [ctypes.POINTER(p), i, p, p, p, p, p, i64, i64, f, i]
-    lib.tpi_encoder_attention.restype = lib.tpi_sum_layer_norm.restype = None
+    lib.tpi_sum_layer_norm.argtypes = [ctypes.POINTER(p), i, p, p, i64, p, p, p, i64, i64, f, i]
+    lib.tpi_embedding_rows.argtypes = [p, i64, i64, p, i64, i64, p, i]
+    lib.tpi_encoder_attention.restype = lib.tpi_sum_layer_norm.restype = lib.tpi_embedding_rows.restype = None
     lib.tpi_qlinear.argtypes = [p, i, p, p, p, i, i64, i, p, i, p, i, i64, i64, i64, i]
     lib.tpi_qlinear.restype = None
     lib.tpi_decode_layer_size.restype = ctypes.c_int64
@@ -322,17 +323,41 @@ def sum_layer_norm(parts: list[torch.Tensor], weight: torch.Tensor, bias: torch.
                    dense_bias: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
     """LayerNorm(residual + ((parts[0] + parts[1] + ...) + dense_bias)) * weight + bias over the last dimension: a
     row-parallel dense's partial outputs summed in their order, its bias, the residual (both optional). Float32,
-    contiguous, the parts and the residual of one shape."""
+    contiguous, the parts of one shape; the residual of theirs, or P rows of ``hidden`` repeated every P rows (an
+    encoder's position embeddings, the same for every sequence)."""
     first = parts[0]
+    hidden = first.shape[-1]
+    rows = first.numel() // hidden
     for t in (*parts, residual):
-        if t is not None and (t.dtype != torch.float32 or not t.is_contiguous() or t.shape != first.shape):
-            raise ValueError("sum_layer_norm takes contiguous float32 parts (and residual) of one shape")
+        if t is not None and (t.dtype != torch.float32 or not t.is_contiguous()):
+            raise ValueError("sum_layer_norm takes contiguous float32 parts and residual")
+    if any(part.shape != first.shape for part in parts):
+        raise ValueError(f"sum_layer_norm's parts differ in shape: {[list(part.shape) for part in parts]}")
+    residual_rows = rows
+    if residual is not None and residual.shape != first.shape:
+        residual_rows = residual.numel() // hidden if residual.shape[-1] == hidden else 0
+        if residual.dim() != 2 or not residual_rows or rows % residual_rows:
+            raise ValueError(f"sum_layer_norm's residual {list(residual.shape)} is neither the parts' shape "
+                             f"{list(first.shape)} nor rows of {hidden} repeating over their {rows} rows")
     out = torch.empty_like(first)
     pointers = (ctypes.c_void_p * len(parts))(*(part.data_ptr() for part in parts))
-    hidden = first.shape[-1]
-    library().tpi_sum_layer_norm(pointers, len(parts), _ptr(dense_bias), _ptr(residual), weight.data_ptr(),
-                                 bias.data_ptr(), out.data_ptr(), first.numel() // hidden, hidden, eps,
+    library().tpi_sum_layer_norm(pointers, len(parts), _ptr(dense_bias), _ptr(residual), residual_rows,
+                                 weight.data_ptr(), bias.data_ptr(), out.data_ptr(), rows, hidden, eps,
                                  torch.get_num_threads())
+    return out
+
+
+def embedding_rows(table: torch.Tensor, start: int, ids: torch.Tensor) -> torch.Tensor:
+    """One rank's share of an embedding lookup: ``table`` holds rows [start, start + len(table)) of the vocabulary;
+    an id among them gets its row, any other id zeros (a vocabulary-parallel table: the ranks' shares sum to the
+    lookup). float32 table, int64 ids of any shape; returns ids.shape + (hidden,)."""
+    if table.dtype != torch.float32 or table.dim() != 2 or not table.is_contiguous() or ids.dtype != torch.int64:
+        raise ValueError(f"embedding_rows takes a contiguous float32 (rows, hidden) table and int64 ids, got "
+                         f"{table.dtype} {list(table.shape)} and {ids.dtype}")
+    ids = ids.contiguous()
+    out = torch.empty(*ids.shape, table.shape[1], dtype=torch.float32)
+    library().tpi_embedding_rows(table.data_ptr(), start, table.shape[0], ids.data_ptr(), ids.numel(), table.shape[1],
+                                 out.data_ptr(), torch.get_num_threads())
     return out
 
 

@@ -743,7 +743,7 @@ void attend_rows(const float *qf, const void *k_cache, const void *v_cache, int6
 
 extern "C" {
 
-int tpi_abi_version() { return 7; }
+int tpi_abi_version() { return 8; }
 
 // y[rows, N] = x[rows, K] W[N, K]^T (+ bias[N]); any rows (passes of up to kMaxPassRows); dtypes 0/1 per operand.
 void tpi_linear(const void *x, int x_dtype, const void *W, int w_dtype, const void *bias, int bias_dtype, void *y,
@@ -1467,20 +1467,23 @@ void tpi_encoder_attention(const float *qkv, const float *key_bias, float *out, 
 // out = LayerNorm(residual + ((parts[0] + parts[1] + ... + parts[n - 1]) + dense_bias)) * weight + bias, float32 rows
 // of `hidden`: the ranks' partial outputs of a row-parallel dense summed in rank order (the order and rounding of the
 // shared-memory all-reduce, so every rank gets the same bits), its bias and the residual added as the model adds
-// them (each optional: null), then normalized with the biased variance, as torch's layer_norm.
+// them (each optional: null), then normalized with the biased variance, as torch's layer_norm. The residual has
+// `residual_rows` rows, repeated: row r adds residual row r % residual_rows (an encoder's position embeddings,
+// the same for every sequence).
 void tpi_sum_layer_norm(const float *const *parts, int n_parts, const float *dense_bias, const float *residual,
-                        const float *weight, const float *bias, float *out, int64_t rows, int64_t hidden, float eps,
-                        int threads) {
+                        int64_t residual_rows, const float *weight, const float *bias, float *out, int64_t rows,
+                        int64_t hidden, float eps, int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && rows > 1)
   for (int64_t r = 0; r < rows; r++) {
     float *x = scratch(hidden, 8);
+    const float *res = residual ? residual + (r % residual_rows) * hidden : nullptr;
     __m512 total = _mm512_setzero_ps();
     for (int64_t i = 0; i < hidden; i += 16) {
       const __mmask16 m = hidden - i >= 16 ? 0xffff : static_cast<__mmask16>((1u << (hidden - i)) - 1);
       __m512 v = _mm512_maskz_loadu_ps(m, parts[0] + r * hidden + i);
       for (int p = 1; p < n_parts; p++) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, parts[p] + r * hidden + i));
       if (dense_bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, dense_bias + i));
-      if (residual) v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, residual + r * hidden + i), v);
+      if (res) v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, res + i), v);
       _mm512_storeu_ps(x + i, v);
       total = _mm512_add_ps(total, v);
     }
@@ -1500,6 +1503,21 @@ void tpi_sum_layer_norm(const float *const *parts, int n_parts, const float *den
       const __m512 y = _mm512_fmadd_ps(c, _mm512_maskz_loadu_ps(m, weight + i), _mm512_maskz_loadu_ps(m, bias + i));
       _mm512_mask_storeu_ps(out + r * hidden + i, m, y);
     }
+  }
+}
+
+// One rank's share of an embedding lookup: out row i = table row (ids[i] - start) for an id in [start, start +
+// length), zeros for any other (a vocabulary-parallel table's rows held by other ranks; a replicated table is start
+// 0 and all its rows). float32 rows of `hidden`.
+void tpi_embedding_rows(const float *table, int64_t start, int64_t length, const int64_t *ids, int64_t n,
+                        int64_t hidden, float *out, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && n > 1)
+  for (int64_t i = 0; i < n; i++) {
+    const int64_t row = ids[i] - start;
+    if (row >= 0 && row < length)
+      memcpy(out + i * hidden, table + row * hidden, hidden * sizeof(float));
+    else
+      memset(out + i * hidden, 0, hidden * sizeof(float));
   }
 }
 

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from tpinfer import kernels
-from tpinfer.parallel.layers import ColumnParallelLinear, RowParallelLinear
+from tpinfer.parallel.layers import ColumnParallelLinear, ReplicatedEmbedding, RowParallelLinear, VocabParallelEmbedding
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,11 @@ class NativeEncoder:
         self.model = model
         self.comm = model.ctx.comm
         onednn = _onednn()
+        emb = model.embeddings
+        # the native lookup: the word rows split by the vocabulary or replicated, the other two tables whole
+        self.native_embeddings = (isinstance(emb.word_embeddings, (VocabParallelEmbedding, ReplicatedEmbedding))
+                                  and all(type(t) is ReplicatedEmbedding or t.length == t.vocab_size
+                                          for t in (emb.position_embeddings, emb.token_type_embeddings)))
         self.layers = []
         for layer in model.encoder.layer:
             attn = layer.attention.self
@@ -122,7 +127,7 @@ class NativeEncoder:
             })
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        x = self.model.embeddings(input_ids, torch.zeros_like(input_ids))
+        x = self._embeddings(input_ids)
         key_bias = None
         if not bool(attention_mask.all()):
             key_bias = torch.zeros(attention_mask.shape, dtype=torch.float32).masked_fill_(attention_mask == 0,
@@ -133,6 +138,23 @@ class NativeEncoder:
             h = self._sum_norm(layer["o"](ctx), x, layer["ln1"])
             x = self._sum_norm(layer["d"](layer["i"](h, gelu=True)), h, layer["ln2"])
         return x
+
+    def _embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """LayerNorm((word + token type 0) + position), the model's embeddings in its order: this rank's share of the
+        word rows, summed over the ranks (one of them holds each row, the others add zeros) by the fused sum and
+        LayerNorm with token type 0's row as its bias and the positions' rows as its residual, the same for every
+        sequence. Tables split otherwise than the word rows by the vocabulary run the model's own forward."""
+        emb = self.model.embeddings
+        if not self.native_embeddings:
+            return emb(input_ids, torch.zeros_like(input_ids))
+        word = emb.word_embeddings
+        rows = kernels.embedding_rows(word.weight, word.start, input_ids.reshape(-1))
+        first = emb.position_offset
+        positions = emb.position_embeddings.weight[first : first + input_ids.shape[1]]
+        norm = (emb.token_type_embeddings.weight[0], emb.LayerNorm.weight, emb.LayerNorm.bias, emb.LayerNorm.eps)
+        if isinstance(word, ReplicatedEmbedding):  # every rank looked up every row: nothing to sum across ranks
+            return kernels.sum_layer_norm([rows], *norm[1:], norm[0], positions).view(*input_ids.shape, -1)
+        return self._sum_norm(rows, positions, norm).view(*input_ids.shape, -1)
 
     def _sum_norm(self, partial: torch.Tensor, residual: torch.Tensor, norm: tuple) -> torch.Tensor:
         """LayerNorm(residual + every rank's ``partial`` summed + the dense's bias)."""
