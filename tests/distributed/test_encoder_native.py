@@ -101,7 +101,7 @@ def test_native_encoder_at_one_rank_and_what_it_refuses():
 
 
 @pytest.mark.parametrize("onednn", [True, False] if torch.backends.mkldnn.is_available() else [False])
-def test_packed_linear_with_its_epilogues(onednn):
+def test_packed_linear_with_and_without_bias(onednn):
     from tpinfer.kernels.encoder_adapter import PackedLinear
 
     torch.manual_seed(3)
@@ -109,5 +109,4 @@ def test_packed_linear_with_its_epilogues(onednn):
     linear = PackedLinear(weight, bias, onednn)
     exact = torch.nn.functional.linear(x.double(), weight.double(), bias.double())
     assert (linear(x).double() - exact).abs().max() < 1e-5
-    assert (linear(x, gelu=True).double() - torch.nn.functional.gelu(exact)).abs().max() < 1e-5
     assert (PackedLinear(weight, None, onednn)(x).double() - (exact - bias.double())).abs().max() < 1e-5

@@ -344,6 +344,19 @@ def test_sum_layer_norm_equals_torch(hidden, parts):
 
 
 @needs_kernels
+def test_gelu_equals_the_exact_gelu():
+    # every quarter of erf's table, both signs, the clamp past |x| = 4 sqrt 2, specials; a length off the vector width
+    x = torch.cat([torch.linspace(-12, 12, 200_001), torch.tensor([0.0, -0.0, 1e-30, -1e-30, 88.0, -88.0, 1e6])])
+    exact = F.gelu(x.double())
+    got = kernels.gelu_(x.clone()).double()
+    assert ((got - exact).abs() / x.double().abs().clamp(min=1)).max().item() < 1e-7
+    assert (got[x < -5.66] == 0).all()  # past the table (|x| >= 4 sqrt 2) erf is 1: GELU is 0 (exactly: > -4e-8)
+    assert torch.equal(got[x > 9], x[x > 9].double())  # GELU(x) = x in float32 there
+    with pytest.raises(ValueError, match="contiguous float32"):
+        kernels.gelu_(torch.ones(4, dtype=torch.float64))
+
+
+@needs_kernels
 def test_embedding_rows_is_a_rank_share_of_the_lookup():
     torch.manual_seed(5)
     table, ids = torch.randn(23, 40), torch.randint(0, 23, (3, 9))

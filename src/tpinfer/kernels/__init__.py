@@ -37,7 +37,7 @@ ENV_SWITCH = "TPINFER_NATIVE_KERNELS"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl")
 MAX_HEAD_DIM = 512  # the attention kernel keeps one query head in a stack buffer of this size
-ABI_VERSION = 8
+ABI_VERSION = 9
 
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _lock = threading.Lock()
@@ -130,7 +130,9 @@ def _build() -> ctypes.CDLL:
     lib.tpi_encoder_attention.argtypes = [p, p, p, i64, i64, i64, i64, f, i]
     lib.tpi_sum_layer_norm.argtypes = [ctypes.POINTER(p), i, p, p, i64, p, p, p, i64, i64, f, i]
     lib.tpi_embedding_rows.argtypes = [p, i64, i64, p, i64, i64, p, i]
-    lib.tpi_encoder_attention.restype = lib.tpi_sum_layer_norm.restype = lib.tpi_embedding_rows.restype = None
+    lib.tpi_gelu.argtypes = [p, i64, i]
+    for name in ("tpi_encoder_attention", "tpi_sum_layer_norm", "tpi_embedding_rows", "tpi_gelu"):
+        getattr(lib, name).restype = None
     lib.tpi_qlinear.argtypes = [p, i, p, p, p, i, i64, i, p, i, p, i, i64, i64, i64, i]
     lib.tpi_qlinear.restype = None
     lib.tpi_decode_layer_size.restype = ctypes.c_int64
@@ -345,6 +347,15 @@ def sum_layer_norm(parts: list[torch.Tensor], weight: torch.Tensor, bias: torch.
                                  weight.data_ptr(), bias.data_ptr(), out.data_ptr(), rows, hidden, eps,
                                  torch.get_num_threads())
     return out
+
+
+def gelu_(x: torch.Tensor) -> torch.Tensor:
+    """GELU in its erf form (torch's default), 0.5 x (1 + erf(x / sqrt 2)), of a contiguous float32 tensor, in place;
+    within 1e-7 max(1, |x|) of the exact value (erf by piecewise polynomials, see gelu_erf in cpu_decode.cpp)."""
+    if x.dtype != torch.float32 or not x.is_contiguous():
+        raise ValueError(f"gelu_ takes a contiguous float32 tensor, got {x.dtype}")
+    library().tpi_gelu(x.data_ptr(), x.numel(), torch.get_num_threads())
+    return x
 
 
 def embedding_rows(table: torch.Tensor, start: int, ids: torch.Tensor) -> torch.Tensor:

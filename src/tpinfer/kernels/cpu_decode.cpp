@@ -743,7 +743,7 @@ void attend_rows(const float *qf, const void *k_cache, const void *v_cache, int6
 
 extern "C" {
 
-int tpi_abi_version() { return 8; }
+int tpi_abi_version() { return 9; }
 
 // y[rows, N] = x[rows, K] W[N, K]^T (+ bias[N]); any rows (passes of up to kMaxPassRows); dtypes 0/1 per operand.
 void tpi_linear(const void *x, int x_dtype, const void *W, int w_dtype, const void *bias, int bias_dtype, void *y,
@@ -1338,6 +1338,50 @@ inline __m512 exp_nonpositive(__m512 x) {
   return _mm512_maskz_mov_ps(live, _mm512_scalef_ps(p, n));
 }
 
+// erf(u) for u = k/4 + (r + 1/2)/4 in [k/4, (k+1)/4), k = 0..15: row j holds each quarter's coefficient of r^j, r in
+// [-1/2, 1/2). Degree-5 Chebyshev fits of erf on each quarter, in the power basis (float64 fits; in float32 Horner
+// evaluation the largest error over [0, 4) is 6e-8); past 4, erf is 1 within 1.6e-8.
+alignas(64) const float kErfQuarters[6][16] = {
+    {0.140316203f, 0.404116899f, 0.623240888f, 0.784075081f, 0.888388216f, 0.948170066f,
+     0.978443742f, 0.99199003f, 0.997345984f, 0.999217033f, 0.999794602f, 0.999952137f,
+     0.999990106f, 0.999998212f, 0.999999702f, 0.99999994f},
+    {0.277721316f, 0.245088205f, 0.190874889f, 0.131186262f, 0.0795684904f, 0.0425899439f,
+     0.0201180633f, 0.00838645641f, 0.00308520487f, 0.0010016195f, 0.000286968861f, 7.25571226e-05f,
+     1.61896987e-05f, 3.18794605e-06f, 5.53983398e-07f, 8.49564472e-08f},
+    {-0.0086785974f, -0.0229765903f, -0.0298238471f, -0.0286969058f, -0.0223787706f, -0.0146404831f,
+     -0.00817308761f, -0.00393118756f, -0.00163899991f, -0.000594684912f, -0.000188303951f, -5.21405636e-05f,
+     -1.26442683e-05f, -2.68855024e-06f, -5.01700356e-07f, -8.22219448e-08f},
+    {-0.0056049726f, -0.00366992224f, -0.000869918673f, 0.00145186938f, 0.00253828568f, 0.00246778131f,
+     0.00179440528f, 0.00105378346f, 0.000516215747f, 0.000214539206f, 7.64106517e-05f, 2.34753606e-05f,
+     6.24941595e-06f, 1.44626517e-06f, 2.91671029e-07f, 5.13554781e-08f},
+    {0.000266319897f, 0.000646143919f, 0.000685519131f, 0.000438096031f, 0.000110684254f, -0.000117119525f,
+     -0.000192894484f, -0.00016469913f, -0.000103136568f, -5.15859574e-05f, -2.13553994e-05f, -7.45531406e-06f,
+     -2.21965388e-06f, -5.6775707e-07f, -1.25407993e-07f, -2.40102764e-08f},
+    {0.000101101105f, 4.42637174e-05f, -2.6401156e-05f, -6.51453447e-05f, -5.96298923e-05f, -2.99257244e-05f,
+     -2.24938503e-06f, 1.10624296e-05f, 1.21525154e-05f, 8.16462943e-06f, 4.13713587e-06f, 1.6872242e-06f,
+     5.70573434e-07f, 1.62677523e-07f, 3.95119315e-08f, 8.23300983e-09f},
+};
+
+// GELU with erf, x Phi(x) = 0.5 x (1 + erf(x / sqrt 2)) = 0.5 x + 0.5 |x| erf(|x| / sqrt 2), erf from the table
+// above (each lane's quarter picked by a permute): within 1e-7 max(1, |x|) of the exact GELU.
+inline __m512 gelu_erf(__m512 x) {
+  const __m512 half = _mm512_mul_ps(x, _mm512_set1_ps(0.5f));
+  const __m512 abs_half = _mm512_abs_ps(half);
+  // 4 |x| / sqrt 2, clamped to 16: the quarter's index and the offset r in it
+  const __m512 u4 = _mm512_min_ps(_mm512_mul_ps(abs_half, _mm512_set1_ps(5.65685424949238019f)),
+                                  _mm512_set1_ps(16.0f));
+  const __m512 quarter = _mm512_min_ps(_mm512_roundscale_ps(u4, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC),
+                                       _mm512_set1_ps(15.0f));
+  const __m512i index = _mm512_cvttps_epi32(quarter);
+  const __m512 r = _mm512_sub_ps(_mm512_sub_ps(u4, quarter), _mm512_set1_ps(0.5f));
+  __m512 erf = _mm512_permutexvar_ps(index, _mm512_load_ps(kErfQuarters[5]));
+  for (int j = 4; j >= 0; j--)
+    erf = _mm512_fmadd_ps(erf, r, _mm512_permutexvar_ps(index, _mm512_load_ps(kErfQuarters[j])));
+  // past the table erf is 1: GELU is exactly x, or 0 for x < -4 sqrt 2 (where it is above -4e-8)
+  erf = _mm512_mask_mov_ps(erf, _mm512_cmp_ps_mask(u4, _mm512_set1_ps(16.0f), _CMP_GE_OQ), _mm512_set1_ps(1.0f));
+  return _mm512_fmadd_ps(abs_half, erf, half);
+}
+
 constexpr int kAttnRows = 8;  // query rows per register tile (8 x 4 accumulators: faster than 4 x 4 here)
 
 // Scores of kAttnRows query rows against NV * 16 keys from `key` on: s[r][j] = scale * q_r . k_j + bias[j].
@@ -1385,6 +1429,38 @@ inline void attn_values(const float *p, int64_t p_stride, const float *v, int64_
   }
 }
 
+// 16 rows of D floats (row stride `stride`, D a multiple of 16) into D rows of 16 (row stride `out_stride`): each
+// 16 x 16 block transposed in registers (unpack, then 128-bit lane shuffles).
+inline void transpose16(const float *in, int64_t stride, float *out, int64_t out_stride, int64_t D) {
+  for (int64_t d0 = 0; d0 < D; d0 += 16) {
+    __m512 r[16], t[16];
+    for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_ps(in + i * stride + d0);
+    for (int i = 0; i < 16; i += 2) {
+      t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+      t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+      r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
+      r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
+      r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
+      r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
+    }
+    for (int i = 0; i < 4; i++) {
+      t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+      t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xdd);
+      t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+      t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xdd);
+    }
+    for (int i = 0; i < 4; i++) {
+      r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+      r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
+      r[i + 4] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0x88);
+      r[i + 12] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0xdd);
+    }
+    for (int i = 0; i < 16; i++) _mm512_storeu_ps(out + (d0 + i) * out_stride, r[i]);
+  }
+}
+
 // One (sequence, head): softmax(scale Q K^T + bias) V for its T queries.
 void encoder_head(const float *qkv, const float *key_bias, float *out, int64_t b, int64_t h, int64_t T, int64_t H,
                   int64_t D, float scale, bool prefetch) {
@@ -1399,11 +1475,11 @@ void encoder_head(const float *qkv, const float *key_bias, float *out, int64_t b
         for (int64_t d = 0; d < D; d += 16)
           _mm_prefetch(reinterpret_cast<const char *>(next + j * row + part * H * D + d), _MM_HINT_T1);
   }
-  for (int64_t j = 0; j < T; j++) {
-    const float *k = k0 + j * row;
-    for (int64_t d = 0; d < D; d++) kt[d * Tp + j] = k[d];
-    bias[j] = key_bias ? key_bias[b * T + j] : 0.0f;
-  }
+  int64_t j0 = 0;  // K transposed: whole blocks of 16 keys in registers, then the rest one by one
+  for (; j0 + 16 <= T; j0 += 16) transpose16(k0 + j0 * row, row, kt + j0, Tp, D);
+  for (int64_t j = j0; j < T; j++)
+    for (int64_t d = 0; d < D; d++) kt[d * Tp + j] = k0[j * row + d];
+  for (int64_t j = 0; j < T; j++) bias[j] = key_bias ? key_bias[b * T + j] : 0.0f;
   for (int64_t j = T; j < Tp; j++) {  // padding keys to the vector width: no weight
     for (int64_t d = 0; d < D; d++) kt[d * Tp + j] = 0.0f;
     bias[j] = -INFINITY;
@@ -1502,6 +1578,21 @@ void tpi_sum_layer_norm(const float *const *parts, int n_parts, const float *den
       const __m512 c = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), vmean), vinv);
       const __m512 y = _mm512_fmadd_ps(c, _mm512_maskz_loadu_ps(m, weight + i), _mm512_maskz_loadu_ps(m, bias + i));
       _mm512_mask_storeu_ps(out + r * hidden + i, m, y);
+    }
+  }
+}
+
+// x = GELU(x) in place (the erf form, gelu_erf), n float32 values; threads take blocks of 4096.
+void tpi_gelu(float *x, int64_t n, int threads) {
+  const int64_t blocks = (n + 4095) / 4096;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && blocks > 1)
+  for (int64_t b = 0; b < blocks; b++) {
+    const int64_t end = b * 4096 + 4096 < n ? b * 4096 + 4096 : n;
+    int64_t i = b * 4096;
+    for (; i + 16 <= end; i += 16) _mm512_storeu_ps(x + i, gelu_erf(_mm512_loadu_ps(x + i)));
+    if (i < end) {
+      const __mmask16 m = static_cast<__mmask16>((1u << (end - i)) - 1);
+      _mm512_mask_storeu_ps(x + i, m, gelu_erf(_mm512_maskz_loadu_ps(m, x + i)));
     }
   }
 }

@@ -5,14 +5,21 @@ Where the time of an encoder forward goes on a CPU rank (all-MiniLM-L6-v2, 32 se
 docs/performance.md "Encoders"): almost all of it in the GEMMs, whose float32 speed torch's default path (MKL)
 leaves 10-15% below what oneDNN reaches with weights packed once into its blocked layout; then attention over
 short sequences, and the passes over memory between GEMMs (bias, GELU, residual add, the all-reduce's sum,
-LayerNorm). ``NativeEncoder`` runs a layer as:
+LayerNorm). ``NativeEncoder`` runs the embeddings as
+
+    x    = LayerNorm((word + type 0) + position)
+                                         tpi_embedding_rows (this rank's share of the word rows), then
+                                         tpi_sum_layer_norm from the all-reduce's slots, positions as its residual
+
+and a layer as:
 
     qkv  = x [Wq; Wk; Wv]^T + b          one oneDNN GEMM for the three projections (weights packed once)
     ctx  = attention(qkv, padding)       tpi_encoder_attention, reading q/k/v where the GEMM left them
     h    = LayerNorm(x + (sum of ranks' ctx Wo^T + bo))
                                          oneDNN, then tpi_sum_layer_norm straight from the shared-memory
                                          all-reduce's slots: the sum, the bias, the residual and the norm in one pass
-    f    = gelu(h Wi^T + bi)             oneDNN, GELU (erf) in the GEMM's epilogue
+    f    = gelu(h Wi^T + bi)             oneDNN (the bias in its epilogue), then tpi_gelu in place (erf by
+                                         piecewise polynomials: half the time of oneDNN's GELU epilogue here)
     out  = LayerNorm(h + (sum of ranks' f Wd^T + bd))
 
 which is the model's arithmetic with its sums in the same order (the ranks' partials in rank order as the
@@ -48,18 +55,16 @@ def _onednn() -> bool:
 
 
 class PackedLinear:
-    """x W^T (+ b), optionally followed by GELU, with W packed once for oneDNN (or F.linear without it)."""
+    """x W^T (+ b) with W packed once for oneDNN (or F.linear without it)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, onednn: bool) -> None:
         self.weight, self.bias = weight, bias
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None) if onednn else None
 
-    def __call__(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is None:
-            y = F.linear(x, self.weight, self.bias)
-            return F.gelu(y) if gelu else y
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "gelu" if gelu else "none", [],
-                                                  "none" if gelu else "")
+            return F.linear(x, self.weight, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
 def unsupported_reason(model: torch.nn.Module) -> str | None:
@@ -136,7 +141,7 @@ class NativeEncoder:
             heads, dim = layer["heads"], layer["head_dim"]
             ctx = kernels.encoder_attention(layer["qkv"](x), key_bias, heads, dim, dim**-0.5)
             h = self._sum_norm(layer["o"](ctx), x, layer["ln1"])
-            x = self._sum_norm(layer["d"](layer["i"](h, gelu=True)), h, layer["ln2"])
+            x = self._sum_norm(layer["d"](kernels.gelu_(layer["i"](h))), h, layer["ln2"])
         return x
 
     def _embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
