@@ -335,6 +335,14 @@ def test_sum_layer_norm_equals_torch(hidden, parts):
     dense_bias, residual = torch.randn(hidden), torch.randn(50, hidden)
     fused = kernels.sum_layer_norm(xs, weight, bias, 1e-12, dense_bias, residual)
     assert torch.equal(fused, kernels.sum_layer_norm([residual + (total + dense_bias)], weight, bias, 1e-12))
+    # into the residual itself, or into a part: each row is read whole before it is written
+    for target in (residual.clone(), xs[0].clone()):
+        operands = [target if torch.equal(x, target) else x for x in xs]
+        into = kernels.sum_layer_norm(operands, weight, bias, 1e-12, dense_bias,
+                                      target if torch.equal(target, residual) else residual, out=target)
+        assert into.data_ptr() == target.data_ptr() and torch.equal(into, fused)
+    with pytest.raises(ValueError, match="out must be contiguous float32"):
+        kernels.sum_layer_norm(xs, weight, bias, 1e-12, out=torch.empty(49, hidden))
     # a residual of 10 rows repeated over the 50 (position embeddings, the same for every sequence)
     positions = torch.randn(10, hidden)
     repeated = kernels.sum_layer_norm(xs, weight, bias, 1e-12, dense_bias, positions)

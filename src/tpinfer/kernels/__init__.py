@@ -322,11 +322,13 @@ def encoder_attention(qkv: torch.Tensor, key_bias: torch.Tensor | None, heads: i
 
 
 def sum_layer_norm(parts: list[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor, eps: float,
-                   dense_bias: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+                   dense_bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
     """LayerNorm(residual + ((parts[0] + parts[1] + ...) + dense_bias)) * weight + bias over the last dimension: a
     row-parallel dense's partial outputs summed in their order, its bias, the residual (both optional). Float32,
     contiguous, the parts of one shape; the residual of theirs, or P rows of ``hidden`` repeated every P rows (an
-    encoder's position embeddings, the same for every sequence)."""
+    encoder's position embeddings, the same for every sequence). Into ``out`` where given (of the parts' shape; it
+    may be the residual or a part: each row is read whole before its result is written), else a new tensor."""
     first = parts[0]
     hidden = first.shape[-1]
     rows = first.numel() // hidden
@@ -341,7 +343,10 @@ def sum_layer_norm(parts: list[torch.Tensor], weight: torch.Tensor, bias: torch.
         if residual.dim() != 2 or not residual_rows or rows % residual_rows:
             raise ValueError(f"sum_layer_norm's residual {list(residual.shape)} is neither the parts' shape "
                              f"{list(first.shape)} nor rows of {hidden} repeating over their {rows} rows")
-    out = torch.empty_like(first)
+    if out is None:
+        out = torch.empty_like(first)
+    elif out.shape != first.shape or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"sum_layer_norm's out must be contiguous float32 of the parts' shape {list(first.shape)}")
     pointers = (ctypes.c_void_p * len(parts))(*(part.data_ptr() for part in parts))
     library().tpi_sum_layer_norm(pointers, len(parts), _ptr(dense_bias), _ptr(residual), residual_rows,
                                  weight.data_ptr(), bias.data_ptr(), out.data_ptr(), rows, hidden, eps,
