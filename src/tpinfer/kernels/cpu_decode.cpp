@@ -1418,10 +1418,11 @@ inline void attn_values(const float *p, int64_t p_stride, const float *v, int64_
   for (int64_t j = 0; j < T; j++) {
     __m512 vv[NV];
     for (int i = 0; i < NV; i++) vv[i] = _mm512_loadu_ps(v + j * v_stride + dim + 16 * i);
-    for (int r = 0; r < kAttnRows; r++) {
-      const __m512 pb = _mm512_set1_ps(p[r * p_stride + j]);
-      for (int i = 0; i < NV; i++) acc[r][i] = _mm512_fmadd_ps(pb, vv[i], acc[r][i]);
-    }
+    // each weight broadcast by the FMA itself ({1to16}, which GCC does not fold from set1 when the value is used
+    // twice): 3% less time for the whole attention at head_dim 32 than a broadcast register
+    for (int r = 0; r < kAttnRows; r++)
+      for (int i = 0; i < NV; i++)
+        asm("vfmadd231ps %2%{1to16%}, %1, %0" : "+v"(acc[r][i]) : "v"(vv[i]), "m"(p[r * p_stride + j]));
   }
   for (int r = 0; r < kAttnRows; r++) {
     const __m512 inv = _mm512_set1_ps(inv_sum[r]);
