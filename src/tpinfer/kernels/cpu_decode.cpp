@@ -1462,20 +1462,13 @@ inline void transpose16(const float *in, int64_t stride, float *out, int64_t out
   }
 }
 
-// One (sequence, head): softmax(scale Q K^T + bias) V for its T queries.
+// One (sequence, head): softmax(scale Q K^T + bias) V for its T queries. `ahead`: the q/k/v of the (sequence, head)
+// to fetch into L2 meanwhile (its rows strided, which the hardware prefetcher does not fetch ahead), or null.
 void encoder_head(const float *qkv, const float *key_bias, float *out, int64_t b, int64_t h, int64_t T, int64_t H,
-                  int64_t D, float scale, bool prefetch) {
+                  int64_t D, float scale, const float *ahead) {
   const int64_t row = 3 * H * D, Tp = (T + 15) / 16 * 16;
   const float *q0 = qkv + b * T * row + h * D, *k0 = q0 + H * D, *v0 = k0 + H * D;
   float *kt = scratch(D * Tp + Tp + kAttnRows * Tp, 7), *bias = kt + D * Tp, *s = bias + Tp;
-  if (prefetch) {  // the next (sequence, head)'s q/k/v rows into L2 while this one computes (12.5 against 16.4 ms
-                   // a batch of MiniLM's attention at TP=2: strided rows the hardware prefetcher does not fetch ahead)
-    const float *next = h + 1 < H ? q0 + D : qkv + (b + 1) * T * row;
-    for (int64_t j = 0; j < T; j++)
-      for (int64_t part = 0; part < 3; part++)
-        for (int64_t d = 0; d < D; d += 16)
-          _mm_prefetch(reinterpret_cast<const char *>(next + j * row + part * H * D + d), _MM_HINT_T1);
-  }
   int64_t j0 = 0;  // K transposed: whole blocks of 16 keys in registers, then the rest one by one
   for (; j0 + 16 <= T; j0 += 16) transpose16(k0 + j0 * row, row, kt + j0, Tp, D);
   for (int64_t j = j0; j < T; j++)
@@ -1488,6 +1481,11 @@ void encoder_head(const float *qkv, const float *key_bias, float *out, int64_t b
   for (int64_t i0 = 0; i0 < T; i0 += kAttnRows) {
     const float *q[kAttnRows];
     float *o[kAttnRows];
+    if (ahead)  // a tile's worth of rows at a time (all of them at the head's start measured slower)
+      for (int64_t j = i0; j < i0 + kAttnRows && j < T; j++)
+        for (int64_t part = 0; part < 3; part++)
+          for (int64_t d = 0; d < D; d += 16)
+            _mm_prefetch(reinterpret_cast<const char *>(ahead + j * row + part * H * D + d), _MM_HINT_T1);
     for (int r = 0; r < kAttnRows; r++) {  // a last tile past T repeats row T - 1 (the same values stored again)
       const int64_t i = i0 + r < T ? i0 + r : T - 1;
       q[r] = q0 + i * row;
@@ -1537,8 +1535,13 @@ extern "C" {
 void tpi_encoder_attention(const float *qkv, const float *key_bias, float *out, int64_t B, int64_t T, int64_t H,
                            int64_t D, float scale, int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && B * H > 1)
-  for (int64_t task = 0; task < B * H; task++)
-    encoder_head(qkv, key_bias, out, task / H, task % H, T, H, D, scale, task + 1 < B * H);
+  for (int64_t task = 0; task < B * H; task++) {
+    // prefetched two (sequence, head)s ahead, spread over the tiles: against one ahead all at once, 6% less time
+    // with q/k/v out of cache (as after the GEMM that wrote them), the same in cache
+    const int64_t later = task + 2;
+    const float *ahead = later < B * H ? qkv + (later / H) * T * 3 * H * D + (later % H) * D : nullptr;
+    encoder_head(qkv, key_bias, out, task / H, task % H, T, H, D, scale, ahead);
+  }
 }
 
 // out = LayerNorm(residual + ((parts[0] + parts[1] + ... + parts[n - 1]) + dense_bias)) * weight + bias, float32 rows
