@@ -46,11 +46,9 @@ class Encoder:
         for start in range(0, len(order), self.max_batch_size):
             rows = order[start : start + self.max_batch_size]
             width = len(sequences[rows[0]])
-            ids = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for row, i in enumerate(rows):
-                ids[row, : len(sequences[i])] = torch.tensor(sequences[i], dtype=torch.long)
-                mask[row, : len(sequences[i])] = 1
+            ids = torch.tensor([sequences[i] + [PAD_ID] * (width - len(sequences[i])) for i in rows], dtype=torch.long)
+            lengths = torch.tensor([len(sequences[i]) for i in rows])
+            mask = (torch.arange(width)[None] < lengths[:, None]).long()
             ids, mask = ids.to(self.device), mask.to(self.device)
             vectors = pool(self.forward(ids, mask), mask, self.pooling).cpu()
             for row, i in enumerate(rows):
