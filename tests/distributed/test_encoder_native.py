@@ -38,7 +38,11 @@ def _model(ctx, config: ModelConfig, seed: int, dtype: torch.dtype = torch.float
 
 
 @torch.no_grad()
-def _on_rank(ctx, gloo: bool, plan="auto") -> dict:  # noqa: ANN001
+def _on_rank(ctx, gloo: bool, plan="auto", chunk_tokens: int | None = None) -> dict:  # noqa: ANN001
+    if chunk_tokens is not None:
+        from tpinfer.kernels import encoder_adapter
+
+        encoder_adapter.CHUNK_TOKENS = chunk_tokens
     config = ModelConfig.from_dict(CONFIG)
     model = _model(ctx, config, 7, plan=plan)
     native = native_encoder(model)
@@ -67,6 +71,15 @@ def test_native_encoder_equals_the_model_forward(world, gloo):
         assert r["diff"] < 1e-5 and r["unpadded"] < 1e-5
         assert r["calls"] == {"all_reduce": 2 * CONFIG["num_hidden_layers"] + 1}  # 2 a layer + the embedding's
     assert len({r["digest"] for r in results}) == 1  # every rank holds the same bits
+
+
+def test_native_encoder_runs_a_large_batch_in_groups_of_sequences():
+    # at most 40 tokens a forward: the 3 rows of 20 run as 2 + 1, each forward with its embedding's sum and 2 a layer
+    results = run_ranks(2, _on_rank, False, "auto", 40)
+    for r in results:
+        assert r["diff"] < 1e-5 and r["unpadded"] < 1e-5
+        assert r["calls"] == {"all_reduce": 2 * (2 * CONFIG["num_hidden_layers"] + 1)}
+    assert len({r["digest"] for r in results}) == 1
 
 
 # the word table replicated (its lookup needs no sum across ranks); the position table split by the vocabulary
