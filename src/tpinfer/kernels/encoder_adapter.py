@@ -24,7 +24,8 @@ and a layer as:
 
 which is the model's arithmetic with its sums in the same order (the ranks' partials in rank order as the
 all-reduce adds them, then the bias, then the residual), so every rank holds the same bits; only the GEMMs' and
-the softmax's own orders of summation differ from torch's.
+the softmax's own orders of summation, and GELU's erf (within 6e-8), differ from torch's. Each LayerNorm writes
+into its residual's buffer (the residual's last use), and a batch over CHUNK_TOKENS runs as groups of sequences.
 
 ``native_encoder(model)`` checks once what this path implements (this module owns those checks): a CPU rank with
 the native kernels built, float32 weights, no quantized projection, q/k/v and the intermediate dense
