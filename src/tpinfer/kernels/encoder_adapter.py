@@ -118,9 +118,10 @@ class NativeEncoder:
         self.comm = model.ctx.comm
         onednn = _onednn()
         emb = model.embeddings
-        # the native lookup: the word rows split by the vocabulary or replicated, the other two tables whole
+        # the native lookup: the word rows split by the vocabulary or replicated, the other two tables whole on
+        # every rank (a replicated table, or one split over a single rank, holds all its rows)
         self.native_embeddings = (isinstance(emb.word_embeddings, (VocabParallelEmbedding, ReplicatedEmbedding))
-                                  and all(type(t) is ReplicatedEmbedding or t.length == t.vocab_size
+                                  and all(t.length == t.vocab_size
                                           for t in (emb.position_embeddings, emb.token_type_embeddings)))
         self.layers = []
         for layer in model.encoder.layer:
