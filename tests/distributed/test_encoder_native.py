@@ -57,7 +57,9 @@ def _on_rank(ctx, gloo: bool, plan="auto", chunk_tokens: int | None = None) -> d
     got = native(ids, mask)
     calls = dict(ctx.comm.stats.calls)
     unpadded = native(ids[:1], mask[:1])  # a batch without padding: no key bias at all
+    one = native(ids[2:, :1], mask[2:, :1])  # one token: fewer rows than ranks, some ranks' share is empty
     return {"diff": (got - ref).abs().max().item(), "unpadded": (unpadded - ref[:1]).abs().max().item(),
+            "one": (one - model(ids[2:, :1], mask[2:, :1])).abs().max().item(),
             "digest": hashlib.sha256(got.numpy().tobytes()).hexdigest(), "calls": calls}
 
 
@@ -68,8 +70,10 @@ def test_native_encoder_equals_the_model_forward(world, gloo):
     for r in results:
         # The same sums in the same order except inside the GEMMs (oneDNN's blocking, q/k/v fused) and the
         # native softmax: float32 rounding of LayerNorm outputs ~1, far below 1e-5.
-        assert r["diff"] < 1e-5 and r["unpadded"] < 1e-5
-        assert r["calls"] == {"all_reduce": 2 * CONFIG["num_hidden_layers"] + 1}  # 2 a layer + the embedding's
+        assert r["diff"] < 1e-5 and r["unpadded"] < 1e-5 and r["one"] < 1e-5
+        sums = 2 * CONFIG["num_hidden_layers"] + 1  # 2 a layer + the embedding's
+        # through shared memory each sum is split by rows: its exchange, then the barrier after the rows are written
+        assert r["calls"] == ({"all_reduce": sums} if gloo else {"reduce_scatter": sums, "all_gather": sums})
     assert len({r["digest"] for r in results}) == 1  # every rank holds the same bits
 
 
@@ -78,7 +82,8 @@ def test_native_encoder_runs_a_large_batch_in_groups_of_sequences():
     results = run_ranks(2, _on_rank, False, "auto", 40)
     for r in results:
         assert r["diff"] < 1e-5 and r["unpadded"] < 1e-5
-        assert r["calls"] == {"all_reduce": 2 * (2 * CONFIG["num_hidden_layers"] + 1)}
+        sums = 2 * (2 * CONFIG["num_hidden_layers"] + 1)
+        assert r["calls"] == {"reduce_scatter": sums, "all_gather": sums}
     assert len({r["digest"] for r in results}) == 1
 
 
@@ -93,19 +98,22 @@ def _on_rank_planned(ctx, plan: dict) -> dict:  # noqa: ANN001
     return {**_on_rank(ctx, False, plan), "native_lookup": native.native_embeddings}
 
 
+# the embeddings without a sum across ranks write their rows between two barriers (the buffer's last readers done,
+# then every rank's rows there); the module's own embeddings all-reduce the split tables' lookups (word, position)
 @pytest.mark.parametrize(("plan", "native_lookup", "reduces"), [(WHOLE_WORDS, True, 0), (SPLIT_POSITIONS, False, 2)])
 def test_native_encoder_with_embeddings_planned_otherwise(plan, native_lookup, reduces):
     results = run_ranks(2, _on_rank_planned, plan)
+    layers = 2 * CONFIG["num_hidden_layers"]
     for r in results:
         assert r["native_lookup"] is native_lookup
-        assert r["diff"] < 1e-5 and r["unpadded"] < 1e-5
-        assert r["calls"] == {"all_reduce": 2 * CONFIG["num_hidden_layers"] + reduces}
+        assert r["diff"] < 1e-5 and r["unpadded"] < 1e-5 and r["one"] < 1e-5
+        assert r["calls"] == {"reduce_scatter": layers, "all_gather": layers + 2, **({"all_reduce": reduces} if reduces else {})}
     assert len({r["digest"] for r in results}) == 1
 
 
 def test_native_encoder_at_one_rank_and_what_it_refuses():
     r = _on_rank(ParallelContext.single(), False)
-    assert r["diff"] < 1e-5 and r["unpadded"] < 1e-5 and r["calls"] == {}
+    assert r["diff"] < 1e-5 and r["unpadded"] < 1e-5 and r["one"] < 1e-5 and r["calls"] == {}
     config = ModelConfig.from_dict(CONFIG)
     assert "bfloat16" in unsupported_reason(_model(ParallelContext.single(), config, 1, torch.bfloat16))
     narrow = ModelConfig.from_dict({**CONFIG, "num_attention_heads": 8})  # head_dim 8

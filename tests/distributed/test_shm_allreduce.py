@@ -7,6 +7,7 @@ checks in it; a failing check's traceback names it.
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import random
 import time
@@ -138,6 +139,41 @@ def _check_many_rounds(rank: int, world_size: int, shm: ShmAllReduce, rounds: in
     assert torch.equal(x, torch.full((1, 1024), float(world_size * (world_size + 1) // 2)))
 
 
+def _check_sums_split_by_rows(rank: int, world_size: int, shm: ShmAllReduce, rounds: int = 300) -> None:
+    """A sum split by rows, as the native encoder runs it: exchange_rows gives this rank every rank's partial of its
+    own rows, it writes their sum into a shared buffer, a barrier, and every rank reads the whole sum there. Rounds
+    alternate the two buffers with random delays, so a rank that wrote before the others finished reading, or read
+    before they wrote, would see another round's values."""
+    shares = [None] * world_size
+    for rows in (0, 1, 3, 7, 64):
+        dist.all_gather_object(shares, shm.own_rows(rows))  # reason: every rank's share, to check they tile the rows
+        assert shares[0][0] == 0 and shares[-1][1] == rows
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(shares))
+        assert max(b - a for a, b in shares) - min(b - a for a, b in shares) <= 1
+    buffers = shm.shared_buffers()
+    assert shm.shared_buffers() is buffers and all(b.numel() == shm.max_bytes for b in buffers)
+    rng = random.Random(rank)
+    for i in range(rounds):
+        rows = (1, 5, 64, 127)[i % 4]  # 127 x 8 floats: nearly a whole slot
+        partials = [_contribution(i, r, (rows, 8), torch.float32) for r in range(world_size)]
+        start, stop = shm.own_rows(rows)
+        if rng.random() < 0.1:
+            time.sleep(rng.random() * 300e-6)
+        parts = shm.exchange_rows(partials[rank].clone())
+        assert len(parts) == world_size
+        for r, part in enumerate(parts):
+            assert torch.equal(part, partials[r][start:stop]), f"rank {rank}, round {i}: rank {r}'s rows"
+        total = buffers[i % 2][: rows * 8 * 4].view(torch.float32).view(rows, 8)
+        torch.sum(torch.stack(parts), 0, out=total[start:stop])
+        if rng.random() < 0.1:
+            time.sleep(rng.random() * 300e-6)
+        shm.barrier()
+        assert torch.equal(total, torch.stack(partials).sum(0)), f"rank {rank}, round {i}: the gathered sum"
+    assert shm.exchange_rows(torch.zeros(shm.max_bytes // 4 + 1)) is None  # more than a slot: the caller all-reduces
+    with pytest.raises(ValueError, match="contiguous"):
+        shm.exchange_rows(torch.zeros(8, 4).t())
+
+
 def _group_worker(rank: int, world_size: int, tmp_path: Path, prefix: str) -> None:
     store = _init_group(rank, world_size, tmp_path)
     assert all_ranks_on_one_host(rank, world_size, store, prefix=f"{prefix}-host", timeout_s=GROUP_TIMEOUT_S)
@@ -149,10 +185,13 @@ def _group_worker(rank: int, world_size: int, tmp_path: Path, prefix: str) -> No
 
     shm = ShmAllReduce(rank, world_size, store, prefix=f"{prefix}-rounds", max_bytes=4096, timeout_s=GROUP_TIMEOUT_S)
     _check_many_rounds(rank, world_size, shm)
+    _check_sums_split_by_rows(rank, world_size, shm)
     shm.close()
     shm.close()
-    with pytest.raises(RuntimeError, match="closed"):
-        shm.all_reduce_(torch.ones(4))
+    assert not _leftovers(prefix), "a segment's name outlived the group"
+    for call in (lambda: shm.all_reduce_(torch.ones(4)), lambda: shm.exchange_rows(torch.ones(4)), shm.barrier):
+        with pytest.raises(RuntimeError, match="closed"):
+            call()
     dist.barrier()  # reason: no rank tears down the group while another still reduces
     dist.destroy_process_group()
 

@@ -110,9 +110,9 @@ def test_embed_cli_json_at_tp2_equals_sentence_transformers(reference, hf_ids):
     print(f"tp=2 (tpinfer embed --json): min cosine similarity to sentence-transformers {low:.10f} "
           f"(1 - min = {1 - low:.1e})")
     assert cosines.min() >= MIN_COSINE
-    # Logs on stderr: the pooling read from the checkpoint, and 2 all-reduces per layer + the embedding's.
+    # Logs on stderr: the pooling read from the checkpoint, and 2 sums across ranks per layer + the embedding's.
     assert "mean pooling, normalized" in proc.stderr
-    assert "13 all-reduces = 2 x 6 layers + 1 embedding" in proc.stderr
+    assert "13 sums across ranks = 2 x 6 layers + 1 embedding (split by rows through shared memory)" in proc.stderr
 
 
 @needs_minilm

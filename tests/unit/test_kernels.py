@@ -347,8 +347,12 @@ def test_sum_layer_norm_equals_torch(hidden, parts):
     positions = torch.randn(10, hidden)
     repeated = kernels.sum_layer_norm(xs, weight, bias, 1e-12, dense_bias, positions)
     assert torch.equal(repeated, kernels.sum_layer_norm(xs, weight, bias, 1e-12, dense_bias, positions.repeat(5, 1)))
+    # a share of the rows that ends inside a repetition (7 rows over 50: the last one cut short)
+    seven = torch.randn(7, hidden)
+    assert torch.equal(kernels.sum_layer_norm(xs, weight, bias, 1e-12, dense_bias, seven),
+                       kernels.sum_layer_norm(xs, weight, bias, 1e-12, dense_bias, seven.repeat(8, 1)[:50].contiguous()))
     with pytest.raises(ValueError, match="repeating over their 50 rows"):
-        kernels.sum_layer_norm(xs, weight, bias, 1e-12, dense_bias, torch.randn(7, hidden))
+        kernels.sum_layer_norm(xs, weight, bias, 1e-12, dense_bias, torch.randn(7, hidden + 1))
 
 
 @needs_kernels

@@ -96,12 +96,16 @@ def print_layout(llm, calls: dict[str, int], forwards: int, texts: int, elapsed:
     tp, layers = engine.ctx.tp_size, config.num_hidden_layers
     element = next(engine.model.parameters()).element_size()
     whole = config.num_parameters
-    all_reduce = calls.get("all_reduce", 0) / max(1, forwards)
+    # each sum across the ranks is an all-reduce, or with shared memory a sum split by rows (an exchange of each
+    # rank's rows, then a barrier once every rank wrote its share: counted as a reduce-scatter and an all-gather)
+    split = calls.get("reduce_scatter", 0)
+    sums = (calls.get("all_reduce", 0) + split) / max(1, forwards)
     lines = [
         f"--- tensor parallelism: tp={tp}, {config.model_type}, {layers} layers ---",
         f"per rank : {engine.param_count:,} parameters, {human_bytes(engine.param_bytes)}"
         f"  (whole model {whole:,}, {human_bytes(whole * element)}; {100 * engine.param_count / whole:.0f}% on rank 0)",
-        f"per batch: {all_reduce:.0f} all-reduces = 2 x {layers} layers + 1 embedding" if tp > 1
+        f"per batch: {sums:.0f} sums across ranks = 2 x {layers} layers + 1 embedding"
+        + (" (split by rows through shared memory)" if split else "") if tp > 1
         else "per batch: no collectives (tp=1)",
         f"speed    : {texts} texts in {forwards} batches in {elapsed:.2f}s = {texts / elapsed:.1f} texts/s",
     ]

@@ -327,8 +327,9 @@ def sum_layer_norm(parts: list[torch.Tensor], weight: torch.Tensor, bias: torch.
     """LayerNorm(residual + ((parts[0] + parts[1] + ...) + dense_bias)) * weight + bias over the last dimension: a
     row-parallel dense's partial outputs summed in their order, its bias, the residual (both optional). Float32,
     contiguous, the parts of one shape; the residual of theirs, or P rows of ``hidden`` repeated every P rows (an
-    encoder's position embeddings, the same for every sequence). Into ``out`` where given (of the parts' shape; it
-    may be the residual or a part: each row is read whole before its result is written), else a new tensor."""
+    encoder's position embeddings, the same for every sequence; the last repetition cut short where the rows are a
+    rank's share of whole sequences). Into ``out`` where given (of the parts' shape; it may be the residual or a
+    part: each row is read whole before its result is written), else a new tensor."""
     first = parts[0]
     hidden = first.shape[-1]
     rows = first.numel() // hidden
@@ -340,7 +341,7 @@ def sum_layer_norm(parts: list[torch.Tensor], weight: torch.Tensor, bias: torch.
     residual_rows = rows
     if residual is not None and residual.shape != first.shape:
         residual_rows = residual.numel() // hidden if residual.shape[-1] == hidden else 0
-        if residual.dim() != 2 or not residual_rows or rows % residual_rows:
+        if residual.dim() != 2 or not residual_rows:
             raise ValueError(f"sum_layer_norm's residual {list(residual.shape)} is neither the parts' shape "
                              f"{list(first.shape)} nor rows of {hidden} repeating over their {rows} rows")
     if out is None:

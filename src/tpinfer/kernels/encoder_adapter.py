@@ -24,8 +24,12 @@ and a layer as:
 
 which is the model's arithmetic with its sums in the same order (the ranks' partials in rank order as the
 all-reduce adds them, then the bias, then the residual), so every rank holds the same bits; only the GEMMs' and
-the softmax's own orders of summation, and GELU's erf (within 6e-8), differ from torch's. Each LayerNorm writes
-into its residual's buffer (the residual's last use), and a batch over CHUNK_TOKENS runs as groups of sequences.
+the softmax's own orders of summation, and GELU's erf (within 6e-8), differ from torch's. With the shared-memory
+all-reduce each sum is split by rows: a rank receives every rank's partial of its own share of the rows
+(``exchange_rows``), sums and normalizes those into one of two buffers every rank maps, and after a barrier every
+rank's next GEMM reads the whole there (half the copying and the normalizing of an all-reduce at TP=2, for one
+more wait; 1-2% of the batch). Otherwise (one rank, gloo, NCCL) each LayerNorm writes into its residual's buffer
+(the residual's last use). A batch over CHUNK_TOKENS runs as groups of sequences.
 
 ``native_encoder(model)`` checks once what this path implements (this module owns those checks): a CPU rank with
 the native kernels built, float32 weights, no quantized projection, q/k/v and the intermediate dense
@@ -144,12 +148,24 @@ class NativeEncoder:
         batch, length = input_ids.shape
         rows = max(1, CHUNK_TOKENS // length)
         if batch > rows:
-            return torch.cat([self._forward(input_ids[i : i + rows], attention_mask[i : i + rows])
-                              for i in range(0, batch, rows)])
+            out = torch.empty(batch, length, self.model.config.hidden_size)
+            for i in range(0, batch, rows):
+                out[i : i + rows] = self._forward(input_ids[i : i + rows], attention_mask[i : i + rows])
+            return out
         return self._forward(input_ids, attention_mask)
 
     def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        x = self._embeddings(input_ids)
+        batch, length = input_ids.shape
+        hidden = self.model.config.hidden_size
+        shared = self.comm.shared_rows(batch * length * hidden * 4)
+        if shared is not None:
+            (a, b), own_rows = shared
+            x = a[: batch * length * hidden * 4].view(torch.float32).view(batch, length, hidden)
+            h = b[: batch * length * hidden * 4].view(torch.float32).view(batch, length, hidden)
+            rows = own_rows(batch * length)
+            self._embeddings(input_ids, x, rows)
+        else:
+            x, rows = self._embeddings(input_ids), None
         key_bias = None
         if not bool(attention_mask.all()):
             key_bias = torch.zeros(attention_mask.shape, dtype=torch.float32).masked_fill_(attention_mask == 0,
@@ -157,26 +173,55 @@ class NativeEncoder:
         for layer in self.layers:
             heads, dim = layer["heads"], layer["head_dim"]
             ctx = kernels.encoder_attention(layer["qkv"](x), key_bias, heads, dim, dim**-0.5)
-            h = self._sum_norm(layer["o"](ctx), x, layer["ln1"], out=x)  # x's last use: its buffer takes h
-            x = self._sum_norm(layer["d"](kernels.gelu_(layer["i"](h))), h, layer["ln2"], out=h)
-        return x
+            if rows is None:
+                h = self._sum_norm(layer["o"](ctx), x, layer["ln1"], out=x)  # x's last use: its buffer takes h
+                x = self._sum_norm(layer["d"](kernels.gelu_(layer["i"](h))), h, layer["ln2"], out=h)
+            else:  # this rank's rows of each sum into the shared buffers, the others' read from there
+                self._sum_norm_rows(layer["o"](ctx), x.view(-1, hidden)[rows[0] : rows[1]], layer["ln1"], h, rows)
+                self._sum_norm_rows(layer["d"](kernels.gelu_(layer["i"](h))), h.view(-1, hidden)[rows[0] : rows[1]],
+                                    layer["ln2"], x, rows)
+        # the shared buffer is the next forward's: a copy (another rank writes it only after this rank's next sum)
+        return x.clone() if rows is not None else x
 
-    def _embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def _embeddings(self, input_ids: torch.Tensor, out: torch.Tensor | None = None,
+                    rows: tuple[int, int] | None = None) -> torch.Tensor:
         """LayerNorm((word + token type 0) + position), the model's embeddings in its order: this rank's share of the
         word rows, summed over the ranks (one of them holds each row, the others add zeros) by the fused sum and
         LayerNorm with token type 0's row as its bias and the positions' rows as its residual, the same for every
-        sequence. Tables split otherwise than the word rows by the vocabulary run the model's own forward."""
+        sequence. Tables split otherwise than the word rows by the vocabulary run the model's own forward. With
+        ``out`` and ``rows``: this rank's rows ``[start, stop)`` into the shared buffer ``out``, then the barrier
+        after which every rank's are there."""
         emb = self.model.embeddings
         if not self.native_embeddings:
-            return emb(input_ids, torch.zeros_like(input_ids))
+            x = emb(input_ids, torch.zeros_like(input_ids))
+            if out is None:
+                return x
+            start, stop = rows
+            self.comm.rows_barrier()  # every rank is done reading the buffer's last contents
+            out.view(-1, x.shape[-1])[start:stop] = x.view(-1, x.shape[-1])[start:stop]
+            self.comm.rows_barrier()
+            return out
         word = emb.word_embeddings
-        rows = kernels.embedding_rows(word.weight, word.start, input_ids.reshape(-1))
+        looked_up = kernels.embedding_rows(word.weight, word.start, input_ids.reshape(-1))
         first = emb.position_offset
         positions = emb.position_embeddings.weight[first : first + input_ids.shape[1]]
         norm = (emb.token_type_embeddings.weight[0], emb.LayerNorm.weight, emb.LayerNorm.bias, emb.LayerNorm.eps)
-        if isinstance(word, ReplicatedEmbedding):  # every rank looked up every row: nothing to sum across ranks
-            return kernels.sum_layer_norm([rows], *norm[1:], norm[0], positions).view(*input_ids.shape, -1)
-        return self._sum_norm(rows, positions, norm).view(*input_ids.shape, -1)
+        replicated = isinstance(word, ReplicatedEmbedding)  # every rank looked up every row: nothing to sum
+        if out is None:
+            if replicated:
+                return kernels.sum_layer_norm([looked_up], *norm[1:], norm[0], positions).view(*input_ids.shape, -1)
+            return self._sum_norm(looked_up, positions, norm).view(*input_ids.shape, -1)
+        # the positions from the share's first row on, repeating (its last sequence may be cut short)
+        start, stop = rows
+        positions = torch.roll(positions, -(start % positions.shape[0]), 0)
+        flat = out.view(-1, out.shape[-1])
+        if replicated:
+            self.comm.rows_barrier()  # every rank is done reading the buffer's last contents
+            kernels.sum_layer_norm([looked_up[start:stop]], *norm[1:], norm[0], positions, flat[start:stop])
+            self.comm.rows_barrier()
+        else:
+            self._sum_norm_rows(looked_up, positions, norm, out, rows)
+        return out
 
     def _sum_norm(self, partial: torch.Tensor, residual: torch.Tensor, norm: tuple,
                   out: torch.Tensor | None = None) -> torch.Tensor:
@@ -187,3 +232,18 @@ class NativeEncoder:
         if parts is None:  # gloo or NCCL: the all-reduce, then one pass for the rest
             parts = (self.comm.all_reduce(partial),)
         return kernels.sum_layer_norm(list(parts), weight, bias, eps, dense_bias, residual, out)
+
+    def _sum_norm_rows(self, partial: torch.Tensor, residual: torch.Tensor, norm: tuple, out: torch.Tensor,
+                       rows: tuple[int, int]) -> None:
+        """``_sum_norm`` split by rows: this rank's rows ``[start, stop)`` of the sum (every rank's partial of them, in
+        rank order, as the all-reduce adds them) into the shared buffer ``out``, then the barrier after which every
+        rank's rows are there. ``residual``: the share's rows, or P rows repeating from its first row on. The sum's
+        own wait orders the write: every rank has published its partial, so it is done with the buffer's last
+        contents (read by the GEMMs before that partial)."""
+        dense_bias, weight, bias, eps = norm
+        hidden = out.shape[-1]
+        start, stop = rows
+        parts = self.comm.exchange_rows(partial.view(-1, hidden))
+        kernels.sum_layer_norm(list(parts), weight, bias, eps, dense_bias, residual,
+                               out.view(-1, hidden)[start:stop])
+        self.comm.rows_barrier()

@@ -109,6 +109,30 @@ class Communicator:
             return None
         return self._timed("all_reduce", tensor.numel() * tensor.element_size(), impl.exchange, tensor)
 
+    # Sums split by rows through shared memory (the native encoder; tpinfer.parallel.shm): each rank finishes its
+    # own rows of a sum into a buffer every rank maps, then a barrier, and every rank reads the whole.
+
+    def shared_rows(self, nbytes: int) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[int, int]] | None:
+        """For a sum of ``nbytes`` split by rows: the two shared buffers (uint8, every rank maps them) and a function
+        of the row count giving this rank's ``[start, stop)``; None where the sums cannot go this way (one rank, no
+        shared-memory group, or more than its slots hold)."""
+        impl = self.all_reduce_impl
+        if self.world_size == 1 or impl is None or not hasattr(impl, "exchange_rows") or nbytes > impl.max_bytes:
+            return None
+        return impl.shared_buffers(), impl.own_rows
+
+    def exchange_rows(self, tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Every rank's rows ``own_rows`` of its ``tensor``, in rank order (after ``shared_rows`` said yes)."""
+        parts = self._timed("reduce_scatter", tensor.numel() * tensor.element_size(),
+                            self.all_reduce_impl.exchange_rows, tensor)
+        if parts is None:
+            raise ValueError(f"{tuple(tensor.shape)} {tensor.dtype} cannot be exchanged by rows through shared memory")
+        return parts
+
+    def rows_barrier(self) -> None:
+        """Every rank has written its rows of a shared buffer (the gather half of a sum split by rows)."""
+        self._timed("all_gather", 0, self.all_reduce_impl.barrier)
+
     # Sequence parallelism (Megatron's SP): in a forward where ``sequence_len`` is set, the residual stream between
     # layers holds this rank's 1/tp of the (padded) sequence, (B, T_local, H). A row-parallel output's partial sums
     # are reduce-scattered along the sequence instead of all-reduced, and a column-parallel input is all-gathered

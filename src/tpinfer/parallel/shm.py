@@ -15,6 +15,12 @@ into the caller's tensor. Every rank performs the same ops on the same bytes in 
 so the result is bitwise identical on all ranks. bf16/fp16 are accumulated in float32 and rounded
 once. Messages larger than ``max_bytes`` run as several rounds.
 
+Sums split by rows (``exchange_rows``, ``barrier``, ``shared_buffers``): a rank publishes only the rows the other
+ranks own and sums its own share; the results go into a second segment every rank maps (two buffers of
+``max_bytes``, created the first time they are asked for), where after a barrier round every rank reads the whole.
+The rounds order it as they order the slots: a rank writes its rows of a buffer only after an exchange round that
+every rank entered after its last read of that buffer.
+
 Memory ordering: this relies on x86-64 TSO, where stores become visible in program order and
 loads are not reordered with older loads, so "write data, then store the counter" on one side and
 "load the counter, then read data" on the other need no fence. The counter is stored and loaded
@@ -210,6 +216,9 @@ class ShmAllReduce:
             self._seq = self._segment.counters
         self._native: Any = None  # kernels.ShmGroup, see native_group
         self._finalizer = weakref.finalize(self, _Segment.close, self._segment) if self._segment else None
+        self._store, self._prefix = store, prefix
+        self._shared: tuple[torch.Tensor, torch.Tensor] | None = None  # see shared_buffers
+        self._shared_finalizer: Any = None
 
     def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum ``tensor`` over the ranks, in place; bitwise identical on every rank. Returns it."""
@@ -236,10 +245,66 @@ class ShmAllReduce:
         self.bytes += plan[2]
         return (first, second, *rest)
 
+    # Sums split by rows (a reduce-scatter whose gather costs nothing): each rank sums and finishes its own share of
+    # the rows and writes it into a buffer every rank maps (shared_buffers); after a barrier every rank reads the
+    # whole result there. Half the summing and half the copying of an all-reduce at two ranks, for one more wait.
+
+    def own_rows(self, rows: int) -> tuple[int, int]:
+        """This rank's share ``[start, stop)`` of ``rows`` rows: contiguous, in rank order, sizes within one."""
+        return rows * self.rank // self.world_size, rows * (self.rank + 1) // self.world_size
+
+    def exchange_rows(self, tensor: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+        """Publish the rows of ``tensor`` (rows x ...) that the other ranks own and wait for theirs; return every
+        rank's rows ``own_rows`` of its tensor, in rank order (this rank's own: a view of ``tensor``, the others' views
+        of the segment, valid until this rank's next collective on the group). None where a slot cannot hold it."""
+        if self._unusable:
+            raise RuntimeError(f"rank {self.rank}: shared-memory all-reduce used after {self._unusable}")
+        if not tensor.is_cpu or tensor.dtype not in _ACCUMULATE or tensor.nbytes > self.max_bytes:
+            return None
+        if not tensor.is_contiguous():
+            raise ValueError("exchange_rows needs a contiguous tensor")
+        plan = self._plan(tensor.dtype, tensor.shape)
+        self._round = round_ = self._round + 1
+        own, *views = plan[round_ & 1][:4]
+        start, stop = self.own_rows(tensor.shape[0])
+        own[:start].copy_(tensor[:start])
+        own[stop:].copy_(tensor[stop:])
+        self._seq[self._own_index] = round_
+        self._await(round_)
+        self.calls += 1
+        self.bytes += plan[2]
+        ranks = (views[0], views[1], *views[2])
+        return tuple((tensor if r == self.rank else view)[start:stop] for r, view in enumerate(ranks))
+
+    def barrier(self) -> None:
+        """A round without data: returns once every rank has entered it (and so finished what came before)."""
+        if self._unusable:
+            raise RuntimeError(f"rank {self.rank}: shared-memory all-reduce used after {self._unusable}")
+        self._round = round_ = self._round + 1
+        self._seq[self._own_index] = round_
+        self._await(round_)
+
+    def shared_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two buffers of ``max_bytes`` (uint8) that every rank of the group maps, in one more segment. Collective the
+        first time (every rank calls it at the same point), then cached. A rank writes only its own rows of them;
+        what orders the writes and reads is the caller's (exchange_rows and barrier rounds)."""
+        if self._shared is None:
+            if self._unusable:
+                raise RuntimeError(f"rank {self.rank}: shared-memory all-reduce used after {self._unusable}")
+            segment = _open_segment(self.rank, self.world_size, self._store, f"{self._prefix}/shared",
+                                    2 * self._slot_bytes, self.timeout_s)
+            self._shared_finalizer = weakref.finalize(self, _Segment.close, segment)
+            data = segment.bytes
+            self._shared = (data[: self.max_bytes], data[self._slot_bytes : self._slot_bytes + self.max_bytes])
+        return self._shared
+
     def close(self) -> None:
         """Detach (rank 0 also unlinks if that has not happened yet). Safe to call twice."""
         self._plans.clear()
         self._unusable = "it is closed"
+        self._shared = None
+        if self._shared_finalizer is not None:
+            self._shared_finalizer()
         if self._finalizer is not None:
             self._finalizer()
 
