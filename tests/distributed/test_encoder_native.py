@@ -37,12 +37,23 @@ def _model(ctx, config: ModelConfig, seed: int, dtype: torch.dtype = torch.float
     return model.eval()
 
 
-@torch.no_grad()
-def _on_rank(ctx, gloo: bool, plan="auto", chunk_tokens: int | None = None) -> dict:  # noqa: ANN001
-    if chunk_tokens is not None:
-        from tpinfer.kernels import encoder_adapter
+def _on_rank(ctx, gloo: bool, plan="auto", chunk_tokens: int | None = None, split: bool = True) -> dict:  # noqa: ANN001
+    """The forward on this rank with the adapter's token budget and split threshold set for the test (every sum
+    split by rows through shared memory, or none), restored after: one test runs this in pytest's own process,
+    where a later test's rank 0 must see the defaults its spawned ranks see."""
+    from tpinfer.kernels import encoder_adapter
 
-        encoder_adapter.CHUNK_TOKENS = chunk_tokens
+    saved = encoder_adapter.CHUNK_TOKENS, encoder_adapter.SPLIT_BYTES
+    encoder_adapter.CHUNK_TOKENS = chunk_tokens or saved[0]
+    encoder_adapter.SPLIT_BYTES = 0 if split else 1 << 62
+    try:
+        return _forwards(ctx, gloo, plan)
+    finally:
+        encoder_adapter.CHUNK_TOKENS, encoder_adapter.SPLIT_BYTES = saved
+
+
+@torch.no_grad()
+def _forwards(ctx, gloo: bool, plan) -> dict:  # noqa: ANN001
     config = ModelConfig.from_dict(CONFIG)
     model = _model(ctx, config, 7, plan=plan)
     native = native_encoder(model)
@@ -64,16 +75,16 @@ def _on_rank(ctx, gloo: bool, plan="auto", chunk_tokens: int | None = None) -> d
 
 
 @pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("gloo", [False, True])
-def test_native_encoder_equals_the_model_forward(world, gloo):
-    results = run_ranks(world, _on_rank, gloo)
+@pytest.mark.parametrize(("gloo", "split"), [(False, True), (False, False), (True, False)])
+def test_native_encoder_equals_the_model_forward(world, gloo, split):
+    results = run_ranks(world, _on_rank, gloo, "auto", None, split)
     for r in results:
         # The same sums in the same order except inside the GEMMs (oneDNN's blocking, q/k/v fused) and the
         # native softmax: float32 rounding of LayerNorm outputs ~1, far below 1e-5.
         assert r["diff"] < 1e-5 and r["unpadded"] < 1e-5 and r["one"] < 1e-5
         sums = 2 * CONFIG["num_hidden_layers"] + 1  # 2 a layer + the embedding's
         # through shared memory each sum is split by rows: its exchange, then the barrier after the rows are written
-        assert r["calls"] == ({"all_reduce": sums} if gloo else {"reduce_scatter": sums, "all_gather": sums})
+        assert r["calls"] == ({"reduce_scatter": sums, "all_gather": sums} if split else {"all_reduce": sums})
     assert len({r["digest"] for r in results}) == 1  # every rank holds the same bits
 
 

@@ -112,7 +112,7 @@ def test_embed_cli_json_at_tp2_equals_sentence_transformers(reference, hf_ids):
     assert cosines.min() >= MIN_COSINE
     # Logs on stderr: the pooling read from the checkpoint, and 2 sums across ranks per layer + the embedding's.
     assert "mean pooling, normalized" in proc.stderr
-    assert "13 sums across ranks = 2 x 6 layers + 1 embedding (split by rows through shared memory)" in proc.stderr
+    assert "13 sums across ranks = 2 x 6 layers + 1 embedding" in proc.stderr
 
 
 @needs_minilm

@@ -105,7 +105,8 @@ def print_layout(llm, calls: dict[str, int], forwards: int, texts: int, elapsed:
         f"per rank : {engine.param_count:,} parameters, {human_bytes(engine.param_bytes)}"
         f"  (whole model {whole:,}, {human_bytes(whole * element)}; {100 * engine.param_count / whole:.0f}% on rank 0)",
         f"per batch: {sums:.0f} sums across ranks = 2 x {layers} layers + 1 embedding"
-        + (" (split by rows through shared memory)" if split else "") if tp > 1
+        + (f", {100 * split / forwards / sums:.0f}% of them split by rows through shared memory" if split else "")
+        if tp > 1
         else "per batch: no collectives (tp=1)",
         f"speed    : {texts} texts in {forwards} batches in {elapsed:.2f}s = {texts / elapsed:.1f} texts/s",
     ]

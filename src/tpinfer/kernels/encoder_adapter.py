@@ -25,11 +25,11 @@ and a layer as:
 which is the model's arithmetic with its sums in the same order (the ranks' partials in rank order as the
 all-reduce adds them, then the bias, then the residual), so every rank holds the same bits; only the GEMMs' and
 the softmax's own orders of summation, and GELU's erf (within 6e-8), differ from torch's. With the shared-memory
-all-reduce each sum is split by rows: a rank receives every rank's partial of its own share of the rows
-(``exchange_rows``), sums and normalizes those into one of two buffers every rank maps, and after a barrier every
-rank's next GEMM reads the whole there (half the copying and the normalizing of an all-reduce at TP=2, for one
-more wait; 1-2% of the batch). Otherwise (one rank, gloo, NCCL) each LayerNorm writes into its residual's buffer
-(the residual's last use). A batch over CHUNK_TOKENS runs as groups of sequences.
+all-reduce, a sum of SPLIT_BYTES or more is split by rows: a rank receives every rank's partial of its own share of
+the rows (``exchange_rows``), sums and normalizes those into one of two buffers every rank maps, and after a
+barrier every rank's next GEMM reads the whole there (half the copying and the normalizing of an all-reduce at
+TP=2, for one more wait: 1-2% of the batch). Otherwise each LayerNorm writes into its residual's buffer (the
+residual's last use). A batch over CHUNK_TOKENS runs as groups of sequences.
 
 ``native_encoder(model)`` checks once what this path implements (this module owns those checks): a CPU rank with
 the native kernels built, float32 weights, no quantized projection, q/k/v and the intermediate dense
@@ -56,6 +56,10 @@ log = logging.getLogger(__name__)
 # 2-core machine of docs/performance.md, all-MiniLM-L6-v2 over 64-token sentences ran 117 sentences/s as one batch
 # of 256 and 130-137 as batches of 64 (4096 tokens: 6 MB of float32 activations).
 CHUNK_TOKENS = 4096
+# Sums of at least this many bytes are split by rows between the ranks (through shared memory, see _sum_norm_rows):
+# at TP=2 on that machine 1-2% of the batch from 1024 rows of 384 up, neutral at 512, and 2-3% slower at 16-64
+# rows, where the second wait of each sum costs more than the halved work saves.
+SPLIT_BYTES = 1 << 20
 
 
 
@@ -157,7 +161,8 @@ class NativeEncoder:
     def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         batch, length = input_ids.shape
         hidden = self.model.config.hidden_size
-        shared = self.comm.shared_rows(batch * length * hidden * 4)
+        nbytes = batch * length * hidden * 4
+        shared = self.comm.shared_rows(nbytes) if nbytes >= SPLIT_BYTES else None
         if shared is not None:
             (a, b), own_rows = shared
             x = a[: batch * length * hidden * 4].view(torch.float32).view(batch, length, hidden)
