@@ -37,7 +37,9 @@ column-parallel, the two output denses row-parallel (the auto plan), head_dim a 
 through oneDNN where torch has it (``torch.ops.mkldnn._linear_pointwise``), else through ``F.linear``. Anything
 else runs the model's own forward, the plain-torch reference this path is tested against
 (tests/distributed/test_encoder_native.py). The packed copies sit next to the model's weights: the layers' float32
-weights take twice their memory (all-MiniLM-L6-v2: 42 MB more at TP=1, 21 MB a rank at TP=2).
+weights take twice their memory (all-MiniLM-L6-v2: 42 MB more at TP=1, 21 MB a rank at TP=2). The sums split by
+rows take a second shared-memory segment of two buffers as large as the all-reduce's slots (16 MiB a group with
+the default 8 MiB slots), mapped by the first forward that splits.
 """
 
 from __future__ import annotations
@@ -165,8 +167,8 @@ class NativeEncoder:
         shared = self.comm.shared_rows(nbytes) if nbytes >= SPLIT_BYTES else None
         if shared is not None:
             (a, b), own_rows = shared
-            x = a[: batch * length * hidden * 4].view(torch.float32).view(batch, length, hidden)
-            h = b[: batch * length * hidden * 4].view(torch.float32).view(batch, length, hidden)
+            x = a[:nbytes].view(torch.float32).view(batch, length, hidden)
+            h = b[:nbytes].view(torch.float32).view(batch, length, hidden)
             rows = own_rows(batch * length)
             self._embeddings(input_ids, x, rows)
         else:

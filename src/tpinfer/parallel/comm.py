@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,7 +113,7 @@ class Communicator:
     # Sums split by rows through shared memory (the native encoder; tpinfer.parallel.shm): each rank finishes its
     # own rows of a sum into a buffer every rank maps, then a barrier, and every rank reads the whole.
 
-    def shared_rows(self, nbytes: int) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[int, int]] | None:
+    def shared_rows(self, nbytes: int) -> tuple[tuple[torch.Tensor, torch.Tensor], Callable[[int], tuple[int, int]]] | None:
         """For a sum of ``nbytes`` split by rows: the two shared buffers (uint8, every rank maps them) and a function
         of the row count giving this rank's ``[start, stop)``; None where the sums cannot go this way (one rank, no
         shared-memory group, or more than its slots hold)."""
