@@ -20,7 +20,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tpinfer.parallel.shm import SHM_DIR, CollectiveTimeout, ShmAllReduce, all_ranks_on_one_host, is_supported
+from tpinfer.parallel.shm import (
+    SHM_DIR,
+    CollectiveTimeout,
+    SegmentUnavailable,
+    ShmAllReduce,
+    all_ranks_on_one_host,
+    is_supported,
+)
 
 pytestmark = [
     pytest.mark.slow,
@@ -174,6 +181,29 @@ def _check_sums_split_by_rows(rank: int, world_size: int, shm: ShmAllReduce, rou
         shm.exchange_rows(torch.zeros(8, 4).t())
 
 
+def _check_buffers_refused(rank: int, world_size: int, shm: ShmAllReduce) -> None:
+    """/dev/shm too full for the split sums' buffers (rank 0's reservation fails): every rank gets the error at once,
+    not after the group's timeout, and the communicator falls back to all-reduces on every rank."""
+    from tpinfer.parallel.comm import Communicator
+
+    real = os.posix_fallocate
+    if rank == 0:
+        os.posix_fallocate = lambda *args: (_ for _ in ()).throw(OSError(28, "No space left on device"))
+    try:
+        comm = Communicator(None, rank, world_size, torch.device("cpu"), all_reduce_impl=shm)
+        start = time.monotonic()
+        assert comm.shared_rows(1 << 20) is None and comm.shared_rows(1 << 20) is None
+        assert time.monotonic() - start < GROUP_TIMEOUT_S / 2
+        with pytest.raises(SegmentUnavailable, match="No space left on device"):
+            ShmAllReduce(rank, world_size, dist.distributed_c10d._get_default_store(), prefix=f"{shm._prefix}-again",
+                         max_bytes=4096, timeout_s=GROUP_TIMEOUT_S)
+    finally:
+        os.posix_fallocate = real
+    x = torch.full((4,), float(rank + 1))
+    shm.all_reduce_(x)  # the group itself still works
+    assert torch.equal(x, torch.full((4,), float(world_size * (world_size + 1) // 2)))
+
+
 def _group_worker(rank: int, world_size: int, tmp_path: Path, prefix: str) -> None:
     store = _init_group(rank, world_size, tmp_path)
     assert all_ranks_on_one_host(rank, world_size, store, prefix=f"{prefix}-host", timeout_s=GROUP_TIMEOUT_S)
@@ -186,6 +216,9 @@ def _group_worker(rank: int, world_size: int, tmp_path: Path, prefix: str) -> No
     shm = ShmAllReduce(rank, world_size, store, prefix=f"{prefix}-rounds", max_bytes=4096, timeout_s=GROUP_TIMEOUT_S)
     _check_many_rounds(rank, world_size, shm)
     _check_sums_split_by_rows(rank, world_size, shm)
+    shm.close()
+    shm = ShmAllReduce(rank, world_size, store, prefix=f"{prefix}-full", max_bytes=4096, timeout_s=GROUP_TIMEOUT_S)
+    _check_buffers_refused(rank, world_size, shm)
     shm.close()
     shm.close()
     assert not _leftovers(prefix), "a segment's name outlived the group"

@@ -8,6 +8,7 @@ on one host (``tpinfer.parallel.shm``). Every call is counted by kind (calls and
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -16,6 +17,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from tpinfer.parallel.shm import SegmentUnavailable
+
+log = logging.getLogger(__name__)
 
 CONTROL_BYTES = 4096  # one broadcast carries a control message up to this size
 SMALL_GATHER_BYTES = 64 << 10  # all-gathers up to this size go through the shared-memory all-reduce
@@ -77,6 +82,7 @@ class Communicator:
         # Sequence parallelism: the full sequence length of the forward running sequence-parallel, else None.
         self.sequence_len: int | None = None
         self._gathered: tuple[torch.Tensor, torch.Tensor] | None = None  # (local input, its gathered sequence)
+        self._no_shared_rows = False  # the shared-memory group could not map the buffers of sums split by rows
 
     def _timed(self, kind: str, nbytes: int, fn: Any, *args: Any) -> Any:
         if not self.stats.timed:
@@ -118,9 +124,16 @@ class Communicator:
         of the row count giving this rank's ``[start, stop)``; None where the sums cannot go this way (one rank, no
         shared-memory group, or more than its slots hold)."""
         impl = self.all_reduce_impl
-        if self.world_size == 1 or impl is None or not hasattr(impl, "exchange_rows") or nbytes > impl.max_bytes:
+        if (self.world_size == 1 or impl is None or not hasattr(impl, "exchange_rows") or nbytes > impl.max_bytes
+                or self._no_shared_rows):
             return None
-        return impl.shared_buffers(), impl.own_rows
+        try:
+            buffers = impl.shared_buffers()
+        except SegmentUnavailable as e:  # every rank gets it, so every rank falls back alike
+            log.warning("sums not split by rows (they all-reduce instead): %s", e)
+            self._no_shared_rows = True
+            return None
+        return buffers, impl.own_rows
 
     def exchange_rows(self, tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Every rank's rows ``own_rows`` of its ``tensor``, in rank order (after ``shared_rows`` said yes)."""

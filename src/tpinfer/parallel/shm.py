@@ -88,6 +88,13 @@ class CollectiveTimeout(RuntimeError):
     """Some ranks did not arrive at a shared-memory collective within its timeout."""
 
 
+class SegmentUnavailable(RuntimeError):
+    """Rank 0 could not create a shared-memory segment (/dev/shm full or not writable); every rank raises it."""
+
+
+_FAILED = "!failed: "  # what rank 0 publishes instead of a segment's name when it cannot create it
+
+
 def is_supported() -> bool:
     """True on Linux x86-64 with /dev/shm: the ordering argument in the module docstring holds."""
     return sys.platform == "linux" and platform.machine() in ("x86_64", "AMD64") and os.path.isdir(SHM_DIR)
@@ -470,6 +477,9 @@ def _open_segment(rank: int, world_size: int, store: dist.Store, prefix: str, si
     if rank != 0:
         _wait_keys(store, {0: name_key}, timeout_s, rank, "publish the shared-memory segment")
         name = store.get(name_key).decode()
+        if name.startswith(_FAILED):
+            raise SegmentUnavailable(f"rank {rank}: rank 0 could not create shared-memory segment {prefix!r}: "
+                                     f"{name[len(_FAILED):]}")
         try:
             segment = _Segment(name, size, owner=None)
         except FileNotFoundError as e:
@@ -483,12 +493,21 @@ def _open_segment(rank: int, world_size: int, store: dist.Store, prefix: str, si
     if store.add(f"{prefix}/created", 1) != 1:
         raise ValueError(f"prefix {prefix!r} was already used for a shared-memory group on this store")
     name = f"{re.sub(r'[^A-Za-z0-9_.-]', '_', prefix)}-{os.getpid()}-{secrets.token_hex(4)}"
-    owner = shared_memory.SharedMemory(name, create=True, size=size)
+    try:
+        owner = shared_memory.SharedMemory(name, create=True, size=size)
+    except OSError as e:
+        store.set(name_key, f"{_FAILED}{e}")  # the other ranks raise at once instead of waiting for a name
+        raise SegmentUnavailable(f"rank 0: cannot create shared-memory segment {prefix!r} of {size} bytes: {e}") from e
     owner.close()  # every rank, this one too, maps the file itself (see _Segment)
     segment = None
     try:
-        with open(os.path.join(SHM_DIR, name), "rb+") as f:
-            os.posix_fallocate(f.fileno(), 0, size)  # ENOSPC now, instead of SIGBUS on first touch
+        try:
+            with open(os.path.join(SHM_DIR, name), "rb+") as f:
+                os.posix_fallocate(f.fileno(), 0, size)  # ENOSPC now, instead of SIGBUS on first touch
+        except OSError as e:
+            store.set(name_key, f"{_FAILED}{e}")
+            raise SegmentUnavailable(f"rank 0: cannot reserve {size} bytes of {SHM_DIR} for shared-memory segment "
+                                     f"{prefix!r}: {e}") from e
         segment = _Segment(name, size, owner)
         store.set(name_key, name)
         _wait_keys(store, attached_keys, timeout_s, rank, "map the shared-memory segment")
