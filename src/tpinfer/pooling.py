@@ -114,7 +114,7 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, config: PoolingConfig) -> tor
             out.append(hidden[torch.arange(hidden.shape[0], device=hidden.device), last])
         else:
             count = weights.sum(dim=1).clamp(min=1e-9)
-            total = (hidden * weights).sum(dim=1)
+            total = torch.bmm(weights.transpose(1, 2), hidden).squeeze(1)  # (B, hidden): no (B, T, hidden) product
             out.append(total / (count if mode == "mean" else count.sqrt()))
     vectors = torch.cat(out, dim=-1)
     return F.normalize(vectors, p=2, dim=1) if config.normalize else vectors

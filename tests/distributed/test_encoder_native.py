@@ -16,6 +16,7 @@ from tpinfer.parallel.context import ParallelContext
 from tpinfer.parallel.plan import resolve_plan
 from tpinfer.parallel.shard import parameter_shapes
 from tpinfer.parallel.spec import REPLICATE, VOCAB
+from tpinfer.pooling import PoolingConfig, pool
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180),
               pytest.mark.skipif(not kernels.available(), reason="native kernels unavailable here")]
@@ -69,8 +70,11 @@ def _forwards(ctx, gloo: bool, plan) -> dict:  # noqa: ANN001
     calls = dict(ctx.comm.stats.calls)
     unpadded = native(ids[:1], mask[:1])  # a batch without padding: no key bias at all
     one = native(ids[2:, :1], mask[2:, :1])  # one token: fewer rows than ranks, some ranks' share is empty
+    # pooled straight from the last buffer, group by group: the pooling of the returned states
+    pooling = PoolingConfig(modes=("mean", "cls"), normalize=True)
+    pooled = (native.pooled(ids, mask, pooling) - pool(got, mask, pooling)).abs().max().item()
     return {"diff": (got - ref).abs().max().item(), "unpadded": (unpadded - ref[:1]).abs().max().item(),
-            "one": (one - model(ids[2:, :1], mask[2:, :1])).abs().max().item(),
+            "one": (one - model(ids[2:, :1], mask[2:, :1])).abs().max().item(), "pooled": pooled,
             "digest": hashlib.sha256(got.numpy().tobytes()).hexdigest(), "calls": calls}
 
 
@@ -81,7 +85,7 @@ def test_native_encoder_equals_the_model_forward(world, gloo, split):
     for r in results:
         # The same sums in the same order except inside the GEMMs (oneDNN's blocking, q/k/v fused) and the
         # native softmax: float32 rounding of LayerNorm outputs ~1, far below 1e-5.
-        assert r["diff"] < 1e-5 and r["unpadded"] < 1e-5 and r["one"] < 1e-5
+        assert r["diff"] < 1e-5 and r["unpadded"] < 1e-5 and r["one"] < 1e-5 and r["pooled"] < 1e-6
         sums = 2 * CONFIG["num_hidden_layers"] + 1  # 2 a layer + the embedding's
         # through shared memory each sum is split by rows: its exchange, then the barrier after the rows are written
         assert r["calls"] == ({"reduce_scatter": sums, "all_gather": sums} if split else {"all_reduce": sums})
@@ -92,7 +96,7 @@ def test_native_encoder_runs_a_large_batch_in_groups_of_sequences():
     # at most 40 tokens a forward: the 3 rows of 20 run as 2 + 1, each forward with its embedding's sum and 2 a layer
     results = run_ranks(2, _on_rank, False, "auto", 40)
     for r in results:
-        assert r["diff"] < 1e-5 and r["unpadded"] < 1e-5
+        assert r["diff"] < 1e-5 and r["unpadded"] < 1e-5 and r["pooled"] < 1e-6
         sums = 2 * (2 * CONFIG["num_hidden_layers"] + 1)
         assert r["calls"] == {"reduce_scatter": sums, "all_gather": sums}
     assert len({r["digest"] for r in results}) == 1

@@ -50,7 +50,11 @@ class Encoder:
             lengths = torch.tensor([len(sequences[i]) for i in rows])
             mask = (torch.arange(width)[None] < lengths[:, None]).long()
             ids, mask = ids.to(self.device), mask.to(self.device)
-            vectors = pool(self.forward(ids, mask), mask, self.pooling).cpu()
+            pooled = getattr(self.forward, "pooled", None)  # the native forward pools without copying its states
+            if pooled is not None:
+                vectors = pooled(ids, mask, self.pooling).cpu()
+            else:
+                vectors = pool(self.forward(ids, mask), mask, self.pooling).cpu()
             for row, i in enumerate(rows):
                 out[i] = vectors[row]
             real = int(mask.sum())

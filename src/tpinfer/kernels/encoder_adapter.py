@@ -51,6 +51,7 @@ import torch.nn.functional as F
 
 from tpinfer import kernels
 from tpinfer.parallel.layers import ColumnParallelLinear, ReplicatedEmbedding, RowParallelLinear, VocabParallelEmbedding
+from tpinfer.pooling import PoolingConfig, pool
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +161,18 @@ class NativeEncoder:
             return out
         return self._forward(input_ids, attention_mask)
 
-    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pooling: PoolingConfig) -> torch.Tensor:
+        """``pool(self(input_ids, attention_mask), attention_mask, pooling)``, each group of sequences pooled straight
+        from the buffer its hidden states end in (shared by the ranks when the sums are split by rows: no rank writes
+        it again before this rank's next sum), without copying them out: 1-2% of a batch of 32 x 64 tokens at TP=2."""
+        batch, length = input_ids.shape
+        rows = max(1, CHUNK_TOKENS // length)
+        return torch.cat([pool(self._forward(input_ids[i : i + rows], attention_mask[i : i + rows], copy=False),
+                               attention_mask[i : i + rows], pooling) for i in range(0, batch, rows)])
+
+    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, copy: bool = True) -> torch.Tensor:
+        """The last hidden states; with ``copy=False`` possibly a view of the shared buffer, valid until this rank's
+        next forward."""
         batch, length = input_ids.shape
         hidden = self.model.config.hidden_size
         nbytes = batch * length * hidden * 4
@@ -188,7 +200,7 @@ class NativeEncoder:
                 self._sum_norm_rows(layer["d"](kernels.gelu_(layer["i"](h))), h.view(-1, hidden)[rows[0] : rows[1]],
                                     layer["ln2"], x, rows)
         # the shared buffer is the next forward's: a copy (another rank writes it only after this rank's next sum)
-        return x.clone() if rows is not None else x
+        return x.clone() if rows is not None and copy else x
 
     def _embeddings(self, input_ids: torch.Tensor, out: torch.Tensor | None = None,
                     rows: tuple[int, int] | None = None) -> torch.Tensor:
