@@ -35,6 +35,7 @@ class Encoder:
         self.model, self.pooling, self.max_batch_size = model, pooling, max_batch_size
         # The model's forward, or the family's native adapter around it (same contract, kernels.encoder_adapter)
         self.forward = forward or model
+        self._pooled = getattr(self.forward, "pooled", None)  # the native forward pools without copying its states
         self.device = model.ctx.device
         self.stats = EncodeStats()
 
@@ -50,9 +51,8 @@ class Encoder:
             lengths = torch.tensor([len(sequences[i]) for i in rows])
             mask = (torch.arange(width)[None] < lengths[:, None]).long()
             ids, mask = ids.to(self.device), mask.to(self.device)
-            pooled = getattr(self.forward, "pooled", None)  # the native forward pools without copying its states
-            if pooled is not None:
-                vectors = pooled(ids, mask, self.pooling).cpu()
+            if self._pooled is not None:
+                vectors = self._pooled(ids, mask, self.pooling).cpu()
             else:
                 vectors = pool(self.forward(ids, mask), mask, self.pooling).cpu()
             for row, i in enumerate(rows):

@@ -150,25 +150,27 @@ class NativeEncoder:
             })
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        # A large batch runs as groups of sequences of at most CHUNK_TOKENS tokens (sequences do not interact):
-        # activations that stay in the last-level cache and fit the shared-memory all-reduce's slots
-        batch, length = input_ids.shape
-        rows = max(1, CHUNK_TOKENS // length)
-        if batch > rows:
-            out = torch.empty(batch, length, self.model.config.hidden_size)
-            for i in range(0, batch, rows):
-                out[i : i + rows] = self._forward(input_ids[i : i + rows], attention_mask[i : i + rows])
-            return out
-        return self._forward(input_ids, attention_mask)
+        groups = self._groups(*input_ids.shape)
+        if len(groups) == 1:
+            return self._forward(input_ids, attention_mask)
+        out = torch.empty(*input_ids.shape, self.model.config.hidden_size)
+        for group in groups:  # each group's states copied once, into its rows of out
+            out[group] = self._forward(input_ids[group], attention_mask[group], copy=False)
+        return out
 
     def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pooling: PoolingConfig) -> torch.Tensor:
         """``pool(self(input_ids, attention_mask), attention_mask, pooling)``, each group of sequences pooled straight
         from the buffer its hidden states end in (shared by the ranks when the sums are split by rows: no rank writes
         it again before this rank's next sum), without copying them out: 1-2% of a batch of 32 x 64 tokens at TP=2."""
-        batch, length = input_ids.shape
+        return torch.cat([pool(self._forward(input_ids[group], attention_mask[group], copy=False),
+                               attention_mask[group], pooling) for group in self._groups(*input_ids.shape)])
+
+    @staticmethod
+    def _groups(batch: int, length: int) -> list[slice]:
+        """A large batch runs as groups of whole sequences of at most CHUNK_TOKENS tokens (sequences do not
+        interact): activations that stay in the last-level cache and fit the shared-memory all-reduce's slots."""
         rows = max(1, CHUNK_TOKENS // length)
-        return torch.cat([pool(self._forward(input_ids[i : i + rows], attention_mask[i : i + rows], copy=False),
-                               attention_mask[i : i + rows], pooling) for i in range(0, batch, rows)])
+        return [slice(i, i + rows) for i in range(0, batch, rows)]
 
     def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, copy: bool = True) -> torch.Tensor:
         """The last hidden states; with ``copy=False`` possibly a view of the shared buffer, valid until this rank's
@@ -181,10 +183,10 @@ class NativeEncoder:
             (a, b), own_rows = shared
             x = a[:nbytes].view(torch.float32).view(batch, length, hidden)
             h = b[:nbytes].view(torch.float32).view(batch, length, hidden)
-            rows = own_rows(batch * length)
-            self._embeddings(input_ids, x, rows)
+            share = own_rows(batch * length)
+            self._embeddings(input_ids, x, share)
         else:
-            x, rows = self._embeddings(input_ids), None
+            x, share = self._embeddings(input_ids), None
         key_bias = None
         if not bool(attention_mask.all()):
             key_bias = torch.zeros(attention_mask.shape, dtype=torch.float32).masked_fill_(attention_mask == 0,
@@ -192,54 +194,48 @@ class NativeEncoder:
         for layer in self.layers:
             heads, dim = layer["heads"], layer["head_dim"]
             ctx = kernels.encoder_attention(layer["qkv"](x), key_bias, heads, dim, dim**-0.5)
-            if rows is None:
+            if share is None:
                 h = self._sum_norm(layer["o"](ctx), x, layer["ln1"], out=x)  # x's last use: its buffer takes h
                 x = self._sum_norm(layer["d"](kernels.gelu_(layer["i"](h))), h, layer["ln2"], out=h)
             else:  # this rank's rows of each sum into the shared buffers, the others' read from there
-                self._sum_norm_rows(layer["o"](ctx), x.view(-1, hidden)[rows[0] : rows[1]], layer["ln1"], h, rows)
-                self._sum_norm_rows(layer["d"](kernels.gelu_(layer["i"](h))), h.view(-1, hidden)[rows[0] : rows[1]],
-                                    layer["ln2"], x, rows)
+                start, stop = share
+                self._sum_norm_rows(layer["o"](ctx), x.view(-1, hidden)[start:stop], layer["ln1"], h, share)
+                self._sum_norm_rows(layer["d"](kernels.gelu_(layer["i"](h))), h.view(-1, hidden)[start:stop],
+                                    layer["ln2"], x, share)
         # the shared buffer is the next forward's: a copy (another rank writes it only after this rank's next sum)
-        return x.clone() if rows is not None and copy else x
+        return x.clone() if share is not None and copy else x
 
     def _embeddings(self, input_ids: torch.Tensor, out: torch.Tensor | None = None,
-                    rows: tuple[int, int] | None = None) -> torch.Tensor:
+                    share: tuple[int, int] | None = None) -> torch.Tensor:
         """LayerNorm((word + token type 0) + position), the model's embeddings in its order: this rank's share of the
         word rows, summed over the ranks (one of them holds each row, the others add zeros) by the fused sum and
         LayerNorm with token type 0's row as its bias and the positions' rows as its residual, the same for every
         sequence. Tables split otherwise than the word rows by the vocabulary run the model's own forward. With
-        ``out`` and ``rows``: this rank's rows ``[start, stop)`` into the shared buffer ``out``, then the barrier
+        ``out`` and ``share``: this rank's rows ``[start, stop)`` into the shared buffer ``out``, then the barrier
         after which every rank's are there."""
         emb = self.model.embeddings
-        if not self.native_embeddings:
-            x = emb(input_ids, torch.zeros_like(input_ids))
-            if out is None:
-                return x
-            start, stop = rows
+        word = emb.word_embeddings
+        summed = self.native_embeddings and not isinstance(word, ReplicatedEmbedding)  # the lookup sums across ranks
+        if out is not None and not summed:  # every rank computes every row: its share into the shared buffer
+            x = self._embeddings(input_ids).view(-1, out.shape[-1])
+            start, stop = share
             self.comm.rows_barrier()  # every rank is done reading the buffer's last contents
-            out.view(-1, x.shape[-1])[start:stop] = x.view(-1, x.shape[-1])[start:stop]
+            out.view(-1, out.shape[-1])[start:stop] = x[start:stop]
             self.comm.rows_barrier()
             return out
-        word = emb.word_embeddings
+        if not self.native_embeddings:
+            return emb(input_ids, torch.zeros_like(input_ids))
         looked_up = kernels.embedding_rows(word.weight, word.start, input_ids.reshape(-1))
         first = emb.position_offset
         positions = emb.position_embeddings.weight[first : first + input_ids.shape[1]]
         norm = (emb.token_type_embeddings.weight[0], emb.LayerNorm.weight, emb.LayerNorm.bias, emb.LayerNorm.eps)
-        replicated = isinstance(word, ReplicatedEmbedding)  # every rank looked up every row: nothing to sum
+        if not summed:  # a replicated word table: every rank looked up every row
+            return kernels.sum_layer_norm([looked_up], *norm[1:], norm[0], positions).view(*input_ids.shape, -1)
         if out is None:
-            if replicated:
-                return kernels.sum_layer_norm([looked_up], *norm[1:], norm[0], positions).view(*input_ids.shape, -1)
             return self._sum_norm(looked_up, positions, norm).view(*input_ids.shape, -1)
         # the positions from the share's first row on, repeating (its last sequence may be cut short)
-        start, stop = rows
-        positions = torch.roll(positions, -(start % positions.shape[0]), 0)
-        flat = out.view(-1, out.shape[-1])
-        if replicated:
-            self.comm.rows_barrier()  # every rank is done reading the buffer's last contents
-            kernels.sum_layer_norm([looked_up[start:stop]], *norm[1:], norm[0], positions, flat[start:stop])
-            self.comm.rows_barrier()
-        else:
-            self._sum_norm_rows(looked_up, positions, norm, out, rows)
+        positions = torch.roll(positions, -(share[0] % positions.shape[0]), 0)
+        self._sum_norm_rows(looked_up, positions, norm, out, share)
         return out
 
     def _sum_norm(self, partial: torch.Tensor, residual: torch.Tensor, norm: tuple,
@@ -253,7 +249,7 @@ class NativeEncoder:
         return kernels.sum_layer_norm(list(parts), weight, bias, eps, dense_bias, residual, out)
 
     def _sum_norm_rows(self, partial: torch.Tensor, residual: torch.Tensor, norm: tuple, out: torch.Tensor,
-                       rows: tuple[int, int]) -> None:
+                       share: tuple[int, int]) -> None:
         """``_sum_norm`` split by rows: this rank's rows ``[start, stop)`` of the sum (every rank's partial of them, in
         rank order, as the all-reduce adds them) into the shared buffer ``out``, then the barrier after which every
         rank's rows are there. ``residual``: the share's rows, or P rows repeating from its first row on. The sum's
@@ -261,7 +257,7 @@ class NativeEncoder:
         contents (read by the GEMMs before that partial)."""
         dense_bias, weight, bias, eps = norm
         hidden = out.shape[-1]
-        start, stop = rows
+        start, stop = share
         parts = self.comm.exchange_rows(partial.view(-1, hidden))
         kernels.sum_layer_norm(list(parts), weight, bias, eps, dense_bias, residual,
                                out.view(-1, hidden)[start:stop])

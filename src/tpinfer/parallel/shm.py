@@ -242,14 +242,10 @@ class ShmAllReduce:
         segment, for a caller that sums them itself along with more work (the encoder's fused sum and LayerNorm).
         The views stay valid until this rank's next collective on the group (the double buffering of
         ``_exchange``). None where one slot cannot hold the tensor (the caller all-reduces instead)."""
-        if self._unusable:
-            raise RuntimeError(f"rank {self.rank}: shared-memory all-reduce used after {self._unusable}")
-        if not tensor.is_cpu or tensor.dtype not in _ACCUMULATE or tensor.nbytes > self.max_bytes:
+        plan = self._exchange_plan(tensor)
+        if plan is None:
             return None
-        plan = self._plan(tensor.dtype, tensor.shape)
         _, first, second, rest, _ = self._publish(plan, tensor)
-        self.calls += 1
-        self.bytes += plan[2]
         return (first, second, *rest)
 
     # Sums split by rows (a reduce-scatter whose gather costs nothing): each rank sums and finishes its own share of
@@ -264,40 +260,41 @@ class ShmAllReduce:
         """Publish the rows of ``tensor`` (rows x ...) that the other ranks own and wait for theirs; return every
         rank's rows ``own_rows`` of its tensor, in rank order (this rank's own: a view of ``tensor``, the others' views
         of the segment, valid until this rank's next collective on the group). None where a slot cannot hold it."""
-        if self._unusable:
-            raise RuntimeError(f"rank {self.rank}: shared-memory all-reduce used after {self._unusable}")
-        if not tensor.is_cpu or tensor.dtype not in _ACCUMULATE or tensor.nbytes > self.max_bytes:
-            return None
         if not tensor.is_contiguous():
             raise ValueError("exchange_rows needs a contiguous tensor")
-        plan = self._plan(tensor.dtype, tensor.shape)
-        self._round = round_ = self._round + 1
-        own, *views = plan[round_ & 1][:4]
-        start, stop = self.own_rows(tensor.shape[0])
-        own[:start].copy_(tensor[:start])
-        own[stop:].copy_(tensor[stop:])
-        self._seq[self._own_index] = round_
-        self._await(round_)
-        self.calls += 1
-        self.bytes += plan[2]
-        ranks = (views[0], views[1], *views[2])
-        return tuple((tensor if r == self.rank else view)[start:stop] for r, view in enumerate(ranks))
+        plan = self._exchange_plan(tensor)
+        if plan is None:
+            return None
+        share = self.own_rows(tensor.shape[0])
+        _, first, second, rest, _ = self._publish(plan, tensor, share)
+        start, stop = share
+        return tuple((tensor if r == self.rank else view)[start:stop] for r, view in enumerate((first, second, *rest)))
 
     def barrier(self) -> None:
         """A round without data: returns once every rank has entered it (and so finished what came before)."""
+        self._check_usable()
+        self._enter_round()
+
+    def _check_usable(self) -> None:
         if self._unusable:
             raise RuntimeError(f"rank {self.rank}: shared-memory all-reduce used after {self._unusable}")
-        self._round = round_ = self._round + 1
-        self._seq[self._own_index] = round_
-        self._await(round_)
+
+    def _exchange_plan(self, tensor: torch.Tensor) -> tuple | None:
+        """The plan to exchange ``tensor`` in one round (counted), or None where a slot cannot hold it."""
+        self._check_usable()
+        if not tensor.is_cpu or tensor.dtype not in _ACCUMULATE or tensor.nbytes > self.max_bytes:
+            return None
+        plan = self._plan(tensor.dtype, tensor.shape)
+        self.calls += 1
+        self.bytes += plan[2]
+        return plan
 
     def shared_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Two buffers of ``max_bytes`` (uint8) that every rank of the group maps, in one more segment. Collective the
         first time (every rank calls it at the same point), then cached. A rank writes only its own rows of them;
         what orders the writes and reads is the caller's (exchange_rows and barrier rounds)."""
         if self._shared is None:
-            if self._unusable:
-                raise RuntimeError(f"rank {self.rank}: shared-memory all-reduce used after {self._unusable}")
+            self._check_usable()
             segment = _open_segment(self.rank, self.world_size, self._store, f"{self._prefix}/shared",
                                     2 * self._slot_bytes, self.timeout_s)
             self._shared_finalizer = weakref.finalize(self, _Segment.close, segment)
@@ -316,8 +313,7 @@ class ShmAllReduce:
             self._finalizer()
 
     def _all_reduce_uncached(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self._unusable:
-            raise RuntimeError(f"rank {self.rank}: shared-memory all-reduce used after {self._unusable}")
+        self._check_usable()
         if not tensor.is_cpu:
             raise ValueError(f"shared-memory all-reduce needs a CPU tensor, got one on {tensor.device}")
         if tensor.dtype not in _ACCUMULATE:
@@ -369,14 +365,25 @@ class ShmAllReduce:
         """
         self._sum(self._publish(plan, tensor), tensor)
 
-    def _publish(self, plan: tuple, tensor: torch.Tensor) -> tuple:
-        """Start the next round with ``tensor`` as this rank's data and wait for every rank's; its slot views."""
-        self._round = round_ = self._round + 1
-        views = plan[round_ & 1]
-        views[0].copy_(tensor)
-        self._seq[self._own_index] = round_  # publish after the data (stores are ordered on x86 TSO)
-        self._await(round_)
+    def _publish(self, plan: tuple, tensor: torch.Tensor, skip: tuple[int, int] | None = None) -> tuple:
+        """Start the next round with ``tensor`` as this rank's data (without its rows ``skip``, which no other rank
+        reads) and wait for every rank's; the round's slot views."""
+        views = plan[(self._round + 1) & 1]
+        if skip is None:
+            views[0].copy_(tensor)
+        else:
+            start, stop = skip
+            views[0][:start].copy_(tensor[:start])
+            views[0][stop:].copy_(tensor[stop:])
+        self._enter_round()
         return views
+
+    def _enter_round(self) -> None:
+        """The next round: this rank's counter published (after its data: stores are ordered on x86 TSO), then wait
+        for every rank's."""
+        self._round = round_ = self._round + 1
+        self._seq[self._own_index] = round_
+        self._await(round_)
 
     def _await(self, round_: int) -> None:
         """Until every rank has published ``round_``."""
@@ -407,8 +414,7 @@ class ShmAllReduce:
     def native_group(self) -> Any:
         """This group as ``tpi_decode_stack`` sees it, with the current round; raises once the group is unusable
         (closed, or a timeout broke the rounds' alignment)."""
-        if self._unusable:
-            raise RuntimeError(f"rank {self.rank}: shared-memory all-reduce used after {self._unusable}")
+        self._check_usable()
         if self._native is None:
             from tpinfer import kernels
 
