@@ -1388,10 +1388,11 @@ inline __m512 gelu_erf(__m512 x) {
 constexpr int kAttnRows = 5;
 
 // Scores of kAttnRows query rows against NV * 16 keys from `key` on: s[r][j] = scale * q_r . k_j + bias[j].
-// kt holds K transposed (D rows of Tp keys); q[r] is row r's query vector.
+// kt holds K transposed (D rows of Tp keys); q[r] is row r's query vector. row_max[r] takes the max of what row r
+// stores, lane by lane.
 template <int NV>
 inline void attn_scores(const float *const *q, const float *kt, int64_t Tp, int64_t D, int64_t key, float scale,
-                        const float *bias, float *s, int64_t s_stride) {
+                        const float *bias, float *s, int64_t s_stride, __m512 *row_max) {
   __m512 acc[kAttnRows][NV];
   for (int r = 0; r < kAttnRows; r++)
     for (int v = 0; v < NV; v++) acc[r][v] = _mm512_setzero_ps();
@@ -1406,8 +1407,11 @@ inline void attn_scores(const float *const *q, const float *kt, int64_t Tp, int6
   const __m512 vs = _mm512_set1_ps(scale);
   for (int v = 0; v < NV; v++) {
     const __m512 b = _mm512_loadu_ps(bias + key + 16 * v);
-    for (int r = 0; r < kAttnRows; r++)
-      _mm512_storeu_ps(s + r * s_stride + key + 16 * v, _mm512_fmadd_ps(acc[r][v], vs, b));
+    for (int r = 0; r < kAttnRows; r++) {
+      const __m512 score = _mm512_fmadd_ps(acc[r][v], vs, b);
+      _mm512_storeu_ps(s + r * s_stride + key + 16 * v, score);
+      row_max[r] = _mm512_max_ps(row_max[r], score);
+    }
   }
 }
 
@@ -1494,28 +1498,32 @@ void encoder_head(const float *qkv, const float *key_bias, float *out, int64_t b
       q[r] = q0 + i * row;
       o[r] = out + (b * T + i) * H * D + h * D;
     }
+    __m512 row_max[kAttnRows];
+    for (int r = 0; r < kAttnRows; r++) row_max[r] = _mm512_set1_ps(-INFINITY);
     int64_t key = 0;
-    for (; key + 64 <= Tp; key += 64) attn_scores<4>(q, kt, Tp, D, key, scale, bias, s, Tp);
+    for (; key + 64 <= Tp; key += 64) attn_scores<4>(q, kt, Tp, D, key, scale, bias, s, Tp, row_max);
     switch ((Tp - key) / 16) {
-      case 3: attn_scores<3>(q, kt, Tp, D, key, scale, bias, s, Tp); break;
-      case 2: attn_scores<2>(q, kt, Tp, D, key, scale, bias, s, Tp); break;
-      case 1: attn_scores<1>(q, kt, Tp, D, key, scale, bias, s, Tp); break;
+      case 3: attn_scores<3>(q, kt, Tp, D, key, scale, bias, s, Tp, row_max); break;
+      case 2: attn_scores<2>(q, kt, Tp, D, key, scale, bias, s, Tp, row_max); break;
+      case 1: attn_scores<1>(q, kt, Tp, D, key, scale, bias, s, Tp, row_max); break;
       default: break;
     }
+    // the softmax of the tile's rows side by side (each row's max taken as its scores were stored): independent
+    // chains for the out-of-order core, where one row after another waits on each reduction in turn
     float inv_sum[kAttnRows];
+    __m512 sum[kAttnRows];
     for (int r = 0; r < kAttnRows; r++) {
-      float *sr = s + r * Tp;
-      __m512 m = _mm512_set1_ps(-INFINITY);
-      for (int64_t j = 0; j < Tp; j += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(sr + j));
-      const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(m));
-      __m512 sum = _mm512_setzero_ps();
-      for (int64_t j = 0; j < Tp; j += 16) {
-        const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(sr + j), mx));
-        _mm512_storeu_ps(sr + j, e);
-        sum = _mm512_add_ps(sum, e);
-      }
-      inv_sum[r] = 1.0f / _mm512_reduce_add_ps(sum);
+      row_max[r] = _mm512_set1_ps(_mm512_reduce_max_ps(row_max[r]));
+      sum[r] = _mm512_setzero_ps();
     }
+    for (int64_t j = 0; j < Tp; j += 16)
+      for (int r = 0; r < kAttnRows; r++) {
+        float *sr = s + r * Tp + j;
+        const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(sr), row_max[r]));
+        _mm512_storeu_ps(sr, e);
+        sum[r] = _mm512_add_ps(sum[r], e);
+      }
+    for (int r = 0; r < kAttnRows; r++) inv_sum[r] = 1.0f / _mm512_reduce_add_ps(sum[r]);
     int64_t dim = 0;
     for (; dim + 64 <= D; dim += 64) attn_values<4>(s, Tp, v0, row, T, dim, inv_sum, o);
     switch ((D - dim) / 16) {
