@@ -11,7 +11,10 @@ Each cell is warmed up on both (those outputs are the sanity check: cosine simil
 sentence-transformers' embeddings, else the run stops), then timed in --repeat alternating repetitions, tpinfer
 and sentence-transformers in turn (the first of the pair alternating too), each one calling again until it has run
 --min-time seconds, so drift on this shared machine hits both alike. The table has medians and the median of the
-per-repetition ratios; one JSON line ends the output.
+per-repetition ratios; one JSON line ends the output. Once both are loaded, the process's heap (torch,
+transformers, both models) is frozen out of Python's garbage collector (``gc.freeze``, as tpinfer's server and
+workers do after loading): a full collection of it took ~0.2 s here every several seconds, inside whichever
+side's call happened to allocate; the calls' own garbage is still collected.
 
 Threads: sentence-transformers runs with torch.set_num_threads(2) (--st-threads). tpinfer gives each rank this
 host's cores divided by its ranks (tpinfer.parallel.context.set_threads), so the script first confines itself
@@ -27,6 +30,7 @@ single-thread ranks share 2 cores (oversubscribed, marked in the table). Rank 0 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -173,6 +177,8 @@ def main() -> None:
         if tp > 1 and threads != 1:
             raise SystemExit(f"tp={tp} on {cores} cores would run {threads} threads per rank; this bench runs 1")
         llm = LLM(model, tensor_parallel_size=tp, max_batch_size=max(args.batch), progress=False)
+        gc.collect()
+        gc.freeze()
         try:
             for n in args.tokens:
                 for b in args.batch:

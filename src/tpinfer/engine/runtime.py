@@ -8,6 +8,7 @@ every rank runs the same operation. Workers loop on messages until ``Stop``.
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 import sys
 import time
@@ -117,6 +118,15 @@ class EngineSpec:
         else:
             max_model_len(config, self.max_model_len)
         return config, plan
+
+
+def freeze_startup_heap() -> None:
+    """Move every object this process holds now (modules, the model and its plans: what lives as long as the
+    process) out of the garbage collector's reach, so that a full collection scans only what requests allocate. For
+    the processes tpinfer owns (workers, the server), once loaded: a worker's full collection of its startup heap
+    stalled it, and every rank with it, 70 ms every few seconds (all-MiniLM-L6-v2 at TP=2, a 230 ms batch)."""
+    gc.collect()
+    gc.freeze()
 
 
 @dataclass
@@ -255,6 +265,7 @@ class RankEngine:
 
     def serve_forever(self) -> None:
         """Workers: run what rank 0 sends until it says stop."""
+        freeze_startup_heap()
         while True:
             message = messages.receive(self.ctx)
             if isinstance(message, messages.Stop):

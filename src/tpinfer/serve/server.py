@@ -32,7 +32,7 @@ from pathlib import Path
 import uvicorn
 
 from tpinfer.engine.launcher import Launcher
-from tpinfer.engine.runtime import EngineSpec, RankEngine, layout_label, load_engine
+from tpinfer.engine.runtime import EngineSpec, RankEngine, freeze_startup_heap, layout_label, load_engine
 from tpinfer.engine.scheduler import MAX_NUM_BATCHED_TOKENS, Router, Scheduler
 from tpinfer.models.family import CAUSAL_LM
 from tpinfer.parallel.context import ParallelContext
@@ -158,6 +158,7 @@ def serve(config: ServeConfig) -> int:
         build = _build_state if model_config.family.kind == CAUSAL_LM else _build_embed_state
         state = build(config, engine, tokenizer, names, model_config.vocab_size)
         state_box.append(state)
+        freeze_startup_heap()  # loaded: what this process holds now lives as long as it does
         return _run(config, engine, state, launcher, sock)
     except BaseException:
         if launcher is not None:
