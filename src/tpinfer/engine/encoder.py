@@ -40,25 +40,32 @@ class Encoder:
         self.stats = EncodeStats()
 
     @torch.inference_mode()
-    def embed(self, sequences: list[list[int]]) -> list[torch.Tensor]:
-        """One float32 embedding per sequence, in their order."""
-        order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
-        out: list[torch.Tensor | None] = [None] * len(sequences)
-        for start in range(0, len(order), self.max_batch_size):
-            rows = order[start : start + self.max_batch_size]
-            width = len(sequences[rows[0]])
-            ids = torch.tensor([sequences[i] + [PAD_ID] * (width - len(sequences[i])) for i in rows], dtype=torch.long)
-            lengths = torch.tensor([len(sequences[i]) for i in rows])
-            mask = (torch.arange(width)[None] < lengths[:, None]).long()
-            ids, mask = ids.to(self.device), mask.to(self.device)
+    def embed(self, ids: torch.Tensor, lengths: list[int]) -> list[torch.Tensor]:
+        """One float32 embedding per sequence, in their order: ``ids`` holds every sequence's token ids one after
+        another (int64), ``lengths`` how many are each one's."""
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        starts = [0] * len(lengths)
+        for i in range(1, len(lengths)):
+            starts[i] = starts[i - 1] + lengths[i - 1]
+        out: list[torch.Tensor | None] = [None] * len(lengths)
+        for first in range(0, len(order), self.max_batch_size):
+            rows = order[first : first + self.max_batch_size]
+            width = lengths[rows[0]]
+            row_lengths = torch.tensor([lengths[i] for i in rows])
+            positions = torch.arange(width)
+            mask = positions[None] < row_lengths[:, None]
+            # each row's ids gathered from the run (a padded position reads the row's first id, then PAD_ID)
+            index = (torch.tensor([starts[i] for i in rows])[:, None] + positions[None]).masked_fill_(~mask, 0)
+            batch = ids[index].masked_fill_(~mask, PAD_ID).to(self.device)
+            mask = mask.long().to(self.device)
             if self._pooled is not None:
-                vectors = self._pooled(ids, mask, self.pooling).cpu()
+                vectors = self._pooled(batch, mask, self.pooling).cpu()
             else:
-                vectors = pool(self.forward(ids, mask), mask, self.pooling).cpu()
+                vectors = pool(self.forward(batch, mask), mask, self.pooling).cpu()
             for row, i in enumerate(rows):
                 out[i] = vectors[row]
-            real = int(mask.sum())
+            real = int(row_lengths.sum())
             self.stats.forwards += 1
             self.stats.tokens += real
-            self.stats.padding += ids.numel() - real
+            self.stats.padding += batch.numel() - real
         return out  # type: ignore[return-value]

@@ -7,9 +7,14 @@ same operation. Only token ids, positions, slots and sampling parameters cross r
 
 from __future__ import annotations
 
+import base64
+import itertools
 import json
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
+
+import numpy as np
+import torch
 
 from tpinfer.engine.sampling import SamplingParams
 
@@ -81,17 +86,33 @@ class Score:
 
 @dataclass
 class Embed:
-    """An encoder's forward of whole token sequences, pooled into sentence embeddings (``Encoder.embed``)."""
+    """An encoder's forward of whole token sequences, pooled into sentence embeddings (``Encoder.embed``).
 
-    sequences: list[list[int]]
+    The sequences travel as one run of int32 ids (base64) and their lengths, not as JSON lists: for 32 x 64 ids
+    0.1 ms on rank 0 and on a worker, against 0.45 ms each to write, read and tensorize the lists."""
+
+    ids: torch.Tensor  # every sequence's token ids one after another, int64
+    lengths: list[int]
     op: ClassVar[str] = "embed"
 
+    @classmethod
+    def of(cls, sequences: list[list[int]]) -> Embed:
+        lengths = [len(s) for s in sequences]
+        flat = np.fromiter(itertools.chain.from_iterable(sequences), np.int64, count=sum(lengths))
+        return cls(torch.from_numpy(flat), lengths)
+
     def fields(self) -> dict[str, Any]:
-        return {"sequences": self.sequences}
+        data = self.ids.to(torch.int32).numpy().astype("<i4", copy=False).tobytes()
+        return {"lengths": self.lengths, "ids": base64.b64encode(data).decode("ascii")}
 
     @classmethod
     def parse(cls, raw: dict[str, Any]) -> Embed:
-        return cls([[int(t) for t in s] for s in raw["sequences"]])
+        data = base64.b64decode(raw["ids"])
+        ids = torch.from_numpy(np.frombuffer(data, dtype="<i4").astype(np.int64))
+        lengths = [int(n) for n in raw["lengths"]]
+        if sum(lengths) != ids.numel() or min(lengths, default=1) < 1:
+            raise RuntimeError(f"embed message with {ids.numel()} ids for sequences of lengths {lengths}")
+        return cls(ids, lengths)
 
 
 @dataclass

@@ -257,7 +257,8 @@ class RankEngine:
         """Rank 0: pooled float32 embeddings of token sequences, the encoder run by every rank."""
         self.require(ENCODER, "embedding")
         self.check_sequences(sequences)
-        return self.encoder.embed(messages.send(self.ctx, messages.Embed(sequences)).sequences)
+        message = messages.send(self.ctx, messages.Embed.of(sequences))
+        return self.encoder.embed(message.ids, message.lengths)
 
     def stop_workers(self) -> None:
         for replica in range(self.ctx.dp_size):
@@ -285,7 +286,7 @@ class RankEngine:
 
                 run_score(self, message)
             elif isinstance(message, messages.Embed):  # an encoder's embeddings (tpinfer.engine.encoder)
-                self.encoder.embed(message.sequences)
+                self.encoder.embed(message.ids, message.lengths)
 
 
 def max_model_len(config: ModelConfig, requested: int | None) -> int:

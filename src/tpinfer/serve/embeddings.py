@@ -117,7 +117,7 @@ class EmbedQueue:
 
     def heartbeat(self) -> None:
         """An empty operation that keeps idle workers inside their collective timeout."""
-        messages.send(self.engine.ctx, messages.Embed([]))
+        messages.send(self.engine.ctx, messages.Embed.of([]))
 
     def interrupt(self) -> None:
         with self._cond:
