@@ -8,6 +8,7 @@ pools them (``tpinfer.pooling.pool``) and rank 0 returns the embeddings in the o
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -44,9 +45,7 @@ class Encoder:
         """One float32 embedding per sequence, in their order: ``ids`` holds every sequence's token ids one after
         another (int64), ``lengths`` how many are each one's."""
         order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-        starts = [0] * len(lengths)
-        for i in range(1, len(lengths)):
-            starts[i] = starts[i - 1] + lengths[i - 1]
+        starts = list(itertools.accumulate(lengths, initial=0))  # where each sequence's ids begin in the run
         out: list[torch.Tensor | None] = [None] * len(lengths)
         for first in range(0, len(order), self.max_batch_size):
             rows = order[first : first + self.max_batch_size]
