@@ -9,8 +9,9 @@ batch)``, ``encode(batch_size=batch)``), tokenization included, as a caller sees
 One ``LLM(model, tensor_parallel_size=tp)`` per TP size stays up across that size's cells (loading is not timed).
 Each cell is warmed up on both (those outputs are the sanity check: cosine similarity >= 0.99999 to
 sentence-transformers' embeddings, else the run stops), then timed in --repeat alternating repetitions, tpinfer
-and sentence-transformers in turn (the first of the pair alternating too), each one calling again until it has run
---min-time seconds, so drift on this shared machine hits both alike. The table has medians and the median of the
+and sentence-transformers in turn (the first of the pair alternating too), each one called once untimed (the first
+call after the other's turn ran 5-7% slower here, on both sides: caches and memory the other side had), then again
+until it has run --min-time seconds, so drift on this shared machine hits both alike. The table has medians and the median of the
 per-repetition ratios; one JSON line ends the output. Once both are loaded, the process's heap (torch,
 transformers, both models) is frozen out of Python's garbage collector (``gc.freeze``, as tpinfer's server and
 workers do after loading): a full collection of it took ~0.2 s here every several seconds, inside whichever
@@ -87,6 +88,8 @@ def make_inputs(tokenizer, words: list[str], count: int, tokens: int) -> list[st
 
 
 def seconds_per_call(fn: Callable[[], object], min_time: float) -> float:
+    """Seconds per call of ``fn`` once warm: one call untimed, then calls until ``min_time`` has passed."""
+    fn()
     calls, start = 0, time.perf_counter()
     while True:
         fn()
