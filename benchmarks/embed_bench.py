@@ -10,8 +10,8 @@ One ``LLM(model, tensor_parallel_size=tp)`` per TP size stays up across that siz
 Each cell is warmed up on both (those outputs are the sanity check: cosine similarity >= 0.99999 to
 sentence-transformers' embeddings, else the run stops), then timed in --repeat alternating repetitions, tpinfer
 and sentence-transformers in turn (the first of the pair alternating too), each one called once untimed (the first
-call after the other's turn ran 5-7% slower here, on both sides: caches and memory the other side had), then again
-until it has run --min-time seconds, so drift on this shared machine hits both alike. The table has medians and the median of the
+call after the other side's turn ran 5-7% slower here, on both sides), then again until it has run --min-time
+seconds, so drift on this shared machine hits both alike. The table has medians and the median of the
 per-repetition ratios; one JSON line ends the output. Once both are loaded, the process's heap (torch,
 transformers, both models) is frozen out of Python's garbage collector (``gc.freeze``, as tpinfer's server and
 workers do after loading): a full collection of it took ~0.2 s here every several seconds, inside whichever
