@@ -55,9 +55,10 @@ class Server:
         return self.log.read_text()[-4000:] if self.log.exists() else ""
 
 
-def write_checkpoint(path: Path, chat_template: bool = True) -> Path:
-    """The tiny llama test checkpoint, 1024 positions (long streams for the fault tests), optionally a chat template."""
-    make_checkpoint(path, "llama", max_position_embeddings=1024)
+def write_checkpoint(path: Path, chat_template: bool = True, positions: int = 1024) -> Path:
+    """The tiny llama test checkpoint, ``positions`` long (long streams for the fault tests), optionally a chat
+    template."""
+    make_checkpoint(path, "llama", max_position_embeddings=positions)
     if chat_template:
         config = json.loads((path / "tokenizer_config.json").read_text())
         config["chat_template"] = CHAT_TEMPLATE

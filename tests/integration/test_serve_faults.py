@@ -19,10 +19,15 @@ from test_serve import NAME, Server, start_server, stop_server, write_checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
+# Tokens of each stream the SIGTERM test keeps open: ~4.5 s of decode on the 2-core test machine when quiet. 1000
+# took 1.15 s there: on a loaded machine every stream had ended before a read of /metrics saw them (3 of 4 runs
+# failed with two busy loops beside them; 4 of 4 passed with 3000 tokens).
+LONG_STREAM = 4000
+
 
 @pytest.fixture(scope="module")
 def plain_model(tmp_path_factory):
-    return write_checkpoint(tmp_path_factory.mktemp("faults") / "tiny", chat_template=False)
+    return write_checkpoint(tmp_path_factory.mktemp("faults") / "tiny", chat_template=False, positions=4096)
 
 
 def _family(server: Server) -> list[psutil.Process]:
@@ -50,11 +55,14 @@ def _long_stream(client: openai.OpenAI, prompt: str, max_tokens: int):
                                      stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
 
 
-def _metric(server: Server, name: str) -> float:
+def _metrics(server: Server, *names: str) -> list[float]:
+    """The values of gauges ``names`` from one read of /metrics."""
+    values = {}
     for line in httpx.get(f"{server.url}/metrics").text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(name)
+        name, _, value = line.partition(" ")
+        if name in names:
+            values[name] = float(value)
+    return [values[name] for name in names]
 
 
 @pytest.mark.parametrize("layout", [("--tensor-parallel-size", "2"), ("--pipeline-parallel-size", "2"),
@@ -85,7 +93,7 @@ def test_a_worker_killed_mid_stream_fails_the_request_and_the_server_exits(plain
 
 def test_sigterm_drains_open_requests_refuses_new_ones_and_exits_cleanly(plain_model, tmp_path):
     server = start_server(plain_model, tmp_path / "term.log", "--tensor-parallel-size", "2", "--max-num-seqs", "2",
-                          "--max-queue", "1", "--max-model-len", "1024", "--shutdown-timeout", "90", "--timeout", "4")
+                          "--max-queue", "1", "--max-model-len", "4096", "--shutdown-timeout", "90", "--timeout", "4")
     try:
         family = _family(server)
         client = server.client()
@@ -97,13 +105,13 @@ def test_sigterm_drains_open_requests_refuses_new_ones_and_exits_cleanly(plain_m
 
         def consume(i: int) -> None:
             # long enough that the first two are still streaming when the third is queued, on a loaded machine too
-            *_, last, usage = _long_stream(client, f"Hello world {i}", 1000)  # the usage-only chunk comes last
+            *_, last, usage = _long_stream(client, f"Hello world {i}", LONG_STREAM)  # the usage-only chunk last
             results[i] = (last.choices[0].finish_reason, usage.usage.completion_tokens)
 
         def wait_for(state: list[int], what: str) -> None:
             deadline = time.monotonic() + 10
-            while [_metric(server, f"tpinfer_num_requests_{kind}") for kind in ("running", "waiting")] != state:
-                assert time.monotonic() < deadline, what
+            while (seen := _metrics(server, "tpinfer_num_requests_running", "tpinfer_num_requests_waiting")) != state:
+                assert time.monotonic() < deadline, f"{what}: running, waiting = {seen}"
                 time.sleep(0.02)
 
         threads = [threading.Thread(target=consume, args=(i,), daemon=True) for i in range(3)]
@@ -127,7 +135,7 @@ def test_sigterm_drains_open_requests_refuses_new_ones_and_exits_cleanly(plain_m
             client.completions.create(model=NAME, prompt="too late", max_tokens=4)
         for thread in threads:
             thread.join(90)
-        assert results == {i: ("length", 1000) for i in range(3)}  # every open request finished
+        assert results == {i: ("length", LONG_STREAM) for i in range(3)}  # every open request finished
         assert server.proc.wait(30) == 0
         _assert_gone(family)
     finally:
