@@ -390,11 +390,20 @@ def test_api_key_is_required_on_v1_routes(tp1):
     assert tp1.client().completions.create(model=NAME, prompt="hi", max_tokens=2).usage.completion_tokens >= 1
 
 
-def _metric(server: Server, name: str) -> float:
+def metrics(server: Server, *names: str) -> list[float]:
+    """The values of ``names`` (metrics without labels) from one read of /metrics."""
+    values = {}
     for line in httpx.get(f"{server.url}/metrics").text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"{name} not in /metrics")
+        name, _, value = line.partition(" ")
+        if name in names:
+            values[name] = float(value)
+    missing = [name for name in names if name not in values]
+    assert not missing, f"{missing} not in /metrics"
+    return [values[name] for name in names]
+
+
+def _metric(server: Server, name: str) -> float:
+    return metrics(server, name)[0]
 
 
 def test_a_client_that_disconnects_frees_its_slot(tp1):

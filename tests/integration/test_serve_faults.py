@@ -15,7 +15,7 @@ import httpx
 import openai
 import psutil
 import pytest
-from test_serve import NAME, Server, start_server, stop_server, write_checkpoint
+from test_serve import NAME, Server, metrics, start_server, stop_server, write_checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -53,16 +53,6 @@ def _assert_gone(processes: list[psutil.Process], timeout: float = 10) -> None:
 def _long_stream(client: openai.OpenAI, prompt: str, max_tokens: int):
     return client.completions.create(model=NAME, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True,
                                      stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
-
-
-def _metrics(server: Server, *names: str) -> list[float]:
-    """The values of gauges ``names`` from one read of /metrics."""
-    values = {}
-    for line in httpx.get(f"{server.url}/metrics").text.splitlines():
-        name, _, value = line.partition(" ")
-        if name in names:
-            values[name] = float(value)
-    return [values[name] for name in names]
 
 
 @pytest.mark.parametrize("layout", [("--tensor-parallel-size", "2"), ("--pipeline-parallel-size", "2"),
@@ -110,7 +100,7 @@ def test_sigterm_drains_open_requests_refuses_new_ones_and_exits_cleanly(plain_m
 
         def wait_for(state: list[int], what: str) -> None:
             deadline = time.monotonic() + 10
-            while (seen := _metrics(server, "tpinfer_num_requests_running", "tpinfer_num_requests_waiting")) != state:
+            while (seen := metrics(server, "tpinfer_num_requests_running", "tpinfer_num_requests_waiting")) != state:
                 assert time.monotonic() < deadline, f"{what}: running, waiting = {seen}"
                 time.sleep(0.02)
 
