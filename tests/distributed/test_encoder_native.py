@@ -75,7 +75,8 @@ def _forwards(ctx, gloo: bool, plan) -> dict:  # noqa: ANN001
     pooled = (native.pooled(ids, mask, pooling) - pool(got, mask, pooling)).abs().max().item()
     return {"diff": (got - ref).abs().max().item(), "unpadded": (unpadded - ref[:1]).abs().max().item(),
             "one": (one - model(ids[2:, :1], mask[2:, :1])).abs().max().item(), "pooled": pooled,
-            "digest": hashlib.sha256(got.numpy().tobytes()).hexdigest(), "calls": calls}
+            "digest": hashlib.sha256(got.numpy().tobytes()).hexdigest(), "calls": calls,
+            "amx": native.layers[0]["qkv"].amx is not None}
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -89,7 +90,15 @@ def test_native_encoder_equals_the_model_forward(world, gloo, split):
         sums = 2 * CONFIG["num_hidden_layers"] + 1  # 2 a layer + the embedding's
         # through shared memory each sum is split by rows: its exchange, then the barrier after the rows are written
         assert r["calls"] == ({"reduce_scatter": sums, "all_gather": sums} if split else {"all_reduce": sums})
+        assert r["amx"] is kernels.amx_available()  # the GEMMs through AMX wherever the host has it
     assert len({r["digest"] for r in results}) == 1  # every rank holds the same bits
+
+
+@pytest.mark.skipif(not kernels.amx_available(), reason="no AMX here: the tests above already run without it")
+def test_native_encoder_without_amx_on_a_host_with_it(monkeypatch):
+    monkeypatch.setenv(kernels.AMX_SWITCH, "0")  # inherited by the spawned ranks
+    for r in run_ranks(2, _on_rank, False, "auto", None, True):
+        assert not r["amx"] and r["diff"] < 1e-5 and r["unpadded"] < 1e-5 and r["one"] < 1e-5
 
 
 def test_native_encoder_runs_a_large_batch_in_groups_of_sequences():
@@ -136,13 +145,20 @@ def test_native_encoder_at_one_rank_and_what_it_refuses():
     assert "head_dim 8" in unsupported_reason(_model(ParallelContext.single(), narrow, 1))
 
 
-@pytest.mark.parametrize("onednn", [True, False] if torch.backends.mkldnn.is_available() else [False])
-def test_packed_linear_with_and_without_bias(onednn):
-    from tpinfer.kernels.encoder_adapter import PackedLinear
+PATHS = ["f.linear"] + ["onednn"] * torch.backends.mkldnn.is_available() + ["amx"] * kernels.amx_available()
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_packed_linear_with_and_without_bias_and_gelu(path):
+    from tpinfer.kernels.encoder_adapter import AMX_MIN_ROWS, PackedLinear
 
     torch.manual_seed(3)
-    x, weight, bias = torch.randn(2, 5, 48), torch.randn(40, 48) * 0.2, torch.randn(40)
-    linear = PackedLinear(weight, bias, onednn)
-    exact = torch.nn.functional.linear(x.double(), weight.double(), bias.double())
-    assert (linear(x).double() - exact).abs().max() < 1e-5
-    assert (PackedLinear(weight, None, onednn)(x).double() - (exact - bias.double())).abs().max() < 1e-5
+    weight, bias = torch.randn(40, 48) * 0.2, torch.randn(40)
+    onednn, amx = path == "onednn", path == "amx"
+    # with AMX: a batch from AMX_MIN_ROWS rows up through it, fewer rows through F.linear
+    for x in (torch.randn(2, AMX_MIN_ROWS, 48), torch.randn(1, AMX_MIN_ROWS - 1, 48)):
+        exact = torch.nn.functional.linear(x.double(), weight.double(), bias.double())
+        assert (PackedLinear(weight, bias, onednn, amx)(x).double() - exact).abs().max() < 1e-5
+        assert (PackedLinear(weight, None, onednn, amx)(x).double() - (exact - bias.double())).abs().max() < 1e-5
+        gelu = PackedLinear(weight, bias, onednn, amx, gelu=True)(x).double()
+        assert (gelu - torch.nn.functional.gelu(exact)).abs().max() < 1e-5

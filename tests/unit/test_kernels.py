@@ -381,3 +381,65 @@ def test_embedding_rows_is_a_rank_share_of_the_lookup():
     assert torch.equal(shares[0] + shares[1], F.embedding(ids, table))
     with pytest.raises(ValueError, match="int64 ids"):
         kernels.embedding_rows(table, 0, ids.int())
+
+
+_AMX = _CAN_BUILD and all(flag in kernels.cpu_flags() for flag in ("amx_tile", "amx_bf16", "avx512_bf16"))
+needs_amx = pytest.mark.skipif(not _AMX, reason="this CPU has no AMX-BF16: the float32 GEMM through AMX runs only "
+                                                "where it has")
+
+
+@needs_amx
+def test_amx_is_in_use_where_the_cpu_has_it():
+    # as for the library: on a CPU with AMX-BF16 a silent fallback would hide a broken build or a refused permission
+    assert kernels.amx_available()
+
+
+def test_amx_switch(monkeypatch):
+    monkeypatch.setenv(kernels.AMX_SWITCH, "0")
+    assert not kernels.amx_available()
+
+
+@needs_amx
+@pytest.mark.parametrize("rows", [1, 15, 32, 45, 200])
+@pytest.mark.parametrize(("n", "k"), [(576, 384), (37, 100), (40, 17), (16, 32)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_amx_linear_is_as_accurate_as_a_float32_gemm(rows, n, k, threads):
+    # operands over six decades, so that every part of the split carries bits. A dot product's float32 error scales
+    # with |x| |w| (the sum of its terms' sizes); measured so against float64, the error must be float32's: within
+    # what torch's own float32 GEMM (MKL) makes on the same operands
+    generator = torch.Generator().manual_seed(rows * 1000 + n + k)
+    x = torch.randn(rows, k, generator=generator) * 10 ** torch.empty(rows, k).uniform_(-3, 3, generator=generator)
+    w = torch.randn(n, k, generator=generator) * 10 ** torch.empty(n, k).uniform_(-3, 1, generator=generator)
+    b = torch.randn(n, generator=generator)
+    torch.set_num_threads(threads)
+    try:
+        for bias in (b, None):
+            packed = kernels.amx_pack(w, bias)
+            exact = F.linear(x.double(), w.double(), None if bias is None else bias.double())
+            size = F.linear(x.double().abs(), w.double().abs(), None if bias is None else bias.double().abs())
+            got = kernels.amx_linear(x, packed)
+            ours = (got.double() - exact).abs() / size
+            theirs = (F.linear(x, w, bias).double() - exact).abs() / size
+            assert got.shape == (rows, n)
+            # (where MKL happens to be tighter: sqrt(k) roundings, the typical error of a k-term float32 sum)
+            assert ours.max() <= max(2 * theirs.max(), k**0.5 * 2**-23), (ours.max().item(), theirs.max().item())
+            assert ours.mean() <= max(1.5 * theirs.mean(), 2**-24), (ours.mean().item(), theirs.mean().item())
+        gelu = kernels.amx_linear(x.view(rows, 1, k), packed, gelu=True)
+        assert gelu.shape == (rows, 1, n)
+        assert torch.equal(gelu.view(rows, n), kernels.gelu_(got.clone()))  # the same GELU, in the GEMM's epilogue
+    finally:
+        torch.set_num_threads(1)
+
+
+@needs_amx
+def test_amx_linear_reads_rows_of_a_wider_tensor_and_refuses_what_it_cannot_take():
+    x, w = torch.randn(33, 100), torch.randn(24, 64)
+    packed = kernels.amx_pack(w)
+    got = kernels.amx_linear(x[:, :64], packed)  # rows 100 apart
+    assert (got - F.linear(x[:, :64], w)).abs().max() < 1e-4
+    with pytest.raises(ValueError, match="x has 63 features, the packed weight 64"):
+        kernels.amx_linear(x[:, :63], packed)
+    with pytest.raises(ValueError, match="float32"):
+        kernels.amx_linear(x.double()[:, :64], packed)
+    with pytest.raises(ValueError, match="float32"):
+        kernels.amx_pack(w.bfloat16())

@@ -26,18 +26,20 @@ import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_decode.cpp")
-INCLUDES = (Path(__file__).with_name("cpu_quant.inc"),)  # compiled as part of SOURCE (#include)
+INCLUDES = tuple(Path(__file__).with_name(name) for name in ("cpu_quant.inc", "cpu_amx.inc"))  # #included by SOURCE
 ENV_SWITCH = "TPINFER_NATIVE_KERNELS"
+AMX_SWITCH = "TPINFER_AMX"  # 0: float32 GEMMs never through AMX (amx_available)
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl")
 MAX_HEAD_DIM = 512  # the attention kernel keeps one query head in a stack buffer of this size
-ABI_VERSION = 9
+ABI_VERSION = 10
 
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _lock = threading.Lock()
@@ -131,6 +133,9 @@ def _build() -> ctypes.CDLL:
     lib.tpi_sum_layer_norm.argtypes = [ctypes.POINTER(p), i, p, p, i64, p, p, p, i64, i64, f, i]
     lib.tpi_embedding_rows.argtypes = [p, i64, i64, p, i64, i64, p, i]
     lib.tpi_gelu.argtypes = [p, i64, i]
+    lib.tpi_amx_available.restype = i
+    lib.tpi_amx_linear.argtypes = [p, i64, i64, i64, p, i64, p, i, p, i64, i]
+    lib.tpi_amx_linear.restype = i
     for name in ("tpi_encoder_attention", "tpi_sum_layer_norm", "tpi_embedding_rows", "tpi_gelu"):
         getattr(lib, name).restype = None
     lib.tpi_qlinear.argtypes = [p, i, p, p, p, i, i64, i, p, i, p, i, i64, i64, i64, i]
@@ -362,6 +367,70 @@ def gelu_(x: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"gelu_ takes a contiguous float32 tensor, got {x.dtype}")
     library().tpi_gelu(x.data_ptr(), x.numel(), torch.get_num_threads())
     return x
+
+
+@functools.cache
+def _amx_hardware() -> bool:
+    lib = library()
+    return lib is not None and bool(lib.tpi_amx_available())
+
+
+def amx_available() -> bool:
+    """Whether float32 GEMMs can run through AMX here (``amx_linear``): the kernels built with AMX-BF16 (the CPU has
+    it), Linux granted this process the tile state, and ``TPINFER_AMX`` is not 0."""
+    if os.environ.get(AMX_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    return _amx_hardware()
+
+
+class AmxWeight(NamedTuple):
+    """A float32 weight (n, k) and its bias as ``amx_linear`` reads them (``amx_pack``)."""
+
+    packed: torch.Tensor  # int16 bits of bfloat16 parts: [3][n/16 tiles][k/32 blocks][16 k pairs][16 columns][2]
+    bias_rows: torch.Tensor | None  # 16 copies of the bias, padded to whole tiles (the C tiles start from it)
+    n: int
+    k: int
+
+
+def amx_pack(weight: torch.Tensor, bias: torch.Tensor | None = None) -> AmxWeight:
+    """A float32 weight (n, k) as ``amx_linear`` reads it: split into three bfloat16 parts that sum to it (each the
+    rounding of what the parts before it leave), zero-padded to whole 16 x 32 tiles and laid out tile by tile
+    (cpu_amx.inc): 1.5 times the weight's memory."""
+    if weight.dtype != torch.float32 or weight.dim() != 2:
+        raise ValueError(f"amx_pack takes a float32 (n, k) weight, got {weight.dtype} {list(weight.shape)}")
+    n, k = weight.shape
+    tiles, blocks = -(-n // 16), -(-k // 32)
+    padded = weight.new_zeros(tiles * 16, blocks * 32)
+    padded[:n, :k] = weight
+    first = padded.bfloat16()
+    rest = padded - first.float()  # exact: what the rounding dropped has at most 17 significant bits
+    second = rest.bfloat16()
+    parts = torch.stack([first, second, (rest - second.float()).bfloat16()])
+    # (part, tile, column, block, k pair, 2) -> (part, tile, block, k pair, column, 2): a B tile is 1 KB in a row
+    packed = parts.view(3, tiles, 16, blocks, 16, 2).permute(0, 1, 3, 4, 2, 5).contiguous().view(torch.int16)
+    bias_rows = None
+    if bias is not None:
+        bias_rows = weight.new_zeros(16, tiles * 16)
+        bias_rows[:, :n] = bias.float()
+    return AmxWeight(packed, bias_rows, n, k)
+
+
+def amx_linear(x: torch.Tensor, weight: AmxWeight, gelu: bool = False) -> torch.Tensor:
+    """x W^T (+ b) (then GELU where ``gelu``) in float32 through AMX, for W and b packed by ``amx_pack``: six
+    bfloat16 products of the operands' parts (cpu_amx.inc), float32's accuracy. x float32 rows with unit stride;
+    returns x.shape[:-1] + (n,). Only where ``amx_available()``."""
+    rows = x.reshape(-1, x.shape[-1])
+    if x.dtype != torch.float32 or rows.stride(-1) != 1:
+        raise ValueError(f"amx_linear takes float32 rows with unit stride, got {x.dtype} {list(x.stride())}")
+    if x.shape[-1] != weight.k:
+        raise ValueError(f"amx_linear: x has {x.shape[-1]} features, the packed weight {weight.k}")
+    out = torch.empty(*x.shape[:-1], weight.n, dtype=torch.float32)
+    done = library().tpi_amx_linear(rows.data_ptr(), rows.shape[0], weight.k, rows.stride(0), weight.packed.data_ptr(),
+                                    weight.n, _ptr(weight.bias_rows), int(gelu), out.data_ptr(), weight.n,
+                                    torch.get_num_threads())
+    if done != 0:
+        raise RuntimeError("AMX is not available in this process (kernels.amx_available())")
+    return out
 
 
 def embedding_rows(table: torch.Tensor, start: int, ids: torch.Tensor) -> torch.Tensor:

@@ -375,12 +375,13 @@ int pass_kind(int kind, int B, int64_t K) {
 // enough to balance two to a few dozen threads.
 constexpr int64_t kRowBlock = 64;
 
-// A per-thread float32 buffer of at least n elements, 64-byte aligned; `which` picks one of seven (0, 1: GEMV
+// A per-thread float32 buffer of at least n elements, 64-byte aligned; `which` picks one of ten (0, 1: GEMV
 // outputs; 2: a quantized kernel's per-thread scales; 3: prepare_x; 4: group sums of x; 5: int8-rounded
-// activations; 6: bfloat16 activations permuted for the wide int4 kernel).
+// activations; 6: bfloat16 activations permuted for the wide int4 kernel; 7: encoder attention's transposed keys;
+// 8: a row of the fused sum + LayerNorm; 9: the AMX GEMM's split activations).
 float *scratch(int64_t n, int which) {
-  static thread_local float *buffers[9] = {};
-  static thread_local int64_t capacity[9] = {};
+  static thread_local float *buffers[10] = {};
+  static thread_local int64_t capacity[10] = {};
   if (capacity[which] < n) {
     free(buffers[which]);
     buffers[which] = static_cast<float *>(aligned_alloc(64, ((n * 4 + 63) / 64) * 64));
@@ -743,7 +744,7 @@ void attend_rows(const float *qf, const void *k_cache, const void *v_cache, int6
 
 extern "C" {
 
-int tpi_abi_version() { return 9; }
+int tpi_abi_version() { return 10; }
 
 // y[rows, N] = x[rows, K] W[N, K]^T (+ bias[N]); any rows (passes of up to kMaxPassRows); dtypes 0/1 per operand.
 void tpi_linear(const void *x, int x_dtype, const void *W, int w_dtype, const void *bias, int bias_dtype, void *y,
@@ -1628,3 +1629,5 @@ void tpi_embedding_rows(const float *table, int64_t start, int64_t length, const
 }
 
 }  // extern "C"
+
+#include "cpu_amx.inc"  // float32 GEMMs through AMX's bfloat16 tiles: tpi_amx_available, tpi_amx_linear

@@ -63,6 +63,10 @@ CHUNK_TOKENS = 4096
 # at TP=2 on that machine 1-2% of the batch from 1024 rows of 384 up, neutral at 512, and 2-3% slower at 16-64
 # rows, where the second wait of each sum costs more than the halved work saves.
 SPLIT_BYTES = 1 << 20
+# Rows from which a GEMM goes through AMX where the host has it (PackedLinear): on the Xeon of docs/performance.md
+# one thread took the same time as oneDNN's float32 GEMM at 16 rows (hidden 384), 1.5 times less from 32 rows up,
+# and up to 2.5 times more at 1-8 rows (AMX's tiles are 16 and 32 rows high; the weight streams in either way).
+AMX_MIN_ROWS = 16
 
 
 
@@ -72,16 +76,25 @@ def _onednn() -> bool:
 
 
 class PackedLinear:
-    """x W^T (+ b) with W packed once for oneDNN (or F.linear without it)."""
+    """x W^T (+ b), then GELU where ``gelu``: through AMX where the host has it (W split and packed once,
+    ``kernels.amx_linear``: float32's accuracy at 1.4-1.6 times oneDNN's float32 speed from AMX_MIN_ROWS rows up),
+    else oneDNN with W packed once (or F.linear without it)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, onednn: bool) -> None:
-        self.weight, self.bias = weight, bias
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None) if onednn else None
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, onednn: bool, amx: bool,
+                 gelu: bool = False) -> None:
+        self.weight, self.bias, self.gelu = weight, bias, gelu
+        self.amx = kernels.amx_pack(weight, bias) if amx else None
+        # below AMX_MIN_ROWS F.linear on the weight as it is: no second packed copy for a few rows
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None) if onednn and not amx else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.amx is not None and x.numel() >= AMX_MIN_ROWS * x.shape[-1]:
+            return kernels.amx_linear(x, self.amx, gelu=self.gelu)
         if self.packed is None:
-            return F.linear(x, self.weight, self.bias)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+            y = F.linear(x, self.weight, self.bias)
+        else:
+            y = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return kernels.gelu_(y) if self.gelu else y
 
 
 def unsupported_reason(model: torch.nn.Module) -> str | None:
@@ -127,7 +140,7 @@ class NativeEncoder:
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
         self.comm = model.ctx.comm
-        onednn = _onednn()
+        onednn, amx = _onednn(), kernels.amx_available()
         emb = model.embeddings
         # the native lookup: the word rows split by the vocabulary or replicated, the other two tables whole on
         # every rank (a replicated table, or one split over a single rank, holds all its rows)
@@ -141,10 +154,12 @@ class NativeEncoder:
             ln1, ln2 = layer.attention.output.LayerNorm, layer.output.LayerNorm
             o, d = layer.attention.output.dense, layer.output.dense
             self.layers.append({
-                "qkv": PackedLinear(torch.cat([m.weight for m in qkv]), torch.cat([m.bias for m in qkv]), onednn),
-                "o": PackedLinear(o.weight, None, onednn),
-                "i": PackedLinear(layer.intermediate.dense.weight, layer.intermediate.dense.bias, onednn),
-                "d": PackedLinear(d.weight, None, onednn),
+                "qkv": PackedLinear(torch.cat([m.weight for m in qkv]), torch.cat([m.bias for m in qkv]), onednn,
+                                    amx),
+                "o": PackedLinear(o.weight, None, onednn, amx),
+                "i": PackedLinear(layer.intermediate.dense.weight, layer.intermediate.dense.bias, onednn, amx,
+                                  gelu=True),
+                "d": PackedLinear(d.weight, None, onednn, amx),
                 "ln1": (o.bias, ln1.weight, ln1.bias, ln1.eps), "ln2": (d.bias, ln2.weight, ln2.bias, ln2.eps),
                 "heads": attn.num_local_heads, "head_dim": attn.head_dim,
             })
@@ -196,12 +211,12 @@ class NativeEncoder:
             ctx = kernels.encoder_attention(layer["qkv"](x), key_bias, heads, dim, dim**-0.5)
             if share is None:
                 h = self._sum_norm(layer["o"](ctx), x, layer["ln1"], out=x)  # x's last use: its buffer takes h
-                x = self._sum_norm(layer["d"](kernels.gelu_(layer["i"](h))), h, layer["ln2"], out=h)
+                x = self._sum_norm(layer["d"](layer["i"](h)), h, layer["ln2"], out=h)
             else:  # this rank's rows of each sum into the shared buffers, the others' read from there
                 start, stop = share
                 self._sum_norm_rows(layer["o"](ctx), x.view(-1, hidden)[start:stop], layer["ln1"], h, share)
-                self._sum_norm_rows(layer["d"](kernels.gelu_(layer["i"](h))), h.view(-1, hidden)[start:stop],
-                                    layer["ln2"], x, share)
+                self._sum_norm_rows(layer["d"](layer["i"](h)), h.view(-1, hidden)[start:stop], layer["ln2"], x,
+                                    share)
         # the shared buffer is the next forward's: a copy (another rank writes it only after this rank's next sum)
         return x.clone() if share is not None and copy else x
 
