@@ -401,7 +401,8 @@ def test_amx_switch(monkeypatch):
 
 @needs_amx
 @pytest.mark.parametrize("rows", [1, 15, 32, 45, 200])
-@pytest.mark.parametrize(("n", "k"), [(576, 384), (37, 100), (40, 17), (16, 32)])
+# k = 1536: two blocks of 32 rows a group (kAmxGroupBytes), so 200 rows are 4 groups, the last of one block
+@pytest.mark.parametrize(("n", "k"), [(576, 384), (37, 100), (40, 17), (16, 32), (24, 1536)])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_amx_linear_is_as_accurate_as_a_float32_gemm(rows, n, k, threads):
     # operands over six decades, so that every part of the split carries bits. A dot product's float32 error scales
