@@ -12,7 +12,8 @@ sentence-transformers' embeddings, else the run stops), then timed in --repeat a
 and sentence-transformers in turn (the first of the pair alternating too), each one called once untimed (the first
 call after the other side's turn ran 5-7% slower here, on both sides), then again until it has run --min-time
 seconds, so drift on this shared machine hits both alike. The table has medians and the median of the
-per-repetition ratios; one JSON line ends the output. Once both are loaded, the process's heap (torch,
+per-repetition ratios; one JSON line ends the output (with the CPU's model name and where tpinfer's GEMMs ran:
+"amx" on CPUs with AMX-BF16 unless TPINFER_AMX=0, else "onednn"). Once both are loaded, the process's heap (torch,
 transformers, both models) is frozen out of Python's garbage collector (``gc.freeze``, as tpinfer's server and
 workers do after loading): a full collection of it took ~0.2 s here every several seconds, inside whichever
 side's call happened to allocate; the calls' own garbage is still collected.
@@ -99,6 +100,15 @@ def seconds_per_call(fn: Callable[[], object], min_time: float) -> float:
             return elapsed / calls
 
 
+def gemm_path() -> str:
+    """Where tpinfer's encoder GEMMs run on this host, as its ranks decide: "amx" (float32 through AMX's bfloat16
+    tiles), "onednn", or "torch" (F.linear, or no native encoder path at all)."""
+    from tpinfer import kernels
+    from tpinfer.kernels.encoder_adapter import gemm_backend
+
+    return gemm_backend() if kernels.available() else "torch"
+
+
 def min_cosine(ours: list[list[float]], theirs) -> float:  # noqa: ANN001
     a, b = torch.tensor(ours, dtype=torch.float64), torch.as_tensor(theirs, dtype=torch.float64)
     return torch.nn.functional.cosine_similarity(a, b, dim=-1).min().item()
@@ -165,6 +175,7 @@ def main() -> None:
     from sentence_transformers import SentenceTransformer
 
     from tpinfer import LLM
+    from tpinfer.kernels import cpu_model
 
     torch.set_num_threads(args.st_threads)
     st = SentenceTransformer(model, device="cpu")
@@ -194,8 +205,10 @@ def main() -> None:
         finally:
             llm.close()
 
-    print(f"\n{Path(model).name}: tpinfer (1 thread per rank) against sentence-transformers encode "
-          f"({args.st_threads} threads), {cores} cores, medians of {args.repeat} alternating repetitions")
+    gemms = gemm_path()
+    print(f"\n{Path(model).name}: tpinfer (1 thread per rank, GEMMs through {gemms}) against sentence-transformers "
+          f"encode ({args.st_threads} threads), {cores} cores of {cpu_model()}, medians of {args.repeat} "
+          "alternating repetitions")
     header = (f"{'TP':>4} {'batch':>5} {'tokens':>6} {'tpinfer sent/s':>14} {'ST sent/s':>10} "
               f"{'tpinfer tok/s':>13} {'ST tok/s':>9} {'ratio':>6}  ratio per repetition  1 - min cosine")
     print(header)
@@ -209,8 +222,9 @@ def main() -> None:
     if any(c["oversubscribed"] for c in cells):
         over = sorted({c["tp"] for c in cells if c["oversubscribed"]})
         print(f"* oversubscribed: TP {', '.join(map(str, over))} run that many single-thread ranks on {cores} cores")
-    summary = {"benchmark": "embed_bench", "model": model, "cores": cores, "st_threads": args.st_threads,
-               "threads_per_rank": 1, "repeat": args.repeat, "min_time_s": args.min_time, "cells": cells}
+    summary = {"benchmark": "embed_bench", "model": model, "cpu": cpu_model(), "cores": cores,
+               "gemms": gemms, "st_threads": args.st_threads, "threads_per_rank": 1, "repeat": args.repeat,
+               "min_time_s": args.min_time, "cells": cells}
     target = next((c for c in cells if all(c[k] == TARGET[k] for k in ("tp", "batch", "tokens"))), None)
     if target is not None:
         met = target["ratio_median"] >= TARGET["ratio"]

@@ -67,7 +67,7 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -97,7 +97,7 @@ def _build() -> ctypes.CDLL:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
     source = b"".join(path.read_bytes() for path in (SOURCE, *INCLUDES))
     key = hashlib.sha256(
-        b"\0".join([source, version.encode(), " ".join(FLAGS).encode(), _cpu_model().encode(),
+        b"\0".join([source, version.encode(), " ".join(FLAGS).encode(), cpu_model().encode(),
                     " ".join(sorted(cpu_flags())).encode()])
     ).hexdigest()[:16]
     target = cache_dir() / f"cpu_decode-{key}.so"

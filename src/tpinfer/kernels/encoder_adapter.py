@@ -81,6 +81,12 @@ def _onednn() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+def gemm_backend() -> str:
+    """Where the native encoder's GEMMs run in this process: "amx" (``kernels.amx_available()``), "onednn" (torch's
+    packed-weight linear), or "torch" (``F.linear``)."""
+    return "amx" if kernels.amx_available() else "onednn" if _onednn() else "torch"
+
+
 class PackedLinear:
     """x W^T (+ b), then GELU where ``gelu``: through AMX where the host has it (W split and packed once,
     ``kernels.amx_linear``: float32's accuracy at 1.4-1.6 times oneDNN's float32 speed from AMX_MIN_ROWS rows up),
@@ -146,7 +152,8 @@ class NativeEncoder:
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
         self.comm = model.ctx.comm
-        onednn, amx = _onednn(), kernels.amx_available()
+        backend = gemm_backend()
+        onednn, amx = backend == "onednn", backend == "amx"
         emb = model.embeddings
         # the native lookup: the word rows split by the vocabulary or replicated, the other two tables whole on
         # every rank (a replicated table, or one split over a single rank, holds all its rows)
