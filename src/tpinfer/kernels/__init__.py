@@ -380,7 +380,7 @@ def amx_available() -> bool:
     it), Linux granted this process the tile state, and ``TPINFER_AMX`` is not 0."""
     if os.environ.get(AMX_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
         return False
-    return _amx_hardware()
+    return available() and _amx_hardware()
 
 
 class AmxWeight(NamedTuple):

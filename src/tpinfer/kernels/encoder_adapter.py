@@ -4,7 +4,7 @@ model's contract, ``(input_ids, attention_mask) -> last hidden states``, or None
 Where the time of an encoder forward goes on a CPU rank (all-MiniLM-L6-v2, 32 sequences of 64 tokens, TP=2; see
 docs/performance.md "Encoders"): almost all of it in the GEMMs, whose float32 speed torch's default path (MKL)
 leaves 10-15% below what oneDNN reaches with weights packed once into its blocked layout, and which on a CPU with
-AMX-BF16 run 1.4-1.6 times faster again as six bfloat16 products of the operands' parts with float32's accuracy
+AMX-BF16 run 1.4-1.8 times faster again as six bfloat16 products of the operands' parts with float32's accuracy
 (``kernels.amx_linear``, cpu_amx.inc); then attention over
 short sequences, and the passes over memory between GEMMs (bias, GELU, residual add, the all-reduce's sum,
 LayerNorm). ``NativeEncoder`` runs the embeddings as
@@ -19,7 +19,7 @@ and a layer as:
                                          AMX where the CPU has it, else oneDNN)
     ctx  = attention(qkv, padding)       tpi_encoder_attention, reading q/k/v where the GEMM left them
     h    = LayerNorm(x + (sum of ranks' ctx Wo^T + bo))
-                                         oneDNN, then tpi_sum_layer_norm straight from the shared-memory
+                                         the GEMM, then tpi_sum_layer_norm straight from the shared-memory
                                          all-reduce's slots: the sum, the bias, the residual and the norm in one pass
     f    = gelu(h Wi^T + bi)             the bias and GELU in the AMX GEMM's epilogue; with oneDNN the bias in
                                          its epilogue, then tpi_gelu in place (erf by piecewise polynomials: half
@@ -43,8 +43,8 @@ AMX_MIN_ROWS rows or more and ``F.linear`` below, else through oneDNN where torc
 (``torch.ops.mkldnn._linear_pointwise``), else through ``F.linear``. Anything else runs the model's own forward,
 the plain-torch reference this path is tested against (tests/distributed/test_encoder_native.py). The packed
 copies sit next to the model's weights: the layers' float32 weights take twice their memory with oneDNN's copies
-(all-MiniLM-L6-v2: 42 MB more at TP=1, 21 MB a rank at TP=2), 2.5 times with AMX's three bfloat16 parts. The sums split by
-rows take a second shared-memory segment of two buffers as large as the all-reduce's slots (16 MiB a group with
+(all-MiniLM-L6-v2: 42 MB more at TP=1, 21 MB a rank at TP=2), 2.5 times with AMX's three bfloat16 parts. The sums
+split by rows take a second shared-memory segment of two buffers as large as the all-reduce's slots (16 MiB a group with
 the default 8 MiB slots), mapped by the first forward that splits.
 """
 
@@ -89,7 +89,7 @@ def gemm_backend() -> str:
 
 class PackedLinear:
     """x W^T (+ b), then GELU where ``gelu``: through AMX where the host has it (W split and packed once,
-    ``kernels.amx_linear``: float32's accuracy at 1.4-1.6 times oneDNN's float32 speed from AMX_MIN_ROWS rows up),
+    ``kernels.amx_linear``: float32's accuracy at 1.4-1.8 times oneDNN's float32 speed from AMX_MIN_ROWS rows up),
     else oneDNN with W packed once (or F.linear without it)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, onednn: bool, amx: bool,
