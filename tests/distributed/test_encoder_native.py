@@ -145,7 +145,7 @@ def test_native_encoder_at_one_rank_and_what_it_refuses():
     assert "head_dim 8" in unsupported_reason(_model(ParallelContext.single(), narrow, 1))
 
 
-PATHS = ["f.linear"] + ["onednn"] * torch.backends.mkldnn.is_available() + ["amx"] * kernels.amx_available()
+PATHS = ["torch"] + ["onednn"] * torch.backends.mkldnn.is_available() + ["amx"] * kernels.amx_available()
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -154,11 +154,10 @@ def test_packed_linear_with_and_without_bias_and_gelu(path):
 
     torch.manual_seed(3)
     weight, bias = torch.randn(40, 48) * 0.2, torch.randn(40)
-    onednn, amx = path == "onednn", path == "amx"
     # with AMX: a batch from AMX_MIN_ROWS rows up through it, fewer rows through F.linear
     for x in (torch.randn(2, AMX_MIN_ROWS, 48), torch.randn(1, AMX_MIN_ROWS - 1, 48)):
         exact = torch.nn.functional.linear(x.double(), weight.double(), bias.double())
-        assert (PackedLinear(weight, bias, onednn, amx)(x).double() - exact).abs().max() < 1e-5
-        assert (PackedLinear(weight, None, onednn, amx)(x).double() - (exact - bias.double())).abs().max() < 1e-5
-        gelu = PackedLinear(weight, bias, onednn, amx, gelu=True)(x).double()
+        assert (PackedLinear(weight, bias, path)(x).double() - exact).abs().max() < 1e-5
+        assert (PackedLinear(weight, None, path)(x).double() - (exact - bias.double())).abs().max() < 1e-5
+        gelu = PackedLinear(weight, bias, path, gelu=True)(x).double()
         assert (gelu - torch.nn.functional.gelu(exact)).abs().max() < 1e-5

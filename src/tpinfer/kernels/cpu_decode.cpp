@@ -73,9 +73,10 @@ inline void store1(void *p, int dtype, int64_t i, float v) {
 // 16 weights widened to float32; `mask` selects the valid lanes of a tail.
 inline __m512 load16(const float *w, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, w); }
 inline __m512 load16(const float *w) { return _mm512_loadu_ps(w); }
+// 16 bfloat16 values (their bits) widened to float32: exact.
+inline __m512 widen_bf16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
 inline __m512 load16(const uint16_t *w) {
-  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(w));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  return widen_bf16(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(w)));
 }
 
 // Hardware prefetchers stop at 4 KiB pages, and a weight row is about that long or shorter, so each row would
@@ -605,9 +606,7 @@ inline __m512 silu16(__m512 g) {
 }
 
 // v rounded to bfloat16 and widened back: what a bfloat16 tensor between two ops holds.
-inline __m512 round_bf16(__m512 v) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16(v)), 16));
-}
+inline __m512 round_bf16(__m512 v) { return widen_bf16(to_bf16(v)); }
 
 inline __m512 load16_any(const void *p, int dtype, int64_t i) {
   return dtype == kF32 ? load16(static_cast<const float *>(p) + i) : load16(static_cast<const uint16_t *>(p) + i);

@@ -92,12 +92,12 @@ class PackedLinear:
     ``kernels.amx_linear``: float32's accuracy at 1.4-1.8 times oneDNN's float32 speed from AMX_MIN_ROWS rows up),
     else oneDNN with W packed once (or F.linear without it)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, onednn: bool, amx: bool,
-                 gelu: bool = False) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, backend: str, gelu: bool = False) -> None:
+        """``backend``: ``gemm_backend()``'s answer, or "torch" for ``F.linear`` alone."""
         self.weight, self.bias, self.gelu = weight, bias, gelu
-        self.amx = kernels.amx_pack(weight, bias) if amx else None
+        self.amx = kernels.amx_pack(weight, bias) if backend == "amx" else None
         # below AMX_MIN_ROWS F.linear on the weight as it is: no second packed copy for a few rows
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None) if onednn and not amx else None
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None) if backend == "onednn" else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.amx is not None and x.numel() >= AMX_MIN_ROWS * x.shape[-1]:
@@ -153,7 +153,6 @@ class NativeEncoder:
         self.model = model
         self.comm = model.ctx.comm
         backend = gemm_backend()
-        onednn, amx = backend == "onednn", backend == "amx"
         emb = model.embeddings
         # the native lookup: the word rows split by the vocabulary or replicated, the other two tables whole on
         # every rank (a replicated table, or one split over a single rank, holds all its rows)
@@ -167,12 +166,10 @@ class NativeEncoder:
             ln1, ln2 = layer.attention.output.LayerNorm, layer.output.LayerNorm
             o, d = layer.attention.output.dense, layer.output.dense
             self.layers.append({
-                "qkv": PackedLinear(torch.cat([m.weight for m in qkv]), torch.cat([m.bias for m in qkv]), onednn,
-                                    amx),
-                "o": PackedLinear(o.weight, None, onednn, amx),
-                "i": PackedLinear(layer.intermediate.dense.weight, layer.intermediate.dense.bias, onednn, amx,
-                                  gelu=True),
-                "d": PackedLinear(d.weight, None, onednn, amx),
+                "qkv": PackedLinear(torch.cat([m.weight for m in qkv]), torch.cat([m.bias for m in qkv]), backend),
+                "o": PackedLinear(o.weight, None, backend),
+                "i": PackedLinear(layer.intermediate.dense.weight, layer.intermediate.dense.bias, backend, gelu=True),
+                "d": PackedLinear(d.weight, None, backend),
                 "ln1": (o.bias, ln1.weight, ln1.bias, ln1.eps), "ln2": (d.bias, ln2.weight, ln2.bias, ln2.eps),
                 "heads": attn.num_local_heads, "head_dim": attn.head_dim,
             })
